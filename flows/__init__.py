@@ -1,0 +1,1 @@
+"""Prefect flows: the campaign (parent) and one iteration; control flow only."""

@@ -1,0 +1,240 @@
+"""The whole campaign as one validated pydantic object: YAML in, YAML out, the paper's defaults as ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Mode = Literal["meta_rewarding", "self_rewarding"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A campaign configuration that cannot be used; the message names the file, the field and the fix."""
+
+
+class _Strict(BaseModel):
+    # A misspelt field is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The seed model M_1 (or the checkpoint a campaign starts from)."""
+
+    path: str = Field(
+        description="Local model folder or hub id of the seed model (paper: Llama-3-8B-Instruct after SFT on EFT).",
+    )
+    dtype: Dtype = Field(
+        default="auto",
+        description="Weights dtype for inference and training; 'auto' keeps the checkpoint's own.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template that replaces the tokenizer's own; None keeps the tokenizer's.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model.path is empty: give a local model folder or a hub id")
+        return value
+
+
+class PromptsConfig(_Strict):
+    """Where the instruction prompts x come from (paper sec. 3.1: 20,000 generated prompts)."""
+
+    path: str = Field(description="JSONL, Parquet or CSV file with one prompt per row.")
+    column: str = Field(default="prompt", description="Name of the column that holds the prompt text.")
+
+
+class SamplingConfig(_Strict):
+    """Sampling parameters of one role (paper sec. 3.1: temperature 0.8, top_p 0.95)."""
+
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature (paper: 0.8).")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling mass (paper: 0.95).")
+    max_tokens: int = Field(
+        default=1024, ge=1, description="Most new tokens per completion (not stated in the paper)."
+    )
+
+
+class DPOConfig(_Strict):
+    """DPO training of M_t into M_{t+1} (paper A.3)."""
+
+    beta: float = Field(default=0.1, gt=0.0, description="β, DPO's KL strength (paper A.3: 0.1).")
+    learning_rate: float = Field(default=5e-6, gt=0.0, description="Peak learning rate (paper A.3: 5e-6).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule (paper A.3: cosine)."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    num_epochs: int = Field(default=10, ge=1, description="Epochs trained (paper A.3: 10).")
+    checkpoint_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Epoch whose checkpoint becomes M_{t+1} (paper A.3: 6, 4, 2, 2); None keeps the last.",
+    )
+    global_batch_size: int = Field(
+        default=32, ge=1, description="Pairs per optimizer step over all processes (paper A.3: 32)."
+    )
+    per_device_batch_size: int = Field(default=4, ge=1, description="Pairs per forward pass on one device.")
+    num_processes: int = Field(default=1, ge=1, description="Training processes (GPUs); >1 uses accelerate.")
+    max_length: int | None = Field(
+        default=2048, ge=16, description="Longest prompt+completion in tokens; longer pairs are dropped."
+    )
+    lora_rank: int | None = Field(
+        default=None, ge=1, description="LoRA rank r; None trains all weights (the paper's full fine-tuning)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=True, description="Compute the reference model's log-probs once before training."
+    )
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Accumulation steps so that per-device batch × steps × processes = global batch."""
+        return self.global_batch_size // (self.per_device_batch_size * self.num_processes)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOConfig:
+        per_step = self.per_device_batch_size * self.num_processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size × "
+                f"num_processes = {per_step}: change per_device_batch_size so that it divides "
+                f"{self.global_batch_size // self.num_processes}"
+            )
+        if self.checkpoint_epoch is not None and self.checkpoint_epoch > self.num_epochs:
+            raise ValueError(
+                f"checkpoint_epoch {self.checkpoint_epoch} > num_epochs {self.num_epochs}: "
+                "keep an epoch that is trained, or raise num_epochs"
+            )
+        return self
+
+
+class IterationConfig(_Strict):
+    """One Meta-Rewarding iteration: data creation with M_t, then DPO into M_{t+1} (paper sec. 2, A.3)."""
+
+    num_prompts: int | None = Field(
+        default=5000, ge=1, description="Prompts sampled for this iteration (paper sec. 3.1: 5,000); None: all."
+    )
+    num_responses: int = Field(
+        default=7, ge=2, description="K, actor responses per prompt (paper sec. 3.1: 7); K ≥ 2 to form a pair."
+    )
+    num_judgments: int = Field(
+        default=11, ge=2, description="N, judgments per response (paper sec. 3.1: 11); N ≥ 2 for a variance."
+    )
+    actor_sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Actor sampling.")
+    judge_sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Judge sampling.")
+    meta_judge_sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Meta-judge sampling."
+    )
+    rho: float = Field(
+        default=0.0,
+        description="ρ, quality-tier parameter of length control (paper sec. 2.1); 0 disables it.",
+    )
+    max_chosen_response_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="Drop actor pairs whose chosen response is longer (paper A.3: 2500 in iteration 1).",
+    )
+    train_judge: bool | None = Field(
+        default=None,
+        description="Add judge pairs to DPO (paper: iterations 1–2); None: yes in meta_rewarding mode.",
+    )
+    max_chosen_judgment_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="Drop judge pairs whose chosen judgment is longer (paper A.3: 1100, then 1000).",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings of this iteration.")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_in_range(cls, value: float) -> float:
+        if not 0.0 <= value < 0.5:
+            raise ValueError(
+                f"ρ must be in [0, 0.5) so that the top and bottom quality tiers do not overlap "
+                f"(paper sec. 2.1), got {value}: use e.g. 0 (no length control) or 0.32"
+            )
+        return value
+
+
+class CampaignConfig(_Strict):
+    """A whole Meta-Rewarding campaign: seed model, prompts, where artifacts go, and the iterations."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Campaign name; part of every artifact path and the MLflow experiment.",
+    )
+    mode: Mode = Field(
+        default="meta_rewarding",
+        description="meta_rewarding (paper) or self_rewarding (the paper's baseline: no meta-judge).",
+    )
+    model: ModelConfig
+    prompts: PromptsConfig
+    artifact_root: str = Field(
+        default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet."
+    )
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; None: a local sqlite store under the artifact root."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of sampling, tie-breaking and prompt selection.")
+    shard_size: int = Field(default=256, ge=1, description="Prompts per shard of every model stage.")
+    iterations: list[IterationConfig] = Field(
+        min_length=1, description="The iterations, in order (paper: 4, see A.3)."
+    )
+
+    @model_validator(mode="after")
+    def _judge_training_follows_mode(self) -> CampaignConfig:
+        for index, iteration in enumerate(self.iterations):
+            if iteration.train_judge is None:
+                iteration.train_judge = self.mode == "meta_rewarding"
+            elif iteration.train_judge and self.mode == "self_rewarding":
+                raise ValueError(
+                    f"iterations[{index}].train_judge is true but mode is self_rewarding, which has no "
+                    "meta-judge to make judge pairs: set train_judge: false or mode: meta_rewarding"
+                )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CampaignConfig:
+        """Load and validate a YAML file; raise ConfigError naming the file, the field and the fix."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of campaign settings, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<config>") -> CampaignConfig:
+        """Validate a plain mapping; raise ConfigError with one line per invalid field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(_describe(error, source)) from None
+
+    def to_yaml(self) -> str:
+        """The config as YAML that from_yaml reads back to an equal object (every default written out)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s)"]
+    for item in error.errors():
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting: remove it or fix its spelling"
+        lines.append(f"  {field or '(top level)'}: {message}")
+    return "\n".join(lines)

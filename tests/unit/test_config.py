@@ -1,0 +1,103 @@
+"""CampaignConfig: paper defaults, the shipped paper recipe, YAML round trip, and errors that name the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from metareward.config import CampaignConfig, ConfigError, IterationConfig
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = {"name": "c1", "model": {"path": "m"}, "prompts": {"path": "p.jsonl"}, "iterations": [{}]}
+
+
+def test_defaults_are_the_papers():
+    config = CampaignConfig.from_dict(MINIMAL)
+    iteration = config.iterations[0]
+    assert config.mode == "meta_rewarding"
+    assert (iteration.num_responses, iteration.num_judgments, iteration.num_prompts) == (7, 11, 5000)
+    assert (iteration.actor_sampling.temperature, iteration.actor_sampling.top_p) == (0.8, 0.95)
+    assert iteration.rho == 0.0
+    assert iteration.train_judge is True
+    dpo = iteration.dpo
+    assert (dpo.beta, dpo.learning_rate, dpo.lr_scheduler_type, dpo.global_batch_size, dpo.num_epochs) == (
+        0.1, 5e-6, "cosine", 32, 10,
+    )
+    assert dpo.gradient_accumulation_steps == 8
+
+
+def test_paper_recipe_file_encodes_a3():
+    config = CampaignConfig.from_yaml(REPO / "deployments/configs/paper-llama3-8b.yaml")
+    iterations = config.iterations
+    assert [it.rho for it in iterations] == [0.0, 0.32, 0.32, 0.4]
+    assert [it.train_judge for it in iterations] == [True, True, False, False]
+    assert [it.max_chosen_judgment_chars for it in iterations[:2]] == [1100, 1000]
+    assert [it.max_chosen_response_chars for it in iterations] == [2500, None, None, None]
+    assert [it.dpo.checkpoint_epoch for it in iterations] == [6, 4, 2, 2]
+    assert all((it.num_prompts, it.num_responses, it.num_judgments) == (5000, 7, 11) for it in iterations)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = CampaignConfig.from_yaml(REPO / "deployments/configs/paper-llama3-8b.yaml")
+    path = tmp_path / "out.yaml"
+    path.write_text(config.to_yaml())
+    assert CampaignConfig.from_yaml(path) == config
+
+
+def test_self_rewarding_mode_trains_no_judge():
+    config = CampaignConfig.from_dict({**MINIMAL, "mode": "self_rewarding"})
+    assert config.iterations[0].train_judge is False
+    with pytest.raises(ConfigError, match=r"iterations\[0\]\.train_judge.*set train_judge: false"):
+        CampaignConfig.from_dict({**MINIMAL, "mode": "self_rewarding", "iterations": [{"train_judge": True}]})
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "hint"),
+    [
+        ({"rho": 0.5}, r"iterations\[0\]\.rho", r"\[0, 0\.5\)"),
+        ({"rho": -0.1}, r"iterations\[0\]\.rho", r"\[0, 0\.5\)"),
+        ({"num_responses": 1}, r"iterations\[0\]\.num_responses", "greater than or equal to 2"),
+        ({"num_judgments": 1}, r"iterations\[0\]\.num_judgments", "greater than or equal to 2"),
+        ({"dpo": {"per_device_batch_size": 5}}, r"iterations\[0\]\.dpo", "not a multiple"),
+        ({"dpo": {"checkpoint_epoch": 11}}, r"iterations\[0\]\.dpo", "keep an epoch that is trained"),
+        ({"actor_sampling": {"top_p": 0}}, r"iterations\[0\]\.actor_sampling\.top_p", "greater than 0"),
+        ({"temprature": 0.7}, r"iterations\[0\]\.temprature", "unknown setting"),
+    ],
+)
+def test_invalid_settings_name_the_field_and_the_fix(override, field, hint):
+    with pytest.raises(ConfigError) as error:
+        CampaignConfig.from_dict({**MINIMAL, "iterations": [override]}, source="camp.yaml")
+    message = str(error.value)
+    assert message.startswith("camp.yaml:")
+    assert __import__("re").search(field + ".*" + hint, message), message
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        CampaignConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        CampaignConfig.from_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        CampaignConfig.from_yaml(listing)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        CampaignConfig.from_yaml(binary)
+
+
+def test_missing_required_and_bad_name():
+    with pytest.raises(ConfigError, match="model: Field required"):
+        CampaignConfig.from_dict({"name": "c", "prompts": {"path": "p"}, "iterations": [{}]})
+    with pytest.raises(ConfigError, match="name: String should match pattern"):
+        CampaignConfig.from_dict({**MINIMAL, "name": "bad name/with slash"})
+    with pytest.raises(ConfigError, match="iterations: List should have at least 1 item"):
+        CampaignConfig.from_dict({**MINIMAL, "iterations": []})
+
+
+def test_assignment_is_validated_too():
+    iteration = IterationConfig()
+    with pytest.raises(ValueError, match="0.5"):
+        iteration.rho = 0.7
