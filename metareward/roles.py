@@ -1,0 +1,223 @@
+"""The model's three roles as stages over tables: actor responses, judge judgments, meta-judge verdicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import polars as pl
+
+from metareward.config import SamplingConfig
+from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest, GenerationResult, Messages
+from metareward.parsing import parse_score, parse_winner
+from metareward.prompts import SCORE_PREFIX, WINNER_PREFIX, render_judge_prompt, render_meta_judge_prompt
+from metareward.stats import StageStats
+from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed, validate_table
+
+VERDICT_MODES = ("free", "forced")
+SCORE_CHOICES = tuple(str(score) for score in range(6))
+WINNER_CHOICES = ("A", "B")
+
+
+def generate_responses(
+    prompts: pl.DataFrame,
+    backend: Backend,
+    num_responses: int,
+    sampling: SamplingConfig,
+    seed: int,
+    iteration: int,
+    model_id: str,
+) -> tuple[pl.DataFrame, StageStats]:
+    """Actor (paper sec. 2.1): K = num_responses samples per prompt in one request; identical responses of
+    a prompt are dropped (the first kept) and counted; prompts too long for the context are skipped and
+    counted. Returns the responses table and the stage's statistics."""
+    stats = StageStats("generate")
+    prompt_ids = prompts["prompt_id"].to_list()
+    requests = [
+        _request(_user(prompt), num_responses, sampling, content_seed(seed, "actor", prompt_id), stop=None)
+        for prompt_id, prompt in zip(prompt_ids, prompts["prompt"])
+    ]
+    rows = []
+    for prompt_id, result in zip(prompt_ids, _generate(backend, requests, stats)):
+        seen: set[str] = set()
+        for sample_idx, completion in enumerate(result.completions):
+            if completion.text in seen:
+                stats.dropped_duplicates += 1
+                continue
+            seen.add(completion.text)
+            rows.append(
+                (prompt_id, content_id(prompt_id, completion.text), sample_idx, completion.text,
+                 len(completion.text), completion.n_tokens, completion.finish_reason, iteration, model_id)
+            )
+    table = validate_table(pl.DataFrame(rows, schema=RESPONSES, orient="row"), "responses")
+    stats.rows = table.height
+    return table, stats
+
+
+def judge_responses(
+    responses: pl.DataFrame,
+    prompts: pl.DataFrame,
+    backend: Backend,
+    num_judgments: int,
+    sampling: SamplingConfig,
+    seed: int,
+    verdict_mode: str,
+    iteration: int,
+    model_id: str,
+) -> tuple[pl.DataFrame, StageStats]:
+    """Judge (paper sec. 2.1, prompt A.1): N = num_judgments judgments per response in one request, the
+    score parsed from the last "Score: X" (null when invalid, counted as a parse failure).
+
+    verdict_mode "free" is the paper's: the judge writes everything. "forced" stops the judge at "Score:",
+    then appends "Score: " and samples the score from the model's next-token distribution over 0–5, so
+    every judgment parses (for small models that rarely follow the format).
+    """
+    stats = StageStats("judge")
+    pairs = responses.join(prompts.select("prompt_id", "prompt"), on="prompt_id", how="left")
+    messages = [_user(render_judge_prompt(p, r)) for p, r in zip(pairs["prompt"], pairs["text"])]
+    response_ids = pairs["response_id"].to_list()
+    requests = [
+        _request(m, num_judgments, sampling, content_seed(seed, "judge", rid), stop=_stop(verdict_mode, "Score:"))
+        for m, rid in zip(messages, response_ids)
+    ]
+    results = _generate(backend, requests, stats)
+    keys, texts, completions, sample_messages = [], [], [], []
+    for prompt_id, response_id, message, result in zip(pairs["prompt_id"], response_ids, messages, results):
+        for sample_idx, completion in enumerate(result.completions):
+            keys.append((prompt_id, response_id, sample_idx))
+            texts.append(completion.text)
+            completions.append(completion)
+            sample_messages.append(message)
+    if verdict_mode == "forced":
+        seeds = [content_seed(seed, "judge-verdict", rid, idx) for _, rid, idx in keys]
+        texts = _force(backend, sample_messages, texts, SCORE_PREFIX, SCORE_CHOICES, sampling, seeds, stats)
+    rows = []
+    for (prompt_id, response_id, sample_idx), text, completion in zip(keys, texts, completions):
+        score = parse_score(text)
+        stats.parse_failures += score is None
+        rows.append(
+            (prompt_id, response_id, content_id(response_id, str(sample_idx), text), sample_idx, text, score,
+             verdict_mode, len(text), completion.n_tokens, completion.finish_reason, iteration, model_id)
+        )
+    table = validate_table(pl.DataFrame(rows, schema=JUDGMENTS, orient="row"), "judgments")
+    stats.rows = table.height
+    return table, stats
+
+
+def meta_judge(
+    judged: pl.DataFrame,
+    judgments: pl.DataFrame,
+    responses: pl.DataFrame,
+    prompts: pl.DataFrame,
+    backend: Backend,
+    sampling: SamplingConfig,
+    seed: int,
+    verdict_mode: str,
+    iteration: int,
+    model_id: str,
+) -> tuple[pl.DataFrame, StageStats]:
+    """Meta-judge (paper sec. 2.2, Fig. 2): for each judged response (table with prompt_id, response_id),
+    every ordered pair (m, n), m ≠ n, of its valid judgments — both orders, to measure positional bias.
+
+    Requests are issued response by response, so the shared rubric + prompt + response prefix stays in the
+    engine's prefix cache. winner is "A", "B" or null (unparsed). verdict_mode as in judge_responses, with
+    the prefix "Winner: Judgement " and the answers A/B.
+    """
+    stats = StageStats("meta_judge")
+    valid = (
+        judged.select("response_id")
+        .join(judgments.filter(pl.col("score").is_not_null()), on="response_id", how="inner")
+        .select("prompt_id", "response_id", "judgment_id", "sample_idx", "text")
+    )
+    battles = (
+        valid.join(valid.select("response_id", "judgment_id", "sample_idx", "text"), on="response_id", suffix="_second")
+        .filter(pl.col("judgment_id") != pl.col("judgment_id_second"))
+        .join(responses.select("response_id", pl.col("text").alias("response")), on="response_id")
+        .join(prompts.select("prompt_id", "prompt"), on="prompt_id")
+        .sort("prompt_id", "response_id", "sample_idx", "sample_idx_second")
+    )
+    keys = battles.select("prompt_id", "response_id", "judgment_id", "judgment_id_second").rows()
+    messages = [
+        _user(render_meta_judge_prompt(prompt, response, first, second))
+        for prompt, response, first, second in battles.select("prompt", "response", "text", "text_second").iter_rows()
+    ]
+    requests = [
+        _request(m, 1, sampling, content_seed(seed, "meta", first, second), stop=_stop(verdict_mode, "Winner:"))
+        for m, (_, _, first, second) in zip(messages, keys)
+    ]
+    results = _generate(backend, requests, stats)
+    answered = [i for i, result in enumerate(results) if result.skipped is None]
+    texts = [results[i].completions[0].text for i in answered]
+    if verdict_mode == "forced":
+        seeds = [content_seed(seed, "meta-verdict", keys[i][2], keys[i][3]) for i in answered]
+        texts = _force(backend, [messages[i] for i in answered], texts, WINNER_PREFIX, WINNER_CHOICES, sampling, seeds, stats)
+    rows = []
+    for i, text in zip(answered, texts):
+        winner = parse_winner(text)
+        stats.parse_failures += winner is None
+        completion = results[i].completions[0]
+        rows.append(
+            (*keys[i], text, winner, verdict_mode, completion.n_tokens, completion.finish_reason, iteration, model_id)
+        )
+    table = validate_table(pl.DataFrame(rows, schema=META_JUDGMENTS, orient="row"), "meta_judgments")
+    stats.rows = table.height
+    return table, stats
+
+
+def _user(content: str) -> Messages:
+    return ({"role": "user", "content": content},)
+
+
+def _stop(verdict_mode: str, marker: str) -> str | None:
+    if verdict_mode not in VERDICT_MODES:
+        raise ValueError(f"verdict_mode must be one of {VERDICT_MODES}, got {verdict_mode!r}")
+    # Forced mode lets the model justify freely and writes the verdict prefix itself.
+    return marker if verdict_mode == "forced" else None
+
+
+def _request(messages: Messages, n: int, sampling: SamplingConfig, seed: int, stop: str | None) -> GenerationRequest:
+    return GenerationRequest(
+        messages=messages, n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens, seed=seed, stop=(stop,) if stop else (),
+    )
+
+
+def _generate(backend: Backend, requests: Sequence[GenerationRequest], stats: StageStats) -> list[GenerationResult]:
+    started = time.perf_counter()
+    results = backend.generate(requests)
+    stats.seconds += time.perf_counter() - started
+    stats.requests += len(requests)
+    for result in results:
+        stats.prompt_tokens += result.prompt_tokens
+        stats.completion_tokens += sum(completion.n_tokens for completion in result.completions)
+        stats.skipped_prompts += result.skipped is not None
+    return results
+
+
+def _force(
+    backend: Backend,
+    messages: list[Messages],
+    justifications: list[str],
+    prefix: str,
+    choices: tuple[str, ...],
+    sampling: SamplingConfig,
+    seeds: list[int],
+    stats: StageStats,
+) -> list[str]:
+    """Each justification, the verdict prefix, and the answer sampled from the allowed choices."""
+    requests = [
+        ChoiceRequest(messages=m, assistant_prefix=_with_prefix(text, prefix), choices=choices,
+                      temperature=sampling.temperature, seed=seed)
+        for m, text, seed in zip(messages, justifications, seeds)
+    ]
+    started = time.perf_counter()
+    answers = backend.choose(requests)
+    stats.seconds += time.perf_counter() - started
+    stats.requests += len(requests)
+    stats.completion_tokens += len(answers)
+    return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers)]
+
+
+def _with_prefix(justification: str, prefix: str) -> str:
+    body = justification.rstrip()
+    return f"{body}\n{prefix}" if body else prefix

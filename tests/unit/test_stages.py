@@ -1,0 +1,177 @@
+"""The stage functions end to end on a scripted backend: exact expected tables, computed by hand."""
+
+import polars as pl
+import pytest
+
+from metareward.config import SamplingConfig
+from metareward.preferences import (
+    build_dpo_dataset,
+    rank_judgments,
+    score_responses,
+    select_actor_pairs,
+    select_judge_pairs,
+    select_judged_responses,
+)
+from metareward.prompts import render_judge_prompt
+from metareward.roles import generate_responses, judge_responses, meta_judge
+from metareward.tables import PROMPTS, content_id
+from tests.support import ScriptedBackend, judged_response, meta_judged_pair
+
+SAMPLING = SamplingConfig()
+ACTOR = {
+    "Q1": ["good short", "okay answer that is quite long indeed", "good short", "bad"],
+    "Q2": ["same A", "same B", "same A", "same B"],
+}
+JUDGE = {
+    "good short": ["Looks great. Score: 5", "Fine. Score: 4", "I cannot decide."],
+    "okay answer that is quite long indeed": ["Score: 3", "Meh. Score: 3", "Score: 3/5"],
+    "bad": ["Poor. Score: 1", "Weak. Score: 2", "Useless. Score: 0"],
+    "same A": ["Score: 4", "Good. Score: 4", "Fine. Score: 4"],
+    "same B": ["Score: 4", "Nice. Score: 4", "Solid. Score: 4"],
+}
+
+
+def script(prompt, n, seed):
+    if prompt in ACTOR:
+        return ACTOR[prompt][:n]
+    if prompt.startswith("Review the user's question and the corresponding response using"):
+        return JUDGE[judged_response(prompt)][:n]
+    first, second = meta_judged_pair(prompt)
+    # The scripted meta-judge prefers a judgment that says 0; otherwise it picks position A.
+    if "Score: 0" in second:
+        return ["Judgment B is right.\nWinner: Judgement B"]
+    return ["Winner: Judgement A"]
+
+
+@pytest.fixture()
+def prompts():
+    return pl.DataFrame({"prompt_id": [content_id("Q1"), content_id("Q2")], "prompt": ["Q1", "Q2"], "source": "t"},
+                        schema=PROMPTS)
+
+
+def run_pipeline(prompts, backend, rho=0.0, verdict_mode="free"):
+    responses, generate_stats = generate_responses(prompts, backend, 4, SAMPLING, seed=7, iteration=1, model_id="m0")
+    judgments, judge_stats = judge_responses(responses, prompts, backend, 3, SAMPLING, 7, verdict_mode, 1, "m0")
+    scores = score_responses(judgments)
+    actor_pairs, actor_stats = select_actor_pairs(responses, scores, prompts, rho, None, 1, "m0")
+    judged = select_judged_responses(scores, seed=7)
+    meta, meta_stats = meta_judge(judged, judgments, responses, prompts, backend, SAMPLING, 7, verdict_mode, 1, "m0")
+    elo, rank_stats = rank_judgments(meta, judgments, 1, "m0")
+    judge_pairs, judge_pair_stats = select_judge_pairs(elo, judgments, responses, prompts, None, 7, 1, "m0")
+    return locals()
+
+
+def test_actor_stage_drops_identical_responses(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    responses = out["responses"]
+    assert out["generate_stats"].dropped_duplicates == 3  # one in Q1, two in Q2
+    q1 = responses.filter(pl.col("prompt_id") == content_id("Q1"))
+    assert q1["text"].to_list() == ["good short", "okay answer that is quite long indeed", "bad"]
+    assert q1["sample_idx"].to_list() == [0, 1, 3]
+    assert q1["response_id"].to_list()[0] == content_id(content_id("Q1"), "good short")
+    assert set(responses["model_id"]) == {"m0"} and set(responses["iteration"]) == {1}
+
+
+def test_judge_stage_parses_and_counts_failures(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    judgments, stats = out["judgments"], out["judge_stats"]
+    assert judgments.height == 5 * 3
+    assert stats.parse_failures == 1 and stats.parse_failure_rate == pytest.approx(1 / 15)
+    assert judgments.filter(pl.col("text") == "I cannot decide.")["score"].to_list() == [None]
+    assert set(judgments["verdict_mode"]) == {"free"}
+
+
+def test_rewards_and_actor_pairs_by_hand(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    scores = {row["response_id"]: row for row in out["scores"].iter_rows(named=True)}
+    good = scores[content_id(content_id("Q1"), "good short")]
+    assert (good["score"], good["score_var"], good["n_valid"], good["n_judgments"]) == (4.5, 0.25, 2, 3)
+    bad = scores[content_id(content_id("Q1"), "bad")]
+    assert bad["score"] == 1.0 and bad["score_var"] == pytest.approx(2 / 3)
+    pairs = out["actor_pairs"]
+    # Q1: chosen "good short" (4.5), rejected "bad" (1.0); Q2: all 4.0 → no pair.
+    assert pairs.height == 1
+    row = pairs.row(0, named=True)
+    assert row["chosen"] == [{"role": "assistant", "content": "good short"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "bad"}]
+    assert row["prompt"] == [{"role": "user", "content": "Q1"}]
+    assert (row["chosen_score"], row["rejected_score"]) == (4.5, 1.0)
+    assert out["actor_stats"].counts["no_pair"] == 1
+
+
+def test_actor_chosen_length_filter(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    pairs, stats = select_actor_pairs(out["responses"], out["scores"], prompts, 0.0, 5, 1, "m0")
+    assert pairs.height == 0 and stats.counts["chosen_too_long"] == 1
+
+
+def test_meta_judge_elo_and_judge_pairs_by_hand(prompts):
+    backend = ScriptedBackend(script)
+    out = run_pipeline(prompts, backend)
+    judged = out["judged"]
+    # Q1: "bad" has the highest variance (2/3); Q2 ties at 0 and is broken by the seeded generator.
+    assert judged.filter(pl.col("prompt_id") == content_id("Q1"))["response_id"].item() == content_id(content_id("Q1"), "bad")
+    meta = out["meta"]
+    assert meta.height == 12  # 3 valid judgments → 6 ordered pairs, for each of the two judged responses
+    # Requests are grouped by response so the shared prefix stays cached.
+    meta_requests = [r for r in backend.requests if "two judgments" in r.messages[0]["content"]]
+    responses_in_order = [judged_response_of(r) for r in meta_requests]
+    assert responses_in_order == sorted(responses_in_order, key=responses_in_order.index)
+    assert len(set(responses_in_order[:6])) == 1
+    # Winners: 10 in position A, 2 in position B → ω1 = 2/12, ω2 = 10/12.
+    counts = out["rank_stats"].counts
+    assert (counts["win_first"], counts["win_second"]) == (10, 2)
+    assert counts["w1"] == pytest.approx(1 / 6) and counts["w2"] == pytest.approx(5 / 6)
+    elo = out["elo"].filter(pl.col("prompt_id") == content_id("Q1")).join(
+        out["judgments"].select("judgment_id", "text"), on="judgment_id"
+    )
+    by_text = dict(zip(elo["text"], elo["elo"]))
+    # "Score: 0" never loses; the other two battle symmetrically (1/6 each way) → equal Elo.
+    assert by_text["Useless. Score: 0"] > by_text["Poor. Score: 1"] + 1
+    assert by_text["Poor. Score: 1"] == pytest.approx(by_text["Weak. Score: 2"], abs=1e-6)
+    wins = dict(zip(elo["text"], zip(elo["wins_first"], elo["wins_second"])))
+    assert wins["Useless. Score: 0"] == (2, 2) and wins["Poor. Score: 1"] == (1, 0)
+    # Judge pairs: Q1 → chosen "Score: 0" judgment; Q2 all equal Elo → no pair.
+    pairs = out["judge_pairs"]
+    assert pairs.height == 1
+    row = pairs.row(0, named=True)
+    assert row["chosen"][0]["content"] == "Useless. Score: 0"
+    assert row["rejected"][0]["content"] in {"Poor. Score: 1", "Weak. Score: 2"}
+    assert row["prompt"][0]["content"] == render_judge_prompt("Q1", "bad")
+    assert out["judge_pair_stats"].counts["no_pair"] == 1
+
+
+def judged_response_of(request):
+    content = request.messages[0]["content"]
+    return content.split("Response: ", 1)[1].split("\n\nJudgment A:", 1)[0]
+
+
+def test_dpo_dataset_follows_schedule(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    both, stats = build_dpo_dataset(out["actor_pairs"], out["judge_pairs"], train_judge=True)
+    assert both["kind"].to_list() == ["actor", "judge"] and stats.counts == {"actor_pairs": 1, "judge_pairs": 1}
+    actor_only, _ = build_dpo_dataset(out["actor_pairs"], out["judge_pairs"], train_judge=False)
+    assert actor_only["kind"].to_list() == ["actor"]
+
+
+def test_forced_verdicts_always_parse(prompts):
+    def no_verdicts(prompt, n, seed):
+        texts = script(prompt, n, seed)
+        return [t.split("Score:")[0].split("Winner:")[0] for t in texts]
+
+    backend = ScriptedBackend(no_verdicts, choose=lambda prefix, choices: len(choices) - 1)
+    out = run_pipeline(prompts, backend, verdict_mode="forced")
+    judgments = out["judgments"]
+    assert judgments["score"].null_count() == 0 and set(judgments["score"]) == {5.0}
+    assert set(judgments["verdict_mode"]) == {"forced"}
+    assert all(text.endswith("Score: 5") for text in judgments["text"])
+    assert set(out["meta"]["winner"]) == {"B"}
+    # Forced mode stops the free text at the verdict line.
+    assert all(r.stop in {("Score:",), ("Winner:",)} for r in backend.requests if "Review" in r.messages[0]["content"])
+
+
+def test_same_seed_same_tables(prompts):
+    first = run_pipeline(prompts, ScriptedBackend(script))
+    second = run_pipeline(prompts, ScriptedBackend(script))
+    for name in ("responses", "judgments", "meta", "elo", "actor_pairs", "judge_pairs"):
+        assert first[name].equals(second[name]), name
