@@ -1,12 +1,44 @@
-"""The `metareward` command line: check configs and prompt files (campaign commands arrive with the pipeline)."""
+"""The `metareward` command line: run a campaign, check configs and prompt files."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from metareward.config import CampaignConfig, ConfigError
+from metareward.execution import add_job_listener, remove_job_listener
+from metareward.inference.base import InferenceError
+from metareward.pipeline import preflight
+from metareward.progress import StageProgress, print_summary
+from metareward.store import StoreError
 from metareward.tables import PromptFileError, load_prompts
+from metareward.training import EmptyPreferenceSetError
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    preflight(config)
+    _prefect_defaults()
+    # The CLI is the one place in metareward that starts the orchestrator: flows import metareward, never
+    # the reverse, so the import happens here, at run time.
+    from flows.campaign import campaign_flow
+
+    with StageProgress() as progress:
+        add_job_listener(progress.update)
+        try:
+            outcomes = campaign_flow(config, start_iteration=arguments.start_iteration,
+                                     start_model=arguments.start_model)
+        finally:
+            remove_job_listener(progress.update)
+    print_summary(config.name, outcomes)
+    return 0
+
+
+def _prefect_defaults() -> None:
+    # Prefect's ephemeral API takes 10-25 s to start on 2 cores; its default timeouts are 20-30 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _config_show(arguments: argparse.Namespace) -> int:
@@ -25,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="metareward", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run (or resume) a campaign: Prefect's local API unless PREFECT_API_URL is set",
+        description="Run a campaign. Re-running the same command resumes it: finished shards are read "
+        "from the artifact store, never recomputed.",
+    )
+    run.add_argument("config", help="campaign YAML file")
+    run.add_argument("--start-iteration", type=int, default=1, help="first iteration to run (default 1)")
+    run.add_argument("--start-model", default=None,
+                     help="checkpoint URI to start from (default: model.path), e.g. a previous iteration's")
+    run.set_defaults(handler=_run)
 
     config = commands.add_parser("config", help="campaign configuration files")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -46,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (ConfigError, PromptFileError) as error:
+    except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,6 +229,11 @@ class CampaignConfig(_Strict):
         default=None, description="MLflow tracking URI; None: a local sqlite store under the artifact root."
     )
     seed: int = Field(default=0, ge=0, description="Seed of sampling, tie-breaking and prompt selection.")
+    on_empty_preferences: Literal["stop", "keep_model"] = Field(
+        default="stop",
+        description="When an iteration yields no trainable pair: stop the campaign with a message, or keep "
+        "M_t as M_{t+1} and go on.",
+    )
     shard_size: int = Field(default=256, ge=1, description="Prompts per shard of every model stage.")
     iterations: list[IterationConfig] = Field(
         min_length=1, description="The iterations, in order (paper: 4, see A.3)."
@@ -270,6 +276,18 @@ class CampaignConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as error:
             raise ConfigError(_describe(error, source)) from None
+
+    def with_environment(self, environ: dict[str, str] | None = None) -> CampaignConfig:
+        """A copy with deployment settings from the environment: METAREWARD_ARTIFACT_ROOT overrides
+        artifact_root and MLFLOW_TRACKING_URI tracking_uri. (S3 endpoint and credentials are read from the
+        standard AWS_* variables where they are used, and PREFECT_API_URL by Prefect itself.)"""
+        environ = os.environ if environ is None else environ
+        updates = {}
+        if environ.get("METAREWARD_ARTIFACT_ROOT"):
+            updates["artifact_root"] = environ["METAREWARD_ARTIFACT_ROOT"]
+        if environ.get("MLFLOW_TRACKING_URI"):
+            updates["tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
+        return self.model_copy(update=updates)
 
     def to_yaml(self) -> str:
         """The config as YAML that from_yaml reads back to an equal object (every default written out)."""

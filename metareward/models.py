@@ -18,7 +18,9 @@ CHATML_TEMPLATE = (
 with special tokens would add a second one — the bug token-id prompts avoid."""
 
 _SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-_DIGEST_FILE = "model_id.txt"
+MODEL_DIGEST_FILE = "model_id.txt"
+BUILTIN_DEMO_MODEL = "builtin:smollm2-135m-instruct"
+"""model.path of the embedded demo model (SmolLM2-135M-Instruct from PyPI, converted on first use)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -110,7 +112,7 @@ def smollm2_model(cache_dir: str | Path | None = None) -> Path:
     """
     cache_dir = Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
     target = cache_dir / "SmolLM2-135M-Instruct"
-    if (target / _DIGEST_FILE).is_file():
+    if (target / MODEL_DIGEST_FILE).is_file():
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,12 +135,35 @@ def smollm2_model(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def resolve_model(path: str, cache_dir: str | Path | None = None) -> str:
+    """A local folder (or hub id) that transformers and vLLM can load for a model.path or checkpoint URI:
+    the builtin demo model is converted once; an s3:// checkpoint is downloaded once into the local cache
+    (keyed by its model_id); anything else is returned unchanged."""
+    if path == BUILTIN_DEMO_MODEL:
+        return str(smollm2_model(cache_dir))
+    if path.startswith("s3://"):
+        from metareward.store import ArtifactStore
+
+        store = ArtifactStore(path)
+        model_id = store.read_bytes(MODEL_DIGEST_FILE).decode().strip()
+        cache = Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
+        target = cache / "checkpoints" / model_id
+        if not (target / MODEL_DIGEST_FILE).is_file():
+            staging = target.with_suffix(".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            store.get_folder("", staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        return str(target)
+    return path
+
+
 def compute_model_digest(path: str | Path) -> str:
     """A 16-hex-digit blake2b digest of every file of a model folder (names and bytes, sorted by name),
     excluding the digest file itself: equal folders have equal digests wherever they are."""
     path = Path(path)
     digest = hashlib.blake2b(digest_size=8)
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != _DIGEST_FILE):
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MODEL_DIGEST_FILE):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -149,7 +174,7 @@ def compute_model_digest(path: str | Path) -> str:
 def write_model_digest(path: str | Path) -> str:
     """Compute the folder's digest and write it last, as model_id.txt: a folder with the file is complete."""
     digest = compute_model_digest(path)
-    (Path(path) / _DIGEST_FILE).write_text(digest + "\n")
+    (Path(path) / MODEL_DIGEST_FILE).write_text(digest + "\n")
     return digest
 
 
@@ -157,8 +182,8 @@ def model_digest(path: str | Path) -> str:
     """The model_id of a local model folder: model_id.txt when present, else computed from its files.
     A hub id that is not a local folder is identified by its name (hash of the name)."""
     folder = Path(path)
-    if (folder / _DIGEST_FILE).is_file():
-        return (folder / _DIGEST_FILE).read_text().strip()
+    if (folder / MODEL_DIGEST_FILE).is_file():
+        return (folder / MODEL_DIGEST_FILE).read_text().strip()
     if folder.is_dir():
         return compute_model_digest(folder)
     return hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()

@@ -51,6 +51,7 @@ def generate_responses(
             )
     table = validate_table(pl.DataFrame(rows, schema=RESPONSES, orient="row"), "responses")
     stats.rows = table.height
+    stats.counts["chars_sum"] = int(table["n_chars"].sum())
     return table, stats
 
 
@@ -101,6 +102,8 @@ def judge_responses(
         )
     table = validate_table(pl.DataFrame(rows, schema=JUDGMENTS, orient="row"), "judgments")
     stats.rows = table.height
+    stats.counts.update(chars_sum=int(table["n_chars"].sum()), score_sum=float(table["score"].sum()),
+                        valid_scores=int(table["score"].count()))
     return table, stats
 
 
@@ -161,6 +164,7 @@ def meta_judge(
         )
     table = validate_table(pl.DataFrame(rows, schema=META_JUDGMENTS, orient="row"), "meta_judgments")
     stats.rows = table.height
+    stats.counts.update(winner_a=int((table["winner"] == "A").sum()), winner_b=int((table["winner"] == "B").sum()))
     return table, stats
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -18,7 +19,7 @@ class StageStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
-    counts: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parse_failure_rate(self) -> float:
@@ -36,12 +37,55 @@ class StageStats:
         return {**flat, **self.counts, "parse_failure_rate": self.parse_failure_rate,
                 "tokens_per_second": self.tokens_per_second}
 
-    def merge(self, other: StageStats) -> StageStats:
-        """The sum of two shards' statistics of the same stage."""
-        merged = StageStats(self.stage)
-        for name in ("rows", "requests", "skipped_prompts", "dropped_duplicates", "parse_failures",
-                     "prompt_tokens", "completion_tokens", "seconds"):
-            setattr(merged, name, getattr(self, name) + getattr(other, name))
-        merged.counts = {key: self.counts.get(key, 0) + other.counts.get(key, 0)
-                         for key in self.counts.keys() | other.counts.keys()}
-        return merged
+
+def combine(stage: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage's statistics over its shards (StageStats.as_dict of each): counts summed, rates recomputed,
+    plus mean score and mean length where the stage recorded them."""
+    total: dict[str, Any] = {"stage": stage, "shards": len(shards)}
+    for shard in shards:
+        for key, value in shard.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _DERIVED:
+                total[key] = total.get(key, 0) + value
+    rows = total.get("rows", 0)
+    total["parse_failure_rate"] = total.get("parse_failures", 0) / rows if rows else 0.0
+    seconds = total.get("seconds", 0.0)
+    total["tokens_per_second"] = total.get("completion_tokens", 0) / seconds if seconds else 0.0
+    if total.get("valid_scores"):
+        total["mean_score"] = total["score_sum"] / total["valid_scores"]
+    if rows and "chars_sum" in total:
+        total["mean_chars"] = total["chars_sum"] / rows
+    return total
+
+
+_DERIVED = {"parse_failure_rate", "tokens_per_second", "mean_score", "mean_chars"}
+
+
+SUMMARY_HEADER = ("stage", "shards", "rows", "parse fail", "mean score", "mean chars", "tok/s", "seconds")
+
+
+def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One formatted row per stage (see SUMMARY_HEADER); blank where a figure does not apply."""
+    rows = []
+    for stage, stats in stages.items():
+        rows.append((
+            stage,
+            str(stats.get("shards", "")),
+            str(stats.get("rows", "")),
+            f"{stats['parse_failure_rate']:.1%}" if stats.get("parse_failures") is not None and stage in _PARSED else "",
+            f"{stats['mean_score']:.2f}" if "mean_score" in stats else "",
+            f"{stats['mean_chars']:.0f}" if "mean_chars" in stats else "",
+            f"{stats['tokens_per_second']:.1f}" if stats.get("completion_tokens") else "",
+            f"{stats.get('seconds', 0.0):.1f}",
+        ))
+    return rows
+
+
+_PARSED = {"judgments", "meta_judgments"}
+
+
+def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of an iteration's stages, for the Prefect artifact of the iteration."""
+    lines = [f"# {campaign} — iteration {iteration}", "", f"Model M_{iteration}: `{model_id}`", "",
+             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(stages)]
+    return "\n".join(lines) + "\n"

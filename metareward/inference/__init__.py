@@ -41,3 +41,24 @@ def create_backend(model: ModelConfig, inference: InferenceConfig, model_path: s
         max_concurrency=inference.max_concurrency, max_retries=inference.max_retries,
         timeout_s=inference.request_timeout_s, max_model_len=inference.max_model_len,
     )
+
+
+_SHARED: dict[tuple[str, str], Backend] = {}
+
+
+def shared_backend(model: ModelConfig, inference: InferenceConfig, model_path: str, seed: int = 0,
+                   log_dir: str | Path | None = None) -> Backend:
+    """The process's engine for (model_path, inference settings), created on first use and kept for every
+    later shard and role of the same model (a vLLM server starts once per worker, not per shard)."""
+    key = (model_path, inference.model_dump_json() + model.model_dump_json())
+    if key not in _SHARED:
+        close_shared_backends()
+        _SHARED[key] = create_backend(model, inference, model_path, seed, log_dir)
+    return _SHARED[key]
+
+
+def close_shared_backends() -> None:
+    """Close every shared engine (stop vLLM servers, free GPU memory): called before training."""
+    while _SHARED:
+        _, backend = _SHARED.popitem()
+        backend.close()

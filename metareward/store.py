@@ -1,0 +1,165 @@
+"""The artifact store over fsspec (local folder or s3://): stable paths, atomic Parquet/JSON writes, digests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import polars as pl
+
+
+class StoreError(RuntimeError):
+    """The artifact store cannot be used (missing bucket, unreachable endpoint, denied); says which and why."""
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table written to the store: where, how many rows, and the blake2b digest of its Parquet bytes."""
+
+    uri: str
+    rows: int
+    digest: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain fields, for manifests."""
+        return asdict(self)
+
+
+def s3_storage_options() -> dict[str, Any]:
+    """s3fs options from the standard environment: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (MinIO, moto).
+    Credentials and region stay in the environment, where s3fs/botocore read them: they are never copied
+    into options, logs, Prefect parameters or MLflow params."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+class ArtifactStore:
+    """Artifacts under one root: a local folder (default) or s3://bucket/prefix.
+
+    Keys are relative POSIX paths ("demo/iter-1/judge/shard-0003-ab12.parquet"). Every write is atomic: a
+    local file is written beside its target and renamed over it; an S3 object is uploaded in one PUT
+    (`pipe`), so a reader never sees half a file and a failed write leaves no object.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        if root.startswith("s3://") or root.startswith("s3a://"):
+            self.protocol = "s3"
+            self.root = "s3://" + root.split("://", 1)[1].rstrip("/")
+            options = {**s3_storage_options(), **(storage_options or {})}
+        else:
+            self.protocol = "file"
+            self.root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+            options = storage_options or {}
+        self.fs = fsspec.filesystem(self.protocol, **options)
+
+    def uri(self, key: str) -> str:
+        """The full URI (s3://…) or absolute path of a key."""
+        return posixpath.join(self.root, key) if self.protocol == "s3" else str(Path(self.root) / key)
+
+    def check(self) -> None:
+        """Fail fast, before any model work, when the root cannot be written: the bucket is missing, the
+        endpoint is unreachable, or access is denied. Writes and removes a small probe object."""
+        probe = f"_probe/{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.fs.rm(self.uri(probe))
+        except FileNotFoundError as error:
+            raise StoreError(f"artifact root {self.root}: bucket or folder does not exist ({error})") from None
+        except PermissionError as error:
+            raise StoreError(f"artifact root {self.root}: access denied ({error})") from None
+        except OSError as error:
+            raise StoreError(f"artifact root {self.root}: cannot write ({type(error).__name__}: {error})") from None
+        except Exception as error:  # botocore/aiohttp raise their own types for an unreachable endpoint
+            raise StoreError(f"artifact root {self.root}: unreachable ({type(error).__name__}: {error})") from None
+
+    def exists(self, key: str) -> bool:
+        """Whether the key exists now (S3: not answered from s3fs's listing cache)."""
+        self.fs.invalidate_cache()
+        return self.fs.exists(self.uri(key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write bytes atomically (see class docstring)."""
+        target = self.uri(key)
+        if self.protocol == "file":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        else:
+            self.fs.pipe(target, data)
+
+    def read_bytes(self, key: str) -> bytes:
+        """The bytes of a key; FileNotFoundError names the URI when it is missing."""
+        try:
+            return self.fs.cat_file(self.uri(key))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"artifact {self.uri(key)} does not exist") from None
+
+    def write_table(self, key: str, table: pl.DataFrame) -> TableRef:
+        """Write a table as Parquet (zstd) atomically; return its reference with row count and digest."""
+        buffer = io.BytesIO()
+        table.write_parquet(buffer, compression="zstd")
+        data = buffer.getvalue()
+        self.write_bytes(key, data)
+        return TableRef(uri=self.uri(key), rows=table.height, digest=hashlib.blake2b(data, digest_size=8).hexdigest())
+
+    def read_table(self, key_or_uri: str) -> pl.DataFrame:
+        """Read a Parquet table by key or by the URI a TableRef holds."""
+        key = self.key_of(key_or_uri)
+        return pl.read_parquet(io.BytesIO(self.read_bytes(key)))
+
+    def write_json(self, key: str, value: Any) -> None:
+        """Write a JSON document atomically."""
+        self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, key: str) -> Any:
+        """Read a JSON document."""
+        return json.loads(self.read_bytes(key))
+
+    def key_of(self, key_or_uri: str) -> str:
+        """The key of a URI under this root (a key is returned unchanged)."""
+        prefix = self.root.rstrip("/") + "/"
+        return key_or_uri[len(prefix):] if key_or_uri.startswith(prefix) else key_or_uri
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under a prefix, sorted; empty when the prefix does not exist."""
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.uri(prefix))
+        except FileNotFoundError:
+            return []
+        keys = [self.key_of(path if self.protocol == "file" else "s3://" + path) for path in found]
+        return sorted(key for key in keys if not key.endswith(".tmp"))
+
+    def put_folder(self, local_folder: str | Path, key: str, last: str | None = None) -> str:
+        """Upload a local folder under key, file by file, each atomically; the file named `last` (e.g. the
+        digest that marks a checkpoint complete) is uploaded after all others. Returns the folder's URI."""
+        local_folder = Path(local_folder)
+        files = sorted(p for p in local_folder.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == last)
+        for file in files:
+            self.write_bytes(f"{key}/{file.relative_to(local_folder).as_posix()}", file.read_bytes())
+        return self.uri(key)
+
+    def get_folder(self, key: str, local_folder: str | Path) -> Path:
+        """Download every file under key into a local folder; returns the folder."""
+        local_folder = Path(local_folder)
+        for file_key in self.list(key):
+            target = local_folder / file_key[len(key):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(file_key))
+        return local_folder

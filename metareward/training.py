@@ -1,0 +1,177 @@
+"""DPO of M_t into M_{t+1} with TRL (full or LoRA, merged), keeping the configured epoch's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from metareward.config import DPOConfig
+from metareward.models import write_model_digest
+
+TRAINING_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "learning_rate", "grad_norm", "epoch")
+
+
+TRAINING_LOG = pl.Schema({"step": pl.Int64, **{name.replace("/", "_"): pl.Float64 for name in TRAINING_METRICS}})
+"""The checkpoint stage's table: one row per logged training step (TRL's loss, rewards/…, learning rate)."""
+
+
+def training_log_table(history: list[dict[str, Any]]) -> pl.DataFrame:
+    """TRL's log_history as a table with the TRAINING_LOG schema (the final summary entry left out)."""
+    rows = [
+        {"step": int(entry.get("step", index + 1)),
+         **{name.replace("/", "_"): float(entry[name]) if name in entry else None for name in TRAINING_METRICS}}
+        for index, entry in enumerate(history)
+        if "loss" in entry
+    ]
+    return pl.DataFrame(rows, schema=TRAINING_LOG)
+
+
+class EmptyPreferenceSetError(ValueError):
+    """No usable preference pair: nothing to train on (e.g. every prompt's scores tied)."""
+
+
+@dataclass
+class TrainingResult:
+    """The new checkpoint folder (complete: model_id.txt written last), its digest, TRL's log and counts."""
+
+    checkpoint: Path
+    model_id: str
+    log_history: list[dict[str, Any]]
+    pairs_trained: int
+    pairs_too_long: int
+    seconds: float
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def drop_overlong_pairs(dataset: pl.DataFrame, tokenizer, max_length: int | None) -> tuple[pl.DataFrame, int]:
+    """Pairs whose prompt plus longer completion exceeds max_length tokens are dropped and counted: TRL would
+    truncate them, and a truncated judge pair loses its verdict line."""
+    if max_length is None or dataset.is_empty():
+        return dataset, 0
+    keep = []
+    for prompt, chosen, rejected in dataset.select("prompt", "chosen", "rejected").iter_rows():
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        completion = max(len(tokenizer.encode(m[0]["content"], add_special_tokens=False)) for m in (chosen, rejected))
+        keep.append(len(prompt_ids["input_ids"]) + completion + 1 <= max_length)
+    mask = pl.Series(keep, dtype=pl.Boolean)
+    return dataset.filter(mask), int((~mask).sum())
+
+
+def train_dpo(
+    model_path: str | Path,
+    dataset: pl.DataFrame,
+    settings: DPOConfig,
+    output_dir: str | Path,
+    seed: int = 0,
+    dtype: str = "auto",
+) -> TrainingResult:
+    """Train M_t (a saved model folder) with TRL's DPOTrainer on a dpo_dataset table and save M_{t+1}.
+
+    Paper defaults come from `settings` (β, lr, cosine, epochs, global batch = per-device × accumulation ×
+    processes). A checkpoint is saved every epoch and `checkpoint_epoch` (default: the last) becomes the
+    result, saved with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its
+    digest written last. LoRA adapters are merged so the result loads without peft. Raises
+    EmptyPreferenceSetError when no pair is left after dropping over-long ones.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset, too_long = drop_overlong_pairs(dataset, tokenizer, settings.max_length)
+    if dataset.is_empty():
+        raise EmptyPreferenceSetError(
+            f"no preference pair to train on ({too_long} dropped as longer than max_length={settings.max_length})"
+        )
+    on_gpu = torch.cuda.is_available()
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
+    peft_config = None
+    if settings.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    runs = output_dir / "epochs"
+    arguments = TRLDPOConfig(
+        output_dir=str(runs),
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        save_strategy="epoch",
+        save_only_model=True,
+        logging_steps=1,
+        report_to=[],
+        bf16=on_gpu and torch_dtype in ("auto", torch.bfloat16) and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    train_set = Dataset.from_list(dataset.select("prompt", "chosen", "rejected").to_dicts())
+    trainer = DPOTrainer(model=model, args=arguments, train_dataset=train_set, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.train()
+    kept = _epoch_checkpoint(runs, settings.checkpoint_epoch or settings.num_epochs)
+    final = _save_merged(kept, model_path, output_dir / "model", tokenizer, lora=bool(settings.lora_rank),
+                         torch_dtype=torch_dtype)
+    model_id = write_model_digest(final)
+    shutil.rmtree(runs, ignore_errors=True)
+    history = [dict(entry) for entry in trainer.state.log_history]
+    return TrainingResult(final, model_id, history, len(dataset), too_long, time.perf_counter() - started,
+                          summarize_log(history))
+
+
+def _epoch_checkpoint(runs: Path, epoch: int) -> Path:
+    """The checkpoint-STEP folder saved at the end of `epoch` (read from each folder's trainer_state.json)."""
+    for folder in sorted(runs.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if round(state["epoch"]) == epoch:
+            return folder
+    raise RuntimeError(f"no checkpoint for epoch {epoch} in {runs}: found {sorted(p.name for p in runs.glob('checkpoint-*'))}")
+
+
+def _save_merged(checkpoint: Path, base_path, target: Path, tokenizer, lora: bool, torch_dtype) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    if lora:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype)
+    shutil.rmtree(target, ignore_errors=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def summarize_log(history: list[dict[str, Any]]) -> dict[str, float]:
+    """First and last value of each DPO metric TRL logged (loss, rewards/…), e.g. {'loss_first': …}."""
+    summary: dict[str, float] = {}
+    for name in TRAINING_METRICS:
+        values = [entry[name] for entry in history if name in entry and "train_runtime" not in entry]
+        if values:
+            key = name.replace("/", "_")
+            summary[f"{key}_first"], summary[f"{key}_last"] = float(values[0]), float(values[-1])
+    return summary
