@@ -82,6 +82,10 @@ class DPOConfig(_Strict):
     )
     per_device_batch_size: int = Field(default=4, ge=1, description="Pairs per forward pass on one device.")
     num_processes: int = Field(default=1, ge=1, description="Training processes (GPUs); >1 uses accelerate.")
+    accelerate_config: str = Field(
+        default="deployments/accelerate/fsdp.yaml",
+        description="`accelerate launch` config when num_processes > 1 (FSDP; deepspeed-zero3.yaml; multi-cpu.yaml).",
+    )
     max_length: int | None = Field(
         default=2048, ge=16, description="Longest prompt+completion in tokens; longer pairs are dropped."
     )

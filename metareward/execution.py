@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from collections.abc import Callable
 
 import polars as pl
@@ -38,13 +40,31 @@ def remove_job_listener(listener: JobListener) -> None:
     _listeners.remove(listener)
 
 
+FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
+"""Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process
+fail after its inputs are read, to exercise retries. Never set in production."""
+_faults_raised: set[str] = set()
+
+
+class InjectedFault(RuntimeError):
+    """The failure METAREWARD_INJECT_FAULT asked for."""
+
+
 def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None) -> JobResult:
     """The job's result: read from the store when its table and marker are there (no model is loaded),
     otherwise computed, written atomically and marked complete."""
     store = store or ArtifactStore(config.artifact_root)
     result = finished(store, job)
+    target = f"{job.stage}:{job.shard}"
+    if result is None and os.environ.get(FAULT_ENVIRONMENT) == target and target not in _faults_raised:
+        _faults_raised.add(target)
+        raise InjectedFault(f"{FAULT_ENVIRONMENT}={target}: first attempt of {job.run_name} fails on purpose")
     if result is None:
+        started = time.perf_counter()
         table, stats = _RUNNERS[job.stage](config, job, store)
+        # Everything the stage itself did (reading inputs, loading a model, calling it, building the table);
+        # what a run takes beyond the sum of these is orchestration and artifact-store overhead.
+        stats.counts["compute_seconds"] = time.perf_counter() - started
         result = complete(store, job, table, stats)
     for listener in list(_listeners):
         listener(job, result)

@@ -195,14 +195,15 @@ def _shard(index: int) -> str:
 
 
 def finished(store: ArtifactStore, job: Job) -> JobResult | None:
-    """The job's result when its marker and its table are both in the store; None otherwise (a deleted
-    table means the job runs again, never a silently missing artifact)."""
-    required = [job.marker_key, job.table_key]
-    if job.stage == "checkpoint":
-        required.append(job.model_key + "/" + MODEL_DIGEST_FILE)
-    if not all(store.exists(key) for key in required):
+    """The job's result when its marker and its table (and, for a trained checkpoint, its model folder's
+    model_id.txt) are in the store; None otherwise: a deleted artifact means the job runs again, never a
+    silently missing one."""
+    if not (store.exists(job.marker_key) and store.exists(job.table_key)):
         return None
     marker = store.read_json(job.marker_key)
+    trained = job.stage == "checkpoint" and not marker["stats"].get("kept_previous_model")
+    if trained and not store.exists(f"{job.model_key}/{MODEL_DIGEST_FILE}"):
+        return None
     return JobResult(table=TableRef(**marker["table"]), stats=marker["stats"], cached=True)
 
 

@@ -16,6 +16,21 @@ def _message(role: str, content: pl.Expr) -> pl.Expr:
     return pl.concat_list(pl.struct(pl.lit(role).alias("role"), content.alias("content")))
 
 
+def _length_filtered(pair: tuple[int, int] | None, lengths: list[int], max_chosen_chars: int | None,
+                     stats: StageStats) -> tuple[int, int] | None:
+    """The pair unless there is none or its chosen side is longer than max_chosen_chars (paper A.3);
+    counts which of the two happened in stats.counts ("no_pair", "chosen_too_long")."""
+    reason = None
+    if pair is None:
+        reason = "no_pair"
+    elif max_chosen_chars is not None and lengths[pair[0]] > max_chosen_chars:
+        reason = "chosen_too_long"
+    if reason is None:
+        return pair
+    stats.counts[reason] = stats.counts.get(reason, 0) + 1
+    return None
+
+
 def score_responses(judgments: pl.DataFrame) -> pl.DataFrame:
     """Per response: its reward `score` = mean of the valid judgment scores (paper sec. 2.1), `score_var`
     = their population variance (sec. 2.2), `n_valid` and `n_judgments`. A response without a valid score
@@ -55,14 +70,10 @@ def select_actor_pairs(
     )
     picked = []
     for prompt_id, response_ids, texts, response_scores, lengths in scored.iter_rows():
-        pair = select_actor_pair(response_scores, lengths, rho)
+        pair = _length_filtered(select_actor_pair(response_scores, lengths, rho), lengths, max_chosen_chars, stats)
         if pair is None:
-            stats.counts["no_pair"] = stats.counts.get("no_pair", 0) + 1
             continue
         chosen, rejected = pair
-        if max_chosen_chars is not None and lengths[chosen] > max_chosen_chars:
-            stats.counts["chosen_too_long"] = stats.counts.get("chosen_too_long", 0) + 1
-            continue
         picked.append(
             (prompt_id, texts[chosen], texts[rejected], response_ids[chosen], response_ids[rejected],
              response_scores[chosen], response_scores[rejected], lengths[chosen], lengths[rejected])
@@ -197,14 +208,11 @@ def select_judge_pairs(
     picked = []
     for prompt_id, response_id, judgment_ids, texts, elos, lengths in grouped.iter_rows():
         rng = np.random.default_rng(content_seed(seed, "judge-pair", response_id))
-        pair = select_judge_pair(elos, lengths, None, rng)
+        # The length filter is applied here rather than by select_judge_pair so that its drops are counted.
+        pair = _length_filtered(select_judge_pair(elos, lengths, None, rng), lengths, max_chosen_chars, stats)
         if pair is None:
-            stats.counts["no_pair"] = stats.counts.get("no_pair", 0) + 1
             continue
         chosen, rejected = pair
-        if max_chosen_chars is not None and lengths[chosen] > max_chosen_chars:
-            stats.counts["chosen_too_long"] = stats.counts.get("chosen_too_long", 0) + 1
-            continue
         picked.append((prompt_id, response_id, texts[chosen], texts[rejected], judgment_ids[chosen],
                        judgment_ids[rejected], elos[chosen], elos[rejected], lengths[chosen], lengths[rejected]))
     columns = {"prompt_id": pl.String, "response_id": pl.String, "chosen_text": pl.String,

@@ -44,7 +44,10 @@ def print_summary(campaign: str, outcomes: list[dict]) -> None:
         table = Table(title=f"{campaign} — iteration {outcome['iteration']}  (M_t {outcome['model_id']} → "
                             f"M_t+1 {outcome['next_model_id']})")
         for column in SUMMARY_HEADER:
-            table.add_column(column, justify="left" if column == "stage" else "right")
+            if column == "stage":
+                table.add_column(column, no_wrap=True, min_width=14)
+            else:
+                table.add_column(column, justify="right")
         for row in summary_rows(outcome["stages"]):
             table.add_row(*row)
         out.print(table)

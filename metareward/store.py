@@ -56,12 +56,12 @@ class ArtifactStore:
         if root.startswith("s3://") or root.startswith("s3a://"):
             self.protocol = "s3"
             self.root = "s3://" + root.split("://", 1)[1].rstrip("/")
-            options = {**s3_storage_options(), **(storage_options or {})}
+            self.options = {**s3_storage_options(), **(storage_options or {})}
         else:
             self.protocol = "file"
             self.root = str(Path(root.removeprefix("file://")).expanduser().resolve())
-            options = storage_options or {}
-        self.fs = fsspec.filesystem(self.protocol, **options)
+            self.options = storage_options or {}
+        self.fs = fsspec.filesystem(self.protocol, **self.options)
 
     def uri(self, key: str) -> str:
         """The full URI (s3://…) or absolute path of a key."""
@@ -70,10 +70,19 @@ class ArtifactStore:
     def check(self) -> None:
         """Fail fast, before any model work, when the root cannot be written: the bucket is missing, the
         endpoint is unreachable, or access is denied. Writes and removes a small probe object."""
-        probe = f"_probe/{uuid.uuid4().hex}"
+        probe = self.uri(f"_probe/{uuid.uuid4().hex}")
+        fs = self.fs
+        if self.protocol == "s3":
+            # One quick attempt: the point is to fail in seconds, not after s3fs's and botocore's retries.
+            fs = fsspec.filesystem("s3", skip_instance_cache=True, **{
+                **self.options, "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1}}})
+            fs.retries = 1
         try:
-            self.write_bytes(probe, b"ok")
-            self.fs.rm(self.uri(probe))
+            if self.protocol == "file":
+                self.write_bytes(self.key_of(probe), b"ok")
+            else:
+                fs.pipe(probe, b"ok")
+            fs.rm(probe)
         except FileNotFoundError as error:
             raise StoreError(f"artifact root {self.root}: bucket or folder does not exist ({error})") from None
         except PermissionError as error:

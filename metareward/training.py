@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +82,12 @@ def train_dpo(
     Paper defaults come from `settings` (β, lr, cosine, epochs, global batch = per-device × accumulation ×
     processes). A checkpoint is saved every epoch and `checkpoint_epoch` (default: the last) becomes the
     result, saved with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its
-    digest written last. LoRA adapters are merged so the result loads without peft. Raises
-    EmptyPreferenceSetError when no pair is left after dropping over-long ones.
+    digest written last. LoRA adapters are merged so the result loads without peft. With num_processes > 1
+    it runs under `accelerate launch` (settings.accelerate_config); there, ranks other than 0 return None.
+    Raises EmptyPreferenceSetError when no pair is left after dropping over-long ones.
     """
+    if settings.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _train_with_accelerate(model_path, dataset, settings, Path(output_dir), seed, dtype)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +139,8 @@ def train_dpo(
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=peft_config)
     trainer.train()
+    if not trainer.is_world_process_zero():
+        return None
     kept = _epoch_checkpoint(runs, settings.checkpoint_epoch or settings.num_epochs)
     final = _save_merged(kept, model_path, output_dir / "model", tokenizer, lora=bool(settings.lora_rank),
                          torch_dtype=torch_dtype)
@@ -139,6 +149,56 @@ def train_dpo(
     history = [dict(entry) for entry in trainer.state.log_history]
     return TrainingResult(final, model_id, history, len(dataset), too_long, time.perf_counter() - started,
                           summarize_log(history))
+
+
+def _train_with_accelerate(model_path, dataset: pl.DataFrame, settings: DPOConfig, output_dir: Path, seed: int,
+                           dtype: str) -> TrainingResult:
+    """train_dpo in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, …, as
+    settings.accelerate_config says); rank 0 saves the checkpoint and reports the result."""
+    config_file = Path(settings.accelerate_config)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"dpo.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset.write_parquet(output_dir / "dataset.parquet")
+    (output_dir / "settings.json").write_text(settings.model_dump_json())
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+        "--num_processes", str(settings.num_processes), "--main_process_port", str(_free_port()),
+        "-m", "metareward.training", "--model", str(model_path), "--output", str(output_dir),
+        "--seed", str(seed), "--dtype", dtype,
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-30:])
+        if "EmptyPreferenceSetError" in tail:
+            raise EmptyPreferenceSetError(tail.splitlines()[-1])
+        raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed:\n{tail}")
+    report = json.loads((output_dir / "result.json").read_text())
+    return TrainingResult(Path(report["checkpoint"]), report["model_id"], report["log_history"],
+                          report["pairs_trained"], report["pairs_too_long"], report["seconds"], report["summary"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each process under `accelerate launch` (see _train_with_accelerate)."""
+    parser = argparse.ArgumentParser(description="one DPO training process")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    arguments = parser.parse_args(argv)
+    output = Path(arguments.output)
+    settings = DPOConfig.model_validate_json((output / "settings.json").read_text())
+    result = train_dpo(arguments.model, pl.read_parquet(output / "dataset.parquet"), settings, output,
+                       arguments.seed, arguments.dtype)
+    if result is not None:
+        report = {**{k: v for k, v in result.__dict__.items()}, "checkpoint": str(result.checkpoint)}
+        (output / "result.json").write_text(json.dumps(report, default=float))
 
 
 def _epoch_checkpoint(runs: Path, epoch: int) -> Path:
@@ -175,3 +235,7 @@ def summarize_log(history: list[dict[str, Any]]) -> dict[str, float]:
             key = name.replace("/", "_")
             summary[f"{key}_first"], summary[f"{key}_last"] = float(values[0]), float(values[-1])
     return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from metareward.config import CampaignConfig
 from metareward.pipeline import finished
 from metareward.store import ArtifactStore, s3_storage_options
 
-RETRIES = 2
+RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=5)
 GPU_TAG = "gpu"
 """Tag of every task that holds a model: a Prefect concurrency limit on it caps them at the GPU count."""

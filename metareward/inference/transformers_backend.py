@@ -72,7 +72,8 @@ class TransformersBackend:
                 results[index] = GenerationResult((), len(ids), skipped="prompt_too_long")
             else:
                 runnable.append(index)
-        runnable.sort(key=lambda index: len(rendered[index]))
+        # Requests keep their order: the stages issue them grouped by prompt/response, so a batch shares a
+        # long prefix (see _generate_batch).
         for batch in self._batches(runnable, requests):
             for index, result in zip(batch, self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])):
                 results[index] = result
@@ -93,12 +94,26 @@ class TransformersBackend:
 
     def _generate_batch(self, requests: list[GenerationRequest], rendered: list[list[int]]) -> list[GenerationResult]:
         import torch
+        from transformers import DynamicCache
 
         first = requests[0]
         longest = max(len(ids) for ids in rendered)
         max_new_tokens = min(first.max_tokens, self.max_model_len - longest)
-        # Each prompt repeated n times (what num_return_sequences does, but greedy decoding allows it too).
-        input_ids, attention_mask = self._left_pad([ids for ids in rendered for _ in range(first.n)])
+        # Prefill without repetition: the batch's common prefix once, each request's own tail once, then
+        # the cache is repeated for the n samples (what vLLM's prefix caching and n do). Long judge and
+        # meta-judge prompts that share rubric, prompt and response dominate the cost on CPU otherwise.
+        # Layout per row: shared prefix | pads | own tail | last token — pads sit in the middle, masked out,
+        # and positions count real tokens only.
+        common = _common_prefix_length(rendered)
+        tails = [ids[common:-1] for ids in rendered]
+        width = max(len(tail) for tail in tails)
+        rows, masks = [], []
+        for ids, tail in zip(rendered, tails):
+            padding = width - len(tail)
+            rows.append(ids[:common] + [self.pad_token_id] * padding + tail + ids[-1:])
+            masks.append([1] * common + [0] * padding + [1] * (len(tail) + 1))
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        attention_mask = torch.tensor(masks, dtype=torch.long, device=self.device)
         torch.manual_seed(_batch_seed(requests))
         sampling = (
             {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
@@ -107,9 +122,23 @@ class TransformersBackend:
         )
         started = time.perf_counter()
         with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            if common:
+                self.model(input_ids=input_ids[:1, :common], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(len(rows))
+            if width:
+                positions = (attention_mask[:, : common + width].cumsum(-1) - 1).clamp(min=0)[:, common:]
+                self.model(input_ids=input_ids[:, common : common + width],
+                           attention_mask=attention_mask[:, : common + width], position_ids=positions,
+                           past_key_values=cache, use_cache=True)
+            if first.n > 1:
+                cache.batch_repeat_interleave(first.n)
+                input_ids = input_ids.repeat_interleave(first.n, dim=0)
+                attention_mask = attention_mask.repeat_interleave(first.n, dim=0)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                past_key_values=cache,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
@@ -149,20 +178,40 @@ class TransformersBackend:
         return Completion(text=text, n_tokens=len(kept), finish_reason=finish_reason)
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
-        """Sample each answer from the next-token distribution restricted to its choices."""
+        """Sample each answer from the next-token distribution restricted to its choices.
+
+        Consecutive requests that share a long token prefix (the N judgments of one response share its
+        judge prompt; a response's meta-judge prompts share rubric, prompt and response) are run as one
+        group: the common prefix is prefilled once and only each request's own tail after it.
+        """
         import torch
 
         prepared = [self.renderer.choice_tokens(r.messages, r.assistant_prefix, r.choices) for r in requests]
-        answers = []
+        answers: list[int] = []
         started = time.perf_counter()
-        for start in range(0, len(requests), self.batch_size):
-            chunk = prepared[start : start + self.batch_size]
-            input_ids, attention_mask = self._left_pad([ids for ids, _ in chunk])
+        for group in _prefix_groups([ids for ids, _ in prepared], self.batch_size):
+            ids_group = [prepared[i][0] for i in group]
+            common = _common_prefix_length(ids_group)
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :]
-            logits = logits.float().cpu().numpy()
-            for row, (request, (ids, choice_ids)) in enumerate(zip(requests[start:], chunk)):
-                answers.append(_sample_choice(logits[row, choice_ids], request.temperature, request.seed))
+                prefix = torch.tensor([ids_group[0][:common]], device=self.device)
+                cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(group))
+                tails = [ids[common:] for ids in ids_group]
+                longest = max(len(tail) for tail in tails)
+                # Right padding after the shared prefix: causal attention keeps pads out of real positions.
+                tail_ids = torch.full((len(group), longest), self.pad_token_id, dtype=torch.long)
+                tail_mask = torch.zeros((len(group), common + longest), dtype=torch.long)
+                tail_mask[:, :common] = 1
+                for row, tail in enumerate(tails):
+                    tail_ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                    tail_mask[row, common : common + len(tail)] = 1
+                logits = self.model(input_ids=tail_ids.to(self.device), attention_mask=tail_mask.to(self.device),
+                                    past_key_values=cache, use_cache=True).logits
+            last = torch.tensor([len(tail) - 1 for tail in tails])
+            final = logits[torch.arange(len(group)), last].float().cpu().numpy()
+            for row, index in enumerate(group):
+                request, (ids, choice_ids) = requests[index], prepared[index]
+                answers.append(_sample_choice(final[row, choice_ids], request.temperature, request.seed))
                 self.usage.prompt_tokens += len(ids)
                 self.usage.completion_tokens += 1
         self.usage.seconds += time.perf_counter() - started
@@ -189,6 +238,29 @@ class TransformersBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving at least one token of every sequence outside it."""
+    limit = min(len(sequence) for sequence in sequences) - 1
+    length = 0
+    while length < limit and all(sequence[length] == sequences[0][length] for sequence in sequences):
+        length += 1
+    return length
+
+
+def _prefix_groups(sequences: list[list[int]], size: int) -> list[list[int]]:
+    """Consecutive indices in groups of at most `size` that share their first half (a long common prefix)."""
+    groups: list[list[int]] = []
+    for index, sequence in enumerate(sequences):
+        if groups and len(groups[-1]) < size:
+            anchor = sequences[groups[-1][0]]
+            shared = _common_prefix_length([anchor, sequence])
+            if shared >= min(len(anchor), len(sequence)) // 2:
+                groups[-1].append(index)
+                continue
+        groups.append([index])
+    return groups
 
 
 def _settings(request: GenerationRequest) -> tuple:

@@ -1,0 +1,152 @@
+"""The Prefect pipeline end to end on the tiny model: a whole campaign on Prefect's ephemeral API, caching,
+a deleted artifact, SIGKILL mid-stage and resume, and the bad inputs that must fail before any model work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from metareward.store import ArtifactStore
+from metareward.tables import SCHEMAS
+from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def markers(root: Path, campaign: str) -> dict[str, dict]:
+    """Every job marker under the campaign, by key, with its finished_at and table digest."""
+    found = {}
+    for path in sorted((root / campaign).glob("iter-*/*/*.json")):
+        if path.name == "manifest.json":
+            continue
+        data = json.loads(path.read_text())
+        found[str(path.relative_to(root))] = {"finished_at": data["finished_at"], "digest": data["table"]["digest"]}
+    return found
+
+
+def stage_tables(root: Path, campaign: str) -> dict[str, pl.DataFrame]:
+    """Every stage's table (shards concatenated), keyed by iteration/stage."""
+    store = ArtifactStore(str(root))
+    tables: dict[str, list[pl.DataFrame]] = {}
+    for key in markers(root, campaign):
+        iteration, stage = key.split("/")[1:3]
+        tables.setdefault(f"{iteration}/{stage}", []).append(store.read_table(key.removesuffix(".json") + ".parquet"))
+    return {name: pl.concat(parts) for name, parts in sorted(tables.items())}
+
+
+def test_two_iteration_campaign_caching_and_deleted_artifact(tmp_path, tiny_model):
+    root = tmp_path / "artifacts"
+    config = write_config(tmp_path, tiny_model, str(root), iterations=2)
+    env = cli_environment(tmp_path / "prefect")
+    first = run_cli(["run", str(config)], env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "tiny — iteration 2" in first.stdout and "final model:" in first.stdout
+
+    tables = stage_tables(root, "tiny")
+    for name, table in tables.items():
+        stage = name.split("/")[1]
+        if stage in SCHEMAS:
+            assert table.schema == SCHEMAS[stage], name
+    iteration_1_model = json.loads(next((root / "tiny/iter-1/checkpoint").glob("all-*.json")).read_text())
+    trained_id = iteration_1_model["stats"]["model_id"]
+    # Iteration 2 generates with M_2, the checkpoint iteration 1 trained.
+    assert set(tables["iter-2/responses"]["model_id"]) == {trained_id}
+    assert set(tables["iter-1/responses"]["model_id"]) != {trained_id}
+    assert tables["iter-1/prompts"].height == 6 and tables["iter-1/responses"]["prompt_id"].n_unique() == 6
+    # Disjoint prompts across iterations while the file lasts (12 prompts, 6 an iteration).
+    assert not set(tables["iter-1/prompts"]["prompt_id"]) & set(tables["iter-2/prompts"]["prompt_id"])
+    assert (root / "tiny/iter-1/judgments/manifest.json").is_file()
+
+    before = markers(root, "tiny")
+    started = time.monotonic()
+    second = run_cli(["run", str(config)], env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert markers(root, "tiny") == before  # nothing recomputed
+    assert second.stderr.count("Finished in state Cached") + second.stdout.count("Finished in state Cached") >= 20
+    assert time.monotonic() - started < 120
+
+    # A deleted artifact is recomputed, not silently missing; identical output keeps downstream cached.
+    deleted = next((root / "tiny/iter-1/judgments").glob("shard-0001-*.parquet"))
+    deleted.unlink()
+    third = run_cli(["run", str(config)], env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert deleted.is_file()
+    after = markers(root, "tiny")
+    changed = {key for key in after if after[key]["finished_at"] != before[key]["finished_at"]}
+    assert changed == {str(deleted.relative_to(root)).removesuffix(".parquet") + ".json"}
+    assert after[next(iter(changed))]["digest"] == before[next(iter(changed))]["digest"]
+
+
+def test_sigkill_during_judging_then_resume_equals_uninterrupted(tmp_path, tiny_model):
+    root = tmp_path / "killed"
+    config = write_config(tmp_path, tiny_model, str(root))
+    env = cli_environment(tmp_path / "prefect")
+    process = start_cli(["run", str(config)], env, tmp_path / "killed.log")
+    judgments = root / "tiny/iter-1/judgments"
+    deadline = time.monotonic() + 300
+    while not list(judgments.glob("shard-*.json")):
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "judging never started"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = markers(root, "tiny")
+    finished_judgments = [key for key in done_at_kill if "/judgments/" in key]
+    assert 1 <= len(finished_judgments) < 3, "the kill must land while judging (3 shards)"
+
+    resumed = run_cli(["run", str(config)], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = markers(root, "tiny")
+    for key, marker in done_at_kill.items():
+        assert after[key] == marker, f"{key} was recomputed after the kill"
+
+    # The same command into another root (METAREWARD_ARTIFACT_ROOT overrides the config) never killed.
+    reference_root = tmp_path / "uninterrupted"
+    reference = run_cli(["run", str(config)], {**env, "METAREWARD_ARTIFACT_ROOT": str(reference_root)})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    resumed_tables, reference_tables = stage_tables(root, "tiny"), stage_tables(reference_root, "tiny")
+    assert resumed_tables.keys() == reference_tables.keys()
+    for name in resumed_tables:
+        assert resumed_tables[name].equals(reference_tables[name]), name
+
+
+def test_failed_stage_is_retried_and_nothing_upstream_recomputed(tmp_path, tiny_model):
+    root = tmp_path / "root"
+    config = write_config(tmp_path, tiny_model, str(root))
+    env = cli_environment(tmp_path / "prefect", METAREWARD_INJECT_FAULT="judgments:shard-0001")
+    result = run_cli(["run", str(config)], env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "first attempt of judgments iter-1 shard-0001 fails on purpose" in log
+    assert "Retry 1/3" in log
+    manifest = json.loads((root / "tiny/iter-1/responses/manifest.json").read_text())
+    assert all(not shard["cached"] for shard in manifest["shards"].values())
+    assert log.count("Task run 'responses iter-1 shard-0001' - Finished in state Completed") == 1
+
+
+@pytest.mark.parametrize("problem", ["prompt column", "config", "model"])
+def test_bad_input_fails_fast_before_any_model_work(tmp_path, tiny_model, problem):
+    overrides, model = {}, tiny_model
+    if problem == "prompt column":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "hello"}\n')
+        overrides["prompts"] = {"path": str(bad)}
+    elif problem == "config":
+        overrides["shard_size"] = 0
+    else:
+        model = tmp_path / "no-model"
+    config = write_config(tmp_path, model, str(tmp_path / "root"), **overrides)
+    started = time.monotonic()
+    result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
+    assert result.returncode == 2
+    expected = {"prompt column": "row 1 has no 'prompt' field", "config": "shard_size",
+                "model": "no Hugging Face model folder"}[problem]
+    assert expected in result.stderr
+    assert "Beginning flow run" not in result.stdout + result.stderr
+    assert time.monotonic() - started < 60

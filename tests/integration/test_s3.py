@@ -1,0 +1,138 @@
+"""The pipeline against a real S3 endpoint over HTTP (moto's server on 127.0.0.1, as s3fs tests itself):
+a campaign whose every table is read back with polars, an outage mid-stage, a missing bucket, no endpoint."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import boto3
+import httpx
+import polars as pl
+import pytest
+from moto.server import ThreadedMotoServer
+
+from metareward.store import ArtifactStore
+from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+
+pytestmark = pytest.mark.slow
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    environment = {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, **{"aws_access_key_id": "testing",
+                                                           "aws_secret_access_key": "testing",
+                                                           "region_name": "us-east-1"})
+    client.create_bucket(Bucket="campaigns")
+    state = {"server": server, "port": port, "endpoint": endpoint, "env": environment, "client": client}
+    yield state
+    # moto keeps buckets in this process across servers: forget them for the next test.
+    httpx.post(f"{endpoint}/moto-api/reset")
+    state["server"].stop()
+
+
+def all_keys(client, bucket="campaigns") -> list[str]:
+    keys, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=bucket, **({"ContinuationToken": token} if token else {}))
+        keys += [item["Key"] for item in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def polars_options(s3) -> dict[str, str]:
+    return {"aws_endpoint_url": s3["endpoint"], "aws_allow_http": "true", "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing", "aws_region": "us-east-1"}
+
+
+def test_campaign_on_s3_two_iterations(tmp_path, tiny_model, s3):
+    config = write_config(tmp_path, tiny_model, "s3://campaigns/runs", iterations=2)
+    result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]))
+    assert result.returncode == 0, result.stderr[-4000:]
+    keys = all_keys(s3["client"])
+    tables = [key for key in keys if key.endswith(".parquet")]
+    stages = {key.split("/")[3] for key in tables}
+    assert {"prompts", "responses", "judgments", "meta_judgments", "judgment_elo", "actor_pairs", "judge_pairs",
+            "dpo_dataset", "checkpoint"} <= stages
+    for key in tables:
+        table = pl.read_parquet(f"s3://campaigns/{key}", storage_options=polars_options(s3))
+        assert table.width > 0
+    # Iteration 2 ran on M_2, downloaded from its checkpoint on S3 (model_id.txt written last).
+    checkpoints = [key for key in keys if key.endswith("/model/model_id.txt")]
+    assert len(checkpoints) == 2
+    model_2 = s3["client"].get_object(Bucket="campaigns", Key=sorted(checkpoints)[0])["Body"].read().decode().strip()
+    responses_2 = [key for key in tables if "/iter-2/responses/" in key]
+    assert pl.read_parquet(f"s3://campaigns/{responses_2[0]}", storage_options=polars_options(s3))["model_id"][0] == model_2
+    assert any(key.startswith("runs/tiny/_prefect-results/") for key in keys)
+    assert not any(key.endswith(".tmp") for key in keys)
+
+
+def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, s3):
+    config = write_config(tmp_path, tiny_model, "s3://campaigns/outage")
+    process = start_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]), tmp_path / "run.log")
+    deadline = time.monotonic() + 300
+    while not [k for k in all_keys(s3["client"]) if k.startswith("outage/tiny/iter-1/judgments/") and k.endswith(".json")]:
+        assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    s3["server"].stop()
+    time.sleep(15)
+    # moto keeps its buckets in the process: a new server on the same port serves the same objects.
+    restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"])
+    restarted.start()
+    s3["server"] = restarted
+    assert process.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    log = (tmp_path / "run.log").read_text()
+    keys = all_keys(s3["client"])
+    assert len([k for k in keys if "/judgments/shard-" in k and k.endswith(".parquet")]) == 3
+    for key in keys:
+        if key.endswith(".parquet"):
+            pl.read_parquet(f"s3://campaigns/{key}", storage_options=polars_options(s3))
+    # The outage was felt (s3fs retries first; Prefect's task retry is tested with an injected fault).
+    assert "Connect call failed" in log or "Could not connect" in log, "the outage never reached the run"
+    assert "Flow run 'tiny' - Finished in state Completed" in log
+
+
+def test_missing_bucket_and_unreachable_endpoint_fail_fast(tmp_path, tiny_model, s3):
+    config = write_config(tmp_path, tiny_model, "s3://no-such-bucket/x")
+    started = time.monotonic()
+    result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]))
+    assert result.returncode == 2 and "s3://no-such-bucket/x: bucket or folder does not exist" in result.stderr
+    unreachable = {**s3["env"], "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}"}
+    config = write_config(tmp_path, tiny_model, "s3://campaigns/x")
+    result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **unreachable))
+    assert result.returncode == 2 and "s3://campaigns/x: unreachable" in result.stderr, result.stderr[-2000:]
+    assert "Beginning flow run" not in result.stderr
+    assert time.monotonic() - started < 90
+
+
+def test_store_writes_are_atomic_on_s3(s3):
+    store = ArtifactStore("s3://campaigns/atomic")
+    ref = store.write_table("t.parquet", pl.DataFrame({"a": [1, 2, 3]}))
+    assert ref.rows == 3 and store.read_table(ref.uri)["a"].to_list() == [1, 2, 3]
+
+    class Boom(Exception):
+        pass
+
+    def failing_frames():
+        raise Boom
+
+    with pytest.raises(Boom):
+        store.write_table("half.parquet", pl.DataFrame({"a": failing_frames()}))
+    assert not store.exists("half.parquet")
+    assert store.list("") == ["t.parquet"]

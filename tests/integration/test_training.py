@@ -1,0 +1,118 @@
+"""DPO with TRL on the tiny model: the loss falls, the kept epoch's checkpoint reloads and generates, LoRA is
+merged, over-long pairs are dropped and counted, and an empty preference set stops or carries M_t forward."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from metareward.config import DPOConfig, SamplingConfig
+from metareward.inference.base import GenerationRequest
+from metareward.inference.transformers_backend import TransformersBackend
+from metareward.models import compute_model_digest, model_digest
+from metareward.tables import DPO_DATASET
+from metareward.training import EmptyPreferenceSetError, train_dpo, training_log_table
+from tests.integration.campaigns import cli_environment, run_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def dataset(n: int = 16, prompt_words: int = 3) -> pl.DataFrame:
+    rows = [
+        {"prompt_id": str(i), "prompt": [{"role": "user", "content": f"Question {i}? " + "why " * prompt_words}],
+         "chosen": [{"role": "assistant", "content": "A clear, short answer."}],
+         "rejected": [{"role": "assistant", "content": "no no no no no no"}],
+         "kind": "actor", "iteration": 1, "model_id": "m"}
+        for i in range(n)
+    ]
+    return pl.DataFrame(rows, schema=DPO_DATASET)
+
+
+FAST = dict(global_batch_size=8, per_device_batch_size=4, learning_rate=1e-3, max_length=256)
+
+
+def test_full_dpo_keeps_the_configured_epoch(tmp_path, tiny_model):
+    result = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=3, checkpoint_epoch=2, **FAST), tmp_path)
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.1
+    assert result.summary["rewards_accuracies_last"] > 0.5
+    assert result.model_id == (result.checkpoint / "model_id.txt").read_text().strip()
+    assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
+    state_epochs = {round(e["epoch"]) for e in result.log_history if "loss" in e}
+    assert state_epochs == {1, 2, 3}
+    # The kept checkpoint is epoch 2's, not the last: its weights differ from a 3-epoch model's end.
+    last = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=3, **FAST), tmp_path / "last")
+    assert last.model_id != result.model_id
+    table = training_log_table(result.log_history)
+    assert table.height == len(losses) and table["loss"].to_list() == losses
+    backend = TransformersBackend(result.checkpoint, dtype="float32")
+    try:
+        output = backend.generate([GenerationRequest(({"role": "user", "content": "Hi"},), n=1, max_tokens=5)])
+        assert output[0].completions[0].n_tokens >= 1
+    finally:
+        backend.close()
+
+
+def test_lora_is_merged_into_a_plain_checkpoint(tmp_path, tiny_model):
+    result = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=1, lora_rank=8, **FAST), tmp_path)
+    files = {p.name for p in result.checkpoint.iterdir()}
+    assert "adapter_config.json" not in files and "model.safetensors" in files
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert "quantization_config" not in config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert result.model_id != model_digest(tiny_model)
+
+
+def test_overlong_pairs_are_dropped_and_counted(tmp_path, tiny_model):
+    mixed = pl.concat([dataset(8), dataset(8, prompt_words=400).with_columns(pl.col("prompt_id") + "-long")])
+    result = train_dpo(tiny_model, mixed, DPOConfig(num_epochs=1, **FAST), tmp_path)
+    assert (result.pairs_trained, result.pairs_too_long) == (8, 8)
+    with pytest.raises(EmptyPreferenceSetError, match="8 dropped as longer than max_length=256"):
+        train_dpo(tiny_model, dataset(8, prompt_words=400), DPOConfig(num_epochs=1, **FAST), tmp_path / "none")
+
+
+def _tied_campaign(tmp_path, tiny_model, policy: str):
+    # Temperature 0 and forced greedy verdicts: every response of a prompt gets the same score → no pair.
+    config = write_config(tmp_path, tiny_model, str(tmp_path / policy), on_empty_preferences=policy, iterations=2)
+    text = config.read_text().replace("max_tokens: 16", "max_tokens: 16\n    temperature: 0.0")
+    text = text.replace("max_tokens: 12", "max_tokens: 12\n    temperature: 0.0")
+    config.write_text(text)
+    return run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
+
+
+def test_empty_preference_set_stops_the_campaign_with_a_message(tmp_path, tiny_model):
+    result = _tied_campaign(tmp_path, tiny_model, "stop")
+    assert result.returncode != 0
+    assert "iteration 1: no preference pair to train on" in result.stdout + result.stderr
+    assert "set on_empty_preferences: keep_model" in result.stdout + result.stderr
+
+
+def test_empty_preference_set_can_carry_the_model_forward(tmp_path, tiny_model):
+    result = _tied_campaign(tmp_path, tiny_model, "keep_model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "keep_model" / "tiny"
+    responses = pl.concat([pl.read_parquet(p) for p in (root / "iter-2/responses").glob("*.parquet")])
+    assert set(responses["model_id"]) == {model_digest(tiny_model)}
+
+
+def test_multi_process_training_under_accelerate_launch(tmp_path, tiny_model):
+    settings = DPOConfig(num_epochs=1, num_processes=2, accelerate_config="deployments/accelerate/multi-cpu.yaml",
+                         **{**FAST, "per_device_batch_size": 2})
+    assert settings.gradient_accumulation_steps == 2  # 2 per device × 2 accumulation × 2 processes = 8
+    result = train_dpo(tiny_model, dataset(), settings, tmp_path)
+    assert result.pairs_trained == 16 and (result.checkpoint / "model_id.txt").is_file()
+    assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
+    assert any("loss" in entry for entry in result.log_history)
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name, kind in [("fsdp", "FSDP"), ("deepspeed-zero3", "DEEPSPEED"), ("multi-cpu", "MULTI_CPU")]:
+        config = load_config_from_file(f"deployments/accelerate/{name}.yaml")
+        assert str(config.distributed_type).endswith(kind)
