@@ -84,7 +84,7 @@ class DPOConfig(_Strict):
     num_processes: int = Field(default=1, ge=1, description="Training processes (GPUs); >1 uses accelerate.")
     accelerate_config: str = Field(
         default="deployments/accelerate/fsdp.yaml",
-        description="`accelerate launch` config when num_processes > 1 (FSDP; deepspeed-zero3.yaml; multi-cpu.yaml).",
+        description="`accelerate launch` config when num_processes > 1 (FSDP; deepspeed-zero3.yaml; ddp.yaml).",
     )
     max_length: int | None = Field(
         default=2048, ge=16, description="Longest prompt+completion in tokens; longer pairs are dropped."

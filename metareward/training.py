@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -83,27 +82,48 @@ def train_dpo(
     processes). A checkpoint is saved every epoch and `checkpoint_epoch` (default: the last) becomes the
     result, saved with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its
     digest written last. LoRA adapters are merged so the result loads without peft. With num_processes > 1
-    it runs under `accelerate launch` (settings.accelerate_config); there, ranks other than 0 return None.
+    the training runs in that many processes under `accelerate launch` (settings.accelerate_config).
     Raises EmptyPreferenceSetError when no pair is left after dropping over-long ones.
     """
-    if settings.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _train_with_accelerate(model_path, dataset, settings, Path(output_dir), seed, dtype)
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    dataset, too_long = drop_overlong_pairs(dataset, tokenizer, settings.max_length)
+    if dataset.is_empty():
+        raise EmptyPreferenceSetError(
+            f"no preference pair to train on ({too_long} dropped as longer than max_length={settings.max_length})"
+        )
+    # One file that every training process reads (under `accelerate launch` the ranks must share the
+    # tokenised datasets cache that the main process writes beside it).
+    pairs_file = output_dir / PAIRS_FILE
+    dataset.select("prompt", "chosen", "rejected").write_parquet(pairs_file)
+    if settings.num_processes > 1:
+        result = _train_with_accelerate(model_path, settings, output_dir, seed, dtype)
+    else:
+        result = _train_in_process(model_path, settings, output_dir, seed, dtype)
+    result.pairs_trained, result.pairs_too_long = len(dataset), too_long
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+PAIRS_FILE = "pairs.parquet"
+
+
+def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str) -> TrainingResult | None:
+    """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank under
+    `accelerate launch` (then ranks other than 0 return None)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    started = time.perf_counter()
-    output_dir = Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset, too_long = drop_overlong_pairs(dataset, tokenizer, settings.max_length)
-    if dataset.is_empty():
-        raise EmptyPreferenceSetError(
-            f"no preference pair to train on ({too_long} dropped as longer than max_length={settings.max_length})"
-        )
     on_gpu = torch.cuda.is_available()
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
@@ -135,7 +155,7 @@ def train_dpo(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    train_set = Dataset.from_list(dataset.select("prompt", "chosen", "rejected").to_dicts())
+    train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=peft_config)
     trainer.train()
@@ -147,19 +167,16 @@ def train_dpo(
     model_id = write_model_digest(final)
     shutil.rmtree(runs, ignore_errors=True)
     history = [dict(entry) for entry in trainer.state.log_history]
-    return TrainingResult(final, model_id, history, len(dataset), too_long, time.perf_counter() - started,
-                          summarize_log(history))
+    return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
+                          seconds=0.0, summary=summarize_log(history))
 
 
-def _train_with_accelerate(model_path, dataset: pl.DataFrame, settings: DPOConfig, output_dir: Path, seed: int,
-                           dtype: str) -> TrainingResult:
-    """train_dpo in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, …, as
-    settings.accelerate_config says); rank 0 saves the checkpoint and reports the result."""
+def _train_with_accelerate(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str) -> TrainingResult:
+    """The training in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, DDP, as
+    settings.accelerate_config says); rank 0 saves the checkpoint and reports the result in result.json."""
     config_file = Path(settings.accelerate_config)
     if not config_file.is_file():
         raise FileNotFoundError(f"dpo.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dataset.write_parquet(output_dir / "dataset.parquet")
     (output_dir / "settings.json").write_text(settings.model_dump_json())
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
@@ -169,10 +186,9 @@ def _train_with_accelerate(model_path, dataset: pl.DataFrame, settings: DPOConfi
     ]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-30:])
-        if "EmptyPreferenceSetError" in tail:
-            raise EmptyPreferenceSetError(tail.splitlines()[-1])
-        raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed:\n{tail}")
+        errors = [line for line in (completed.stdout + completed.stderr).splitlines()
+                  if "Error" in line or "error" in line][-15:]
+        raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed:\n" + "\n".join(errors))
     report = json.loads((output_dir / "result.json").read_text())
     return TrainingResult(Path(report["checkpoint"]), report["model_id"], report["log_history"],
                           report["pairs_trained"], report["pairs_too_long"], report["seconds"], report["summary"])
@@ -194,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     output = Path(arguments.output)
     settings = DPOConfig.model_validate_json((output / "settings.json").read_text())
-    result = train_dpo(arguments.model, pl.read_parquet(output / "dataset.parquet"), settings, output,
-                       arguments.seed, arguments.dtype)
+    result = _train_in_process(arguments.model, settings, output, arguments.seed, arguments.dtype)
     if result is not None:
         report = {**{k: v for k, v in result.__dict__.items()}, "checkpoint": str(result.checkpoint)}
         (output / "result.json").write_text(json.dumps(report, default=float))

@@ -23,8 +23,10 @@ TINY_ITERATION = {
 }
 
 
-def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name: str = "tiny", **overrides) -> Path:
-    """A tiny campaign (6 prompts an iteration in shards of 2, K=3, N=3, forced verdicts) as a YAML file."""
+def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name: str = "tiny",
+                 iteration_overrides: dict | None = None, **overrides) -> Path:
+    """A tiny campaign (6 prompts an iteration in shards of 2, K=3, N=3, forced verdicts) as a YAML file;
+    overrides replace top-level settings, iteration_overrides those of every iteration."""
     prompts = folder / "prompts.jsonl"
     if not prompts.exists():
         prompts.write_text("".join(PROMPT_FILE.read_text().splitlines(keepends=True)[:12]))
@@ -36,7 +38,7 @@ def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name
         "artifact_root": root,
         "seed": 5,
         "shard_size": 2,
-        "iterations": [TINY_ITERATION] * iterations,
+        "iterations": [{**TINY_ITERATION, **(iteration_overrides or {})}] * iterations,
         **overrides,
     }
     path = folder / f"{name}.yaml"

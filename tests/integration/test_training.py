@@ -40,8 +40,7 @@ def test_full_dpo_keeps_the_configured_epoch(tmp_path, tiny_model):
     assert result.summary["rewards_accuracies_last"] > 0.5
     assert result.model_id == (result.checkpoint / "model_id.txt").read_text().strip()
     assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
-    state_epochs = {round(e["epoch"]) for e in result.log_history if "loss" in e}
-    assert state_epochs == {1, 2, 3}
+    assert max(e["epoch"] for e in result.log_history if "loss" in e) == 3
     # The kept checkpoint is epoch 2's, not the last: its weights differ from a 3-epoch model's end.
     last = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=3, **FAST), tmp_path / "last")
     assert last.model_id != result.model_id
@@ -77,11 +76,12 @@ def test_overlong_pairs_are_dropped_and_counted(tmp_path, tiny_model):
 
 
 def _tied_campaign(tmp_path, tiny_model, policy: str):
-    # Temperature 0 and forced greedy verdicts: every response of a prompt gets the same score → no pair.
-    config = write_config(tmp_path, tiny_model, str(tmp_path / policy), on_empty_preferences=policy, iterations=2)
-    text = config.read_text().replace("max_tokens: 16", "max_tokens: 16\n    temperature: 0.0")
-    text = text.replace("max_tokens: 12", "max_tokens: 12\n    temperature: 0.0")
-    config.write_text(text)
+    # Greedy everywhere: a prompt's K responses are identical (one left after de-duplication → no actor
+    # pair) and so are its judgments, whose meta-judge battles are then symmetric (equal Elo → no judge pair).
+    greedy = {role: {"temperature": 0.0, "max_tokens": 8}
+              for role in ("actor_sampling", "judge_sampling", "meta_judge_sampling")}
+    config = write_config(tmp_path, tiny_model, str(tmp_path / policy), on_empty_preferences=policy, iterations=2,
+                          iteration_overrides=greedy)
     return run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
 
 
@@ -101,18 +101,20 @@ def test_empty_preference_set_can_carry_the_model_forward(tmp_path, tiny_model):
 
 
 def test_multi_process_training_under_accelerate_launch(tmp_path, tiny_model):
-    settings = DPOConfig(num_epochs=1, num_processes=2, accelerate_config="deployments/accelerate/multi-cpu.yaml",
+    settings = DPOConfig(num_epochs=1, num_processes=2, accelerate_config="deployments/accelerate/ddp.yaml",
                          **{**FAST, "per_device_batch_size": 2})
     assert settings.gradient_accumulation_steps == 2  # 2 per device × 2 accumulation × 2 processes = 8
     result = train_dpo(tiny_model, dataset(), settings, tmp_path)
     assert result.pairs_trained == 16 and (result.checkpoint / "model_id.txt").is_file()
     assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
     assert any("loss" in entry for entry in result.log_history)
+    # Two ranks really trained: 16 pairs, 2 per device, 2 accumulation steps, 2 processes → 2 steps.
+    assert max(entry.get("step", 0) for entry in result.log_history) == 2
 
 
 def test_shipped_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    for name, kind in [("fsdp", "FSDP"), ("deepspeed-zero3", "DEEPSPEED"), ("multi-cpu", "MULTI_CPU")]:
+    for name, kind in [("fsdp", "FSDP"), ("deepspeed-zero3", "DEEPSPEED"), ("ddp", "MULTI_GPU")]:
         config = load_config_from_file(f"deployments/accelerate/{name}.yaml")
         assert str(config.distributed_type).endswith(kind)
