@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from metareward.config import CampaignConfig
+from metareward.evaluation import HealthCheckError, health_problems
 from metareward.inference import close_shared_backends
 from metareward.models import model_digest, resolve_model
 from metareward.pipeline import IterationPlan, Job, JobResult, file_digest, write_manifest
@@ -54,8 +55,15 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
         [judge_pairs] = [r.table for r in run(select_judge_pairs,
                                               [plan.judge_pairs_job(prompts, responses, judgments, elo)])]
 
-    # DPO: M_t → M_{t+1}, after the inference engine has let go of the accelerator.
+    # Health: stop (or warn) before training on collapsed data (paper sec. 3.5: saturation, position bias).
     [dataset] = [r.table for r in run(build_dpo_dataset, [plan.dpo_dataset_job(actor_pairs, judge_pairs)])]
+    problems = health_problems(config.health, stages)
+    if problems and config.health.action == "stop":
+        raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: " + "; ".join(problems))
+    for problem in problems:
+        get_run_logger().warning("health check: %s", problem)
+
+    # DPO: M_t → M_{t+1}, after the inference engine has let go of the accelerator.
     close_shared_backends()
     [checkpoint] = run(train, [plan.checkpoint_job(dataset)])
 

@@ -7,11 +7,12 @@ import os
 import sys
 
 from metareward.config import CampaignConfig, ConfigError
+from metareward.evaluation import HealthCheckError
 from metareward.execution import add_job_listener, remove_job_listener
 from metareward.inference.base import InferenceError
 from metareward.pipeline import preflight
-from metareward.progress import StageProgress, print_summary
-from metareward.store import StoreError
+from metareward.progress import StageProgress, print_summary, stored_outcomes
+from metareward.store import ArtifactStore, StoreError
 from metareward.tables import PromptFileError, load_prompts
 from metareward.training import EmptyPreferenceSetError
 
@@ -32,6 +33,16 @@ def _run(arguments: argparse.Namespace) -> int:
         finally:
             remove_job_listener(progress.update)
     print_summary(config.name, outcomes)
+    return 0
+
+
+def _show(arguments: argparse.Namespace) -> int:
+    root = arguments.artifact_root or os.environ.get("METAREWARD_ARTIFACT_ROOT", "./artifacts")
+    store = ArtifactStore(root)
+    outcomes = stored_outcomes(store, arguments.campaign)
+    if not outcomes:
+        raise StoreError(f"no campaign {arguments.campaign!r} under {store.root} (stage manifests not found)")
+    print_summary(arguments.campaign, outcomes)
     return 0
 
 
@@ -70,11 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint URI to start from (default: model.path), e.g. a previous iteration's")
     run.set_defaults(handler=_run)
 
+    show = commands.add_parser("show", help="a campaign's iterations, from the artifact store")
+    show.add_argument("campaign", help="campaign name")
+    show.add_argument("--artifact-root", default=None,
+                      help="artifact root (default: $METAREWARD_ARTIFACT_ROOT or ./artifacts)")
+    show.set_defaults(handler=_show)
+
     config = commands.add_parser("config", help="campaign configuration files")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    show = config_commands.add_parser("show", help="validate a config and print it with every default filled in")
-    show.add_argument("config", help="campaign YAML file")
-    show.set_defaults(handler=_config_show)
+    config_show = config_commands.add_parser("show", help="validate a config and print it with every default filled in")
+    config_show.add_argument("config", help="campaign YAML file")
+    config_show.set_defaults(handler=_config_show)
 
     prompts = commands.add_parser("prompts", help="prompt files")
     prompts_commands = prompts.add_subparsers(dest="prompts_command", required=True)
@@ -90,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError) as error:
+    except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError,
+            HealthCheckError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -212,6 +212,24 @@ class InferenceConfig(_Strict):
         return self
 
 
+class HealthConfig(_Strict):
+    """Checks on an iteration's data before it trains (paper sec. 3.5, 5: score saturation, positional
+    bias). A threshold of None disables its check. An empty preference set is on_empty_preferences' case."""
+
+    max_top_score_share: float | None = Field(
+        default=0.9, ge=0, le=1, description="Problem when at least this share of valid judge scores is 5."
+    )
+    max_position_a_share: float | None = Field(
+        default=0.9, ge=0, le=1, description="Problem when the meta-judge picks position A at least this often."
+    )
+    min_parse_rate: float | None = Field(
+        default=0.2, ge=0, le=1, description="Problem when fewer judgments than this share have a valid score."
+    )
+    action: Literal["stop", "warn"] = Field(
+        default="stop", description="stop: end the campaign before training; warn: log and go on."
+    )
+
+
 class CampaignConfig(_Strict):
     """A whole Meta-Rewarding campaign: seed model, prompts, where artifacts go, and the iterations."""
 
@@ -233,6 +251,7 @@ class CampaignConfig(_Strict):
         default=None, description="MLflow tracking URI; None: a local sqlite store under the artifact root."
     )
     seed: int = Field(default=0, ge=0, description="Seed of sampling, tie-breaking and prompt selection.")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Checks before each training.")
     on_empty_preferences: Literal["stop", "keep_model"] = Field(
         default="stop",
         description="When an iteration yields no trainable pair: stop the campaign with a message, or keep "

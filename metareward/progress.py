@@ -37,6 +37,29 @@ class StageProgress:
         self._progress.update(self._bars[key], advance=1, note=note)
 
 
+def stored_outcomes(store, campaign: str) -> list[dict]:
+    """The per-iteration summaries of a campaign as `metareward run` prints them, rebuilt from the stage
+    manifests in the artifact store (no Prefect, no model)."""
+    iterations: dict[int, dict] = {}
+    for key in store.list(campaign):
+        parts = key.split("/")
+        if len(parts) != 4 or parts[3] != "manifest.json" or not parts[1].startswith("iter-"):
+            continue
+        manifest = store.read_json(key)
+        outcome = iterations.setdefault(manifest["iteration"], {
+            "iteration": manifest["iteration"], "model_id": manifest["model_id"], "stages": {},
+            "next_model": "", "next_model_id": "(not trained yet)"})
+        outcome["stages"][manifest["stage"]] = manifest["stats"]
+        if manifest["stage"] == "checkpoint":
+            outcome["next_model"] = manifest["stats"].get("model_uri", "")
+            outcome["next_model_id"] = manifest["stats"].get("model_id", "")
+    order = ["prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs",
+             "dpo_dataset", "checkpoint"]
+    for outcome in iterations.values():
+        outcome["stages"] = {stage: outcome["stages"][stage] for stage in order if stage in outcome["stages"]}
+    return [iterations[t] for t in sorted(iterations)]
+
+
 def print_summary(campaign: str, outcomes: list[dict]) -> None:
     """A table per iteration of every stage's rows, parse failures, mean score, lengths and speed."""
     out = Console()

@@ -103,7 +103,7 @@ def judge_responses(
     table = validate_table(pl.DataFrame(rows, schema=JUDGMENTS, orient="row"), "judgments")
     stats.rows = table.height
     stats.counts.update(chars_sum=int(table["n_chars"].sum()), score_sum=float(table["score"].sum()),
-                        valid_scores=int(table["score"].count()))
+                        valid_scores=int(table["score"].count()), top_scores=int((table["score"] == 5).sum()))
     return table, stats
 
 

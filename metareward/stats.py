@@ -40,12 +40,15 @@ class StageStats:
 
 def combine(stage: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
     """One stage's statistics over its shards (StageStats.as_dict of each): counts summed, rates recomputed,
-    plus mean score and mean length where the stage recorded them."""
+    text values (a checkpoint's model_uri, model_id) kept, plus mean score and mean length where the
+    stage recorded them."""
     total: dict[str, Any] = {"stage": stage, "shards": len(shards)}
     for shard in shards:
         for key, value in shard.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _DERIVED:
                 total[key] = total.get(key, 0) + value
+            elif isinstance(value, str) and key != "stage":
+                total[key] = value  # e.g. a checkpoint's model_uri and model_id
     rows = total.get("rows", 0)
     total["parse_failure_rate"] = total.get("parse_failures", 0) / rows if rows else 0.0
     seconds = total.get("seconds", 0.0)

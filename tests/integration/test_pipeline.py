@@ -63,6 +63,14 @@ def test_two_iteration_campaign_caching_and_deleted_artifact(tmp_path, tiny_mode
     assert not set(tables["iter-1/prompts"]["prompt_id"]) & set(tables["iter-2/prompts"]["prompt_id"])
     assert (root / "tiny/iter-1/judgments/manifest.json").is_file()
 
+    # `metareward show` rebuilds the summaries from the store alone.
+    shown = run_cli(["show", "tiny", "--artifact-root", str(root)], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "tiny — iteration 2" in shown.stdout and trained_id in shown.stdout
+    assert "Beginning flow run" not in shown.stdout + shown.stderr
+    missing = run_cli(["show", "other", "--artifact-root", str(root)], env)
+    assert missing.returncode == 2 and "no campaign 'other'" in missing.stderr
+
     before = markers(root, "tiny")
     started = time.monotonic()
     second = run_cli(["run", str(config)], env)
@@ -130,6 +138,21 @@ def test_failed_stage_is_retried_and_nothing_upstream_recomputed(tmp_path, tiny_
     assert log.count("Task run 'responses iter-1 shard-0001' - Finished in state Completed") == 1
 
 
+def test_health_checks_warn_or_stop_before_training(tmp_path, tiny_model):
+    # This tiny campaign's meta-judge picks position A in 53% of battles: a 50% threshold trips.
+    root = tmp_path / "root"
+    env = cli_environment(tmp_path / "prefect")
+    warn = write_config(tmp_path, tiny_model, str(root), health={"max_position_a_share": 0.5, "action": "warn"})
+    warned = run_cli(["run", str(warn)], env)
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    assert "health check: meta-judge position-A share 52.8%, threshold 50.0%" in warned.stdout + warned.stderr
+    stop = write_config(tmp_path, tiny_model, str(root), health={"max_position_a_share": 0.5, "action": "stop"})
+    stopped = run_cli(["run", str(stop)], env)
+    assert stopped.returncode == 2
+    assert ("iteration 1 failed its health checks, not training: meta-judge position-A share 52.8%, threshold "
+            "50.0% (health.max_position_a_share)") in stopped.stderr
+
+
 @pytest.mark.parametrize("problem", ["prompt column", "config", "model"])
 def test_bad_input_fails_fast_before_any_model_work(tmp_path, tiny_model, problem):
     overrides, model = {}, tiny_model
@@ -150,3 +173,4 @@ def test_bad_input_fails_fast_before_any_model_work(tmp_path, tiny_model, proble
     assert expected in result.stderr
     assert "Beginning flow run" not in result.stdout + result.stderr
     assert time.monotonic() - started < 60
+

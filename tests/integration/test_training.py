@@ -80,8 +80,9 @@ def _tied_campaign(tmp_path, tiny_model, policy: str):
     # pair) and so are its judgments, whose meta-judge battles are then symmetric (equal Elo → no judge pair).
     greedy = {role: {"temperature": 0.0, "max_tokens": 8}
               for role in ("actor_sampling", "judge_sampling", "meta_judge_sampling")}
+    # Greedy meta-judging of identical judgments always picks one position: not what this test is about.
     config = write_config(tmp_path, tiny_model, str(tmp_path / policy), on_empty_preferences=policy, iterations=2,
-                          iteration_overrides=greedy)
+                          iteration_overrides=greedy, health={"max_position_a_share": None})
     return run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
 
 

@@ -1,0 +1,100 @@
+"""Table 5 biases, judge agreement (sec. 3.4), score distribution and health checks, computed by hand."""
+
+import math
+
+import polars as pl
+import pytest
+
+from metareward.config import HealthConfig, SamplingConfig
+from metareward.evaluation import (
+    alpaca_eval_outputs,
+    health_problems,
+    judge_agreement,
+    load_labelled_rankings,
+    meta_judge_bias,
+    score_distribution,
+)
+from metareward.roles import judge_responses
+from metareward.stats import combine
+from metareward.tables import PROMPTS, RESPONSES
+from tests.support import ScriptedBackend
+
+JUDGMENTS = pl.DataFrame({"judgment_id": ["a", "b", "c", "d"], "score": [5.0, 3.0, 3.0, None]})
+
+
+def meta(rows):
+    return pl.DataFrame(rows, schema={"first_id": pl.String, "second_id": pl.String, "winner": pl.String}, orient="row")
+
+
+def test_table_5_statistics_by_hand():
+    battles = meta([
+        ("a", "b", "A"),  # different scores, higher (5) won in position A
+        ("b", "a", "B"),  # different scores, higher won in position B
+        ("b", "c", "A"),  # same score, A won
+        ("c", "b", "A"),  # same score, A won
+        ("a", "c", "B"),  # different scores, lower (3) won in position B
+        ("c", "a", None),  # unparsed: left out
+    ])
+    bias = meta_judge_bias(battles, JUDGMENTS)
+    assert bias["battles"] == 5
+    # Different-score battles: 3, of which the higher score won 2.
+    assert bias["higher_win"] == pytest.approx(2 / 3) and bias["lower_win"] == pytest.approx(1 / 3)
+    assert bias["position_a_same_score"] == 1.0
+    assert bias["position_a_diff_score"] == pytest.approx(1 / 3)
+    assert bias["position_a_all"] == pytest.approx(3 / 5)
+
+
+def test_no_same_score_battle_gives_nan():
+    assert math.isnan(meta_judge_bias(meta([("a", "b", "A")]), JUDGMENTS)["position_a_same_score"])
+
+
+def test_agreement_ties_and_spearman_by_hand():
+    table = pl.DataFrame({
+        "prompt": ["p1"] * 3 + ["p2"] * 2,
+        "rank": [1, 2, 3, 1, 2],
+        "score": [4.0, 4.0, 1.0, 2.0, 3.0],
+    })
+    result = judge_agreement(table, bootstrap=200)
+    # p1 pairs (1,2): predicted tie → 0.5; (1,3): 4 > 1 agrees → 1; (2,3): agrees → 1.
+    # p2 pair (1,2): 2 < 3 disagrees → 0.  Agreement = 2.5 / 4; without ties = 2 / 3.
+    assert result["agreement"].value == pytest.approx(2.5 / 4)
+    assert result["agreement_without_ties"].value == pytest.approx(2 / 3)
+    # Spearman: p1 ranks (1,2,3) vs scores (4,4,1) → ρ(goodness, score) = 0.866…; p2 → -1; mean.
+    assert result["spearman"].value == pytest.approx((math.sqrt(3) / 2 - 1) / 2)
+    low, high = result["agreement"].low, result["agreement"].high
+    assert 0.0 <= low <= result["agreement"].value <= high <= 1.0
+
+
+def test_labelled_rankings_loader(tmp_path):
+    good = tmp_path / "r.jsonl"
+    good.write_text('{"prompt": "p", "response": "a", "rank": 1}\n{"prompt": "p", "response": "b", "rank": 2}\n')
+    assert load_labelled_rankings(good)["rank"].to_list() == [1.0, 2.0]
+    bad = tmp_path / "b.csv"
+    bad.write_text("prompt,response\np,a\n")
+    with pytest.raises(ValueError, match=r"b.csv: missing column\(s\) \['rank'\]"):
+        load_labelled_rankings(bad)
+
+
+def test_alpaca_eval_format():
+    assert alpaca_eval_outputs(["Q"], ["A"], "m2") == [{"instruction": "Q", "output": "A", "generator": "m2"}]
+
+
+def test_judge_that_always_says_5_fails_the_health_check():
+    prompts = pl.DataFrame({"prompt_id": ["p"], "prompt": ["Q"], "source": ["t"]}, schema=PROMPTS)
+    responses = pl.DataFrame([("p", f"r{i}", i, f"answer {i}", 8, 2, "stop", 1, "m") for i in range(3)],
+                             schema=RESPONSES, orient="row")
+    always_five = ScriptedBackend(lambda prompt, n, seed: ["Perfect. Score: 5"] * n)
+    judgments, stats = judge_responses(responses, prompts, always_five, 4, SamplingConfig(), 0, "free", 1, "m")
+    assert score_distribution(judgments)["share_5"] == 1.0
+    problems = health_problems(HealthConfig(), {"judgments": combine("judgments", [stats.as_dict()])})
+    assert problems == ["top-score share 100.0% of valid judge scores is 5, threshold 90.0% "
+                        "(health.max_top_score_share)"]
+    assert health_problems(HealthConfig(max_top_score_share=None), {"judgments": combine("judgments", [stats.as_dict()])}) == []
+
+
+def test_position_bias_and_parse_rate_checks():
+    stages = {"judgments": {"rows": 10, "valid_scores": 1, "top_scores": 0},
+              "meta_judgments": {"winner_a": 9, "winner_b": 1}}
+    problems = health_problems(HealthConfig(), stages)
+    assert any("judge parse rate 10.0% is below 20.0%" in p for p in problems)
+    assert any("position-A share 90.0%, threshold 90.0%" in p for p in problems)
