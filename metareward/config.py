@@ -248,7 +248,7 @@ class CampaignConfig(_Strict):
         default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet."
     )
     tracking_uri: str | None = Field(
-        default=None, description="MLflow tracking URI; None: a local sqlite store under the artifact root."
+        default=None, description="MLflow tracking URI, for the MLflow layer (not wired in yet: nothing is logged)."
     )
     seed: int = Field(default=0, ge=0, description="Seed of sampling, tie-breaking and prompt selection.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Checks before each training.")
