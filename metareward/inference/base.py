@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 Messages = tuple[dict[str, str], ...]
@@ -65,16 +65,6 @@ class ChoiceRequest:
     choices: tuple[str, ...]
     temperature: float = 0.8
     seed: int = 0
-
-
-@dataclass
-class Usage:
-    """Token counts and time a backend spent, for tokens/s in stage statistics."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Backend(Protocol):

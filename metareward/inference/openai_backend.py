@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,6 @@ from metareward.inference.base import (
     GenerationResult,
     InferenceError,
     RequestRejectedError,
-    Usage,
 )
 from metareward.inference.rendering import ChatRenderer
 
@@ -74,15 +72,10 @@ class OpenAIBackend:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
         )
-        self._lock = threading.Lock()
-        self.usage = Usage()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order; raises InferenceError if any request fails for good."""
-        started = time.perf_counter()
-        results = self._map(self._generate_one, requests)
-        self.usage.seconds += time.perf_counter() - started
-        return results
+        return self._map(self._generate_one, requests)
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
         """Sample one token restricted to each request's choices (needs a tokenizer)."""
@@ -91,10 +84,7 @@ class OpenAIBackend:
                 "forced verdicts need token-level prompts: give the openai backend a tokenizer "
                 "(inference.tokenizer) or use verdict_mode: free"
             )
-        started = time.perf_counter()
-        answers = self._map(self._choose_one, requests)
-        self.usage.seconds += time.perf_counter() - started
-        return answers
+        return self._map(self._choose_one, requests)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -145,11 +135,7 @@ class OpenAIBackend:
             else:
                 n_tokens = round(usage.get("completion_tokens", 0) / max(1, len(choices)))
             completions.append(Completion(text=text, n_tokens=n_tokens, finish_reason=choice.get("finish_reason") or "stop"))
-        prompt_tokens = usage.get("prompt_tokens", len(prompt_ids or ()))
-        with self._lock:
-            self.usage.prompt_tokens += prompt_tokens
-            self.usage.completion_tokens += usage.get("completion_tokens", sum(c.n_tokens for c in completions))
-        return GenerationResult(tuple(completions), prompt_tokens)
+        return GenerationResult(tuple(completions), usage.get("prompt_tokens", len(prompt_ids or ())))
 
     def _choose_one(self, request: ChoiceRequest, server: str) -> int:
         prompt_ids, choice_ids = self.renderer.choice_tokens(request.messages, request.assistant_prefix, request.choices)
@@ -172,9 +158,6 @@ class OpenAIBackend:
         token_text = choice.get("text", "")
         for index, answer in enumerate(request.choices):
             if token_text.strip() == answer.strip():
-                with self._lock:
-                    self.usage.prompt_tokens += len(prompt_ids)
-                    self.usage.completion_tokens += 1
                 return index
         raise InferenceError(f"{server} answered {token_text!r}, not one of {list(request.choices)}")
 

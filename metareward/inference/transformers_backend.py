@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from metareward.inference.base import (
     GenerationRequest,
     GenerationResult,
     InferenceError,
-    Usage,
 )
 from metareward.inference.rendering import ChatRenderer
 
@@ -60,7 +58,6 @@ class TransformersBackend:
         self.eos_token_ids = _eos_ids(self.model.generation_config, tokenizer)
         self.max_model_len = max_model_len or int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.batch_size = batch_size
-        self.usage = Usage()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order (see class docstring for batching and skipping)."""
@@ -120,7 +117,6 @@ class TransformersBackend:
             if first.temperature > 0
             else {"do_sample": False}
         )
-        started = time.perf_counter()
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
             if common:
@@ -147,7 +143,6 @@ class TransformersBackend:
                 top_k=None,
                 **sampling,
             )
-        self.usage.seconds += time.perf_counter() - started
         generated = output[:, input_ids.shape[1]:].tolist()
         results = []
         for position, (request, ids) in enumerate(zip(requests, rendered)):
@@ -155,8 +150,6 @@ class TransformersBackend:
                 self._completion(generated[position * request.n + sample], request.stop, max_new_tokens)
                 for sample in range(request.n)
             )
-            self.usage.prompt_tokens += len(ids)
-            self.usage.completion_tokens += sum(c.n_tokens for c in completions)
             results.append(GenerationResult(completions, len(ids)))
         return results
 
@@ -188,7 +181,6 @@ class TransformersBackend:
 
         prepared = [self.renderer.choice_tokens(r.messages, r.assistant_prefix, r.choices) for r in requests]
         answers: list[int] = []
-        started = time.perf_counter()
         for group in _prefix_groups([ids for ids, _ in prepared], self.batch_size):
             ids_group = [prepared[i][0] for i in group]
             common = _common_prefix_length(ids_group)
@@ -210,23 +202,9 @@ class TransformersBackend:
             last = torch.tensor([len(tail) - 1 for tail in tails])
             final = logits[torch.arange(len(group)), last].float().cpu().numpy()
             for row, index in enumerate(group):
-                request, (ids, choice_ids) = requests[index], prepared[index]
+                request, choice_ids = requests[index], prepared[index][1]
                 answers.append(_sample_choice(final[row, choice_ids], request.temperature, request.seed))
-                self.usage.prompt_tokens += len(ids)
-                self.usage.completion_tokens += 1
-        self.usage.seconds += time.perf_counter() - started
         return answers
-
-    def _left_pad(self, rendered: list[list[int]]):
-        import torch
-
-        longest = max(len(ids) for ids in rendered)
-        input_ids = torch.full((len(rendered), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rendered), longest), dtype=torch.long)
-        for row, ids in enumerate(rendered):
-            input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, longest - len(ids):] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
 
     def close(self) -> None:
         """Drop the model and free accelerator memory."""

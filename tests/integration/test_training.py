@@ -8,7 +8,7 @@ import json
 import polars as pl
 import pytest
 
-from metareward.config import DPOConfig, SamplingConfig
+from metareward.config import DPOConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.models import compute_model_digest, model_digest

@@ -1,6 +1,5 @@
 """Real generation with the transformers backend on the tiny model: rendering, n, seeds, context, verdicts."""
 
-import polars as pl
 import pytest
 
 from metareward.config import SamplingConfig
