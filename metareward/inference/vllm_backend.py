@@ -111,16 +111,18 @@ class VLLMServer:
         return self.process.poll() is None
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """End the server and every process it started; idempotent."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
+        """End the server and every process it started (vLLM's engine core and workers live in its process
+        group and outlive a server that died on its own); idempotent."""
+        group = self.process.pid
+        if _group_alive(group):
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while _group_alive(group) and time.monotonic() < deadline:
+                self.process.poll()
+                time.sleep(0.2)
+            if _group_alive(group):
+                os.killpg(group, signal.SIGKILL)
+        self.process.wait()
         self._close_log()
 
     def _close_log(self) -> None:
@@ -241,6 +243,26 @@ def _max_model_len(base_url: str, served_name: str) -> int | None:
         if model.get("id") == served_name:
             return model.get("max_model_len")
     return None
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a live (not zombie) process is left in the process group. Orphaned zombies are not counted:
+    they hold no memory, and in a container whose init does not reap them they never go away."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ from metareward.inference.base import (
 )
 from metareward.inference.openai_backend import OpenAIBackend
 from metareward.inference.transformers_backend import TransformersBackend
-from metareward.inference.vllm_backend import VLLMBackend
+from metareward.inference.vllm_backend import VLLMBackend, _group_alive
 from metareward.roles import generate_responses, judge_responses
 from metareward.tables import JUDGMENTS, load_prompts
 from tests.conftest import PROMPT_FILE
@@ -110,6 +110,10 @@ def test_engine_that_dies_mid_stage_is_a_clear_error(vllm):
     with pytest.raises(BackendUnavailableError, match="died"):
         vllm.generate(requests)
     killer.join()
+    # The server's engine core and workers outlive it; stopping must end them too (GBs of memory each).
+    server = vllm.servers[0]
+    server.stop(grace_s=10)
+    assert not _group_alive(server.process.pid)
 
 
 def test_unreachable_server_is_a_clear_error():
