@@ -18,22 +18,64 @@ from tasks.judge import judge_responses
 from tasks.meta_judge import meta_judge
 from tasks.preferences import build_dpo_dataset, rank_judgments, select_actor_pairs, select_judge_pairs
 from tasks.prompts import select_prompts
+from tasks.shards import run_shards_as_flow_runs
+from tasks.track import start_tracking, track_iteration
 from tasks.train import train
+
+
+SHARD_TASKS = {"responses": generate_responses, "judgments": judge_responses, "meta_judgments": meta_judge}
+"""The model stages whose shards can run as flow runs of the shard deployment (orchestration.shard_deployment)."""
+
+
+@flow(name="metareward-shard", flow_run_name="{config.name} {job.stage} iter-{job.iteration} {job.shard}",
+      persist_result=True)
+def shard_flow(config: CampaignConfig, job: Job) -> dict:
+    """One shard of a model stage on a (GPU) worker: the same cached, retried task the iteration flow runs
+    in-process, its table written to the artifact store; returns the shard's statistics."""
+    if job.stage not in SHARD_TASKS:
+        raise ValueError(f"shard_flow runs {sorted(SHARD_TASKS)} shards, not {job.stage!r}")
+    try:
+        result = SHARD_TASKS[job.stage].with_options(result_storage=result_storage(config))(config, job)
+    finally:
+        close_shared_backends()
+    return result.stats
 
 
 @flow(name="metareward-iteration", flow_run_name="{config.name} iter-{iteration}", persist_result=True)
 def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> dict:
     """M_t (model_path) → tables → DPO → M_{t+1}. Returns the stage summaries and M_{t+1}'s URI and model_id.
 
-    Every stage is a cached task: re-running the flow recomputes only what is missing or changed.
+    Every stage is a cached task: re-running the flow recomputes only what is missing or changed. With
+    tracking on, the iteration is logged to its MLflow run when it ends, also when it fails (as FAILED).
     """
     plan = IterationPlan(config, iteration, model_path, model_digest(resolve_model(model_path)))
+    runs = start_tracking(config, iteration, plan.model_id, model_path)
+    stages: dict[str, dict] = {}
+    try:
+        outcome = _run_stages(config, plan, stages)
+    except Exception as error:
+        if runs:
+            try:
+                track_iteration(config, iteration, runs, list(stages), error=f"{type(error).__name__}: {error}")
+            except Exception as tracking_error:  # the stage's error is the one to report
+                get_run_logger().warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
+        raise
+    if runs:
+        track_iteration(config, iteration, runs, list(stages))
+    return outcome
+
+
+def _run_stages(config: CampaignConfig, plan: IterationPlan, stages: dict[str, dict]) -> dict:
+    """The stages in Figure 1's order; `stages` receives each stage's combined statistics as it finishes."""
+    iteration = plan.iteration
     store = ArtifactStore(config.artifact_root)
     storage = result_storage(config)
-    stages: dict[str, dict] = {}
 
     def run(task, jobs: list[Job]) -> list[JobResult]:
-        results = [task.with_options(result_storage=storage)(config, job) for job in jobs]
+        if config.orchestration.shard_deployment and task in SHARD_TASKS.values():
+            results = run_shards_as_flow_runs(config, jobs)
+        else:
+            results = [task.with_options(result_storage=storage)(config, job) for job in jobs]
         stages[jobs[0].stage] = write_manifest(store, config, jobs, results)
         return results
 

@@ -1,19 +1,25 @@
-"""The `metareward` command line: run a campaign, check configs and prompt files."""
+"""The `metareward` command line: run a campaign, show it, evaluate models, check configs and prompt files."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from metareward.config import CampaignConfig, ConfigError
-from metareward.evaluation import HealthCheckError
+from metareward.evaluation import EvaluationInputError, HealthCheckError
 from metareward.execution import add_job_listener, remove_job_listener
 from metareward.inference.base import InferenceError
 from metareward.pipeline import preflight
 from metareward.progress import StageProgress, print_summary, stored_outcomes
 from metareward.store import ArtifactStore, StoreError
 from metareward.tables import PromptFileError, load_prompts
+from metareward.tracking import TrackingError
 from metareward.training import EmptyPreferenceSetError
 
 
@@ -43,6 +49,35 @@ def _show(arguments: argparse.Namespace) -> int:
     if not outcomes:
         raise StoreError(f"no campaign {arguments.campaign!r} under {store.root} (stage manifests not found)")
     print_summary(arguments.campaign, outcomes)
+    return 0
+
+
+def _evaluate_agreement(arguments: argparse.Namespace) -> int:
+    from metareward.evaluation import evaluate_judge_agreement
+
+    config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    estimates = evaluate_judge_agreement(config, arguments.rankings, arguments.model, arguments.num_judgments,
+                                         arguments.bootstrap)
+    table = Table(title=f"judge agreement with {arguments.rankings} (95% bootstrap CI over prompts)")
+    for column in ("statistic", "value", "95% CI"):
+        table.add_column(column, justify="left" if column == "statistic" else "right")
+    for name, estimate in estimates.items():
+        table.add_row(name, f"{estimate.value:.3f}", f"[{estimate.low:.3f}, {estimate.high:.3f}]")
+    Console().print(table)
+    if arguments.output:
+        payload = {name: {"value": e.value, "ci_low": e.low, "ci_high": e.high} for name, e in estimates.items()}
+        Path(arguments.output).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
+    from metareward.evaluation import export_alpaca_eval
+
+    config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    outputs = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
+                                 arguments.column)
+    print(f"{arguments.output}: {len(outputs)} answers in AlpacaEval's format (generator {outputs[0]['generator']!r})"
+          if outputs else f"{arguments.output}: no prompts")
     return 0
 
 
@@ -87,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="artifact root (default: $METAREWARD_ARTIFACT_ROOT or ./artifacts)")
     show.set_defaults(handler=_show)
 
+    evaluate = commands.add_parser("evaluate", help="evaluate a model: judge agreement, AlpacaEval export")
+    evaluate_commands = evaluate.add_subparsers(dest="evaluate_command", required=True)
+    agreement = evaluate_commands.add_parser(
+        "agreement", help="judge agreement with labelled rankings (paper sec. 3.4), bootstrap 95%% CIs",
+        description="Judge every labelled response N times with the paper's judge prompt, average the valid "
+        "scores, and compare with the reference ranks: pairwise agreement (ties 0.5), agreement without ties, "
+        "mean Spearman over prompts. Rankings file: JSONL/Parquet/CSV with prompt, response, rank (1 = best).")
+    agreement.add_argument("config", help="campaign YAML file (engine, judge sampling, verdict mode, MLflow)")
+    agreement.add_argument("--rankings", required=True, help="labelled rankings file")
+    agreement.add_argument("--model", default=None, help="model or checkpoint URI to judge with (default: model.path)")
+    agreement.add_argument("--num-judgments", type=int, default=None, help="N (default: the last iteration's)")
+    agreement.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    agreement.add_argument("--output", default=None, help="also write the estimates as JSON here")
+    agreement.set_defaults(handler=_evaluate_agreement)
+    alpaca = evaluate_commands.add_parser(
+        "alpaca-eval", help="write a model's answers in AlpacaEval's model-outputs format",
+        description="Answer every prompt of a file once (the last iteration's actor sampling) and write "
+        "[{instruction, output, generator}] JSON for AlpacaEval 2 or Arena-Hard.")
+    alpaca.add_argument("config", help="campaign YAML file (engine, sampling, MLflow)")
+    alpaca.add_argument("--prompts", required=True, help="prompt file (JSONL/Parquet/CSV)")
+    alpaca.add_argument("--output", required=True, help="JSON file to write")
+    alpaca.add_argument("--model", default=None, help="model or checkpoint URI (default: model.path)")
+    alpaca.add_argument("--generator", default=None, help="generator name (default: CAMPAIGN-DIGEST)")
+    alpaca.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
+    alpaca.set_defaults(handler=_evaluate_alpaca_eval)
+
     config = commands.add_parser("config", help="campaign configuration files")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_show = config_commands.add_parser("show", help="validate a config and print it with every default filled in")
@@ -105,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; user errors print one clear message and exit with status 2."""
     arguments = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from a pipeline's runs
     try:
         return arguments.handler(arguments)
     except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError,
-            HealthCheckError) as error:
+            HealthCheckError, TrackingError, EvaluationInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -230,6 +230,39 @@ class HealthConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """MLflow lineage: an experiment per campaign, a run per campaign with a nested run per iteration,
+    datasets, figures and the registered checkpoints (metareward/tracking.py)."""
+
+    enabled: bool = Field(default=True, description="Log the campaign to MLflow; false logs nothing.")
+    uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (MLFLOW_TRACKING_URI overrides it); default: a sqlite store "
+        "{artifact_root}/_mlflow/mlflow.db for a local artifact root, ./mlflow/mlflow.db for an s3:// one.",
+    )
+    experiment: str | None = Field(default=None, description="Experiment name; default: the campaign name.")
+    artifact_location: str | None = Field(
+        default=None,
+        description="Artifact location of a new experiment; default: beside a local sqlite store, the "
+        "server's own for an http(s) tracking URI.",
+    )
+    registered_model: str | None = Field(
+        default=None, description="Registered model of the trained checkpoints; default: the campaign name."
+    )
+
+
+class OrchestrationConfig(_Strict):
+    """Where the model stages' shards run: in the iteration flow's own process (default), or each as a flow
+    run of a Prefect `shard` deployment on a GPU work pool, one engine per worker (deployments/prefect.yaml)."""
+
+    shard_deployment: str | None = Field(
+        default=None,
+        description="'FLOW/DEPLOYMENT' (e.g. metareward-shard/shard-gpu) that runs responses, judgments and "
+        "meta-judgments shards as separate flow runs; None runs them in-process.",
+    )
+    shard_poll_interval_s: float = Field(default=5.0, gt=0, description="Seconds between checks of shard flow runs.")
+
+
 class CampaignConfig(_Strict):
     """A whole Meta-Rewarding campaign: seed model, prompts, where artifacts go, and the iterations."""
 
@@ -247,8 +280,9 @@ class CampaignConfig(_Strict):
     artifact_root: str = Field(
         default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet."
     )
-    tracking_uri: str | None = Field(
-        default=None, description="MLflow tracking URI, for the MLflow layer (not wired in yet: nothing is logged)."
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow lineage.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="In-process shards, or shard flow runs on a work pool."
     )
     seed: int = Field(default=0, ge=0, description="Seed of sampling, tie-breaking and prompt selection.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Checks before each training.")
@@ -302,14 +336,14 @@ class CampaignConfig(_Strict):
 
     def with_environment(self, environ: dict[str, str] | None = None) -> CampaignConfig:
         """A copy with deployment settings from the environment: METAREWARD_ARTIFACT_ROOT overrides
-        artifact_root and MLFLOW_TRACKING_URI tracking_uri. (S3 endpoint and credentials are read from the
+        artifact_root and MLFLOW_TRACKING_URI tracking.uri. (S3 endpoint and credentials are read from the
         standard AWS_* variables where they are used, and PREFECT_API_URL by Prefect itself.)"""
         environ = os.environ if environ is None else environ
         updates = {}
         if environ.get("METAREWARD_ARTIFACT_ROOT"):
             updates["artifact_root"] = environ["METAREWARD_ARTIFACT_ROOT"]
         if environ.get("MLFLOW_TRACKING_URI"):
-            updates["tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
+            updates["tracking"] = self.tracking.model_copy(update={"uri": environ["MLFLOW_TRACKING_URI"]})
         return self.model_copy(update=updates)
 
     def to_yaml(self) -> str:

@@ -62,21 +62,93 @@ def meta_judge_bias(meta_judgments: pl.DataFrame, judgments: pl.DataFrame) -> di
     }
 
 
+def iteration_report(tables: dict[str, pl.DataFrame]) -> dict[str, float]:
+    """What the paper reports per iteration, from the iteration's own tables (keyed by stage name; absent
+    stages are left out): judge score distribution and mean, parse-failure rates of judge and meta-judge,
+    mean response and judgment lengths in characters (Table 1's length), pair counts, the mean Elo spread
+    of the judged responses, and the meta-judge's biases as Table 5 defines them. Keys group by role
+    ("judge/…", "meta_judge/…", …), the way MLflow groups metrics."""
+    report: dict[str, float] = {}
+    if (responses := tables.get("responses")) is not None and responses.height:
+        report["actor/responses"] = float(responses.height)
+        report["actor/response_mean_chars"] = float(responses["n_chars"].mean())
+        report["actor/response_mean_tokens"] = float(responses["n_tokens"].mean())
+    if (judgments := tables.get("judgments")) is not None and judgments.height:
+        distribution = score_distribution(judgments)
+        report["judge/judgments"] = float(judgments.height)
+        report["judge/parse_failure_rate"] = 1.0 - distribution["valid"] / judgments.height
+        report["judge/score_mean"] = distribution["mean"]
+        for name in [f"share_{value}" for value in range(6)] + ["share_other"]:
+            report[f"judge/score_{name}"] = distribution[name]
+        report["judge/judgment_mean_chars"] = float(judgments["n_chars"].mean())
+    if (meta := tables.get("meta_judgments")) is not None and meta.height:
+        report["meta_judge/battles"] = float(meta.height)
+        report["meta_judge/parse_failure_rate"] = float(meta["winner"].is_null().mean())
+        if judgments is not None:
+            bias = meta_judge_bias(meta, judgments)
+            for name in ("higher_win", "lower_win", "position_a_same_score", "position_a_diff_score",
+                         "position_a_all"):
+                report[f"meta_judge/{name}"] = bias[name]
+    if (elo := tables.get("judgment_elo")) is not None and elo.height:
+        spread = elo.group_by("response_id").agg((pl.col("elo").max() - pl.col("elo").min()).alias("spread"))
+        report["meta_judge/elo_spread_mean"] = float(spread["spread"].mean())
+    for stage, name in (("actor_pairs", "actor"), ("judge_pairs", "judge"), ("dpo_dataset", "dpo")):
+        if (pairs := tables.get(stage)) is not None:
+            report[f"pairs/{name}"] = float(pairs.height)
+    return report
+
+
+def score_distribution_figure(scores: dict[str, Sequence[float]], title: str = "Judge score distribution"):
+    """A matplotlib figure of judge scores like the paper's Fig. 5: per label (e.g. an iteration), a
+    histogram of valid scores and their Gaussian kernel density estimate on [0, 5]. Labels with fewer than
+    two distinct scores get a histogram only (a KDE needs spread)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from scipy.stats import gaussian_kde
+
+    figure = Figure(figsize=(7, 4), dpi=110)
+    axes = figure.subplots()
+    grid = np.linspace(0, 5, 501)
+    bins = np.arange(-0.125, 5.25, 0.25)
+    for index, (label, values) in enumerate(scores.items()):
+        values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+        if not values.size:
+            continue
+        color = f"C{index}"
+        axes.hist(values, bins=bins, density=True, alpha=0.25, color=color)
+        if np.unique(values).size > 1:
+            axes.plot(grid, gaussian_kde(values)(grid), color=color, label=f"{label} (mean {values.mean():.2f})")
+        else:
+            axes.plot([], [], color=color, label=f"{label} (all {values[0]:g})")
+    axes.set(xlabel="judge score", ylabel="density", xlim=(0, 5), title=title)
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+class EvaluationInputError(ValueError):
+    """An evaluation input file that cannot be used; the message names the file, the row or the column."""
+
+
 def load_labelled_rankings(path: str | Path) -> pl.DataFrame:
     """A labelled-ranking file (JSONL, Parquet or CSV): one row per response with columns `prompt`,
-    `response` and `rank` (1 = best; equal ranks are ties), OASST-style. Raises ValueError naming the file
+    `response` and `rank` (1 = best; equal ranks are ties), OASST-style. Raises EvaluationInputError naming the file
     and the missing column or the bad row."""
     path = Path(path)
     readers = {".jsonl": pl.read_ndjson, ".parquet": pl.read_parquet, ".csv": pl.read_csv}
+    if not path.is_file():
+        raise EvaluationInputError(f"{path}: no such labelled-rankings file")
     if path.suffix not in readers:
-        raise ValueError(f"{path}: use .jsonl, .parquet or .csv for labelled rankings")
+        raise EvaluationInputError(f"{path}: use .jsonl, .parquet or .csv for labelled rankings")
     table = readers[path.suffix](path)
     missing = [column for column in ("prompt", "response", "rank") if column not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected prompt, response, rank (1 = best)")
+        raise EvaluationInputError(f"{path}: missing column(s) {missing}; expected prompt, response, rank (1 = best)")
     bad = table.with_row_index("row", offset=1).filter(pl.col("rank").cast(pl.Float64, strict=False).is_null())
     if bad.height:
-        raise ValueError(f"{path}: row {bad['row'][0]}: rank must be a number, got {bad['rank'][0]!r}")
+        raise EvaluationInputError(f"{path}: row {bad['row'][0]}: rank must be a number, got {bad['rank'][0]!r}")
     return table.with_columns(pl.col("rank").cast(pl.Float64))
 
 
@@ -114,7 +186,7 @@ def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -
         per_prompt.append((credit, predicted != 0, spearman))
 
     if not per_prompt:
-        raise ValueError("no prompt with a scored response: nothing to compare with the reference ranking")
+        raise EvaluationInputError("no prompt with a scored response: nothing to compare with the reference ranking")
 
     def statistics(indices: Sequence[int]) -> tuple[float, float, float]:
         credits = np.concatenate([per_prompt[k][0] for k in indices])
@@ -136,11 +208,112 @@ def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -
     }
 
 
+def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int, sampling, seed: int,
+                             verdict_mode: str) -> pl.DataFrame:
+    """The judge's scores of labelled responses (load_labelled_rankings' table): each response judged
+    num_judgments times with the paper's judge prompt (A.1), its score the mean of the valid ones (null when
+    none parsed). Returns the rankings with `score` and `valid_judgments` added, ready for judge_agreement."""
+    from metareward.roles import judge_responses
+    from metareward.tables import content_id
+
+    labelled = rankings.with_columns(
+        pl.col("prompt").map_elements(content_id, return_dtype=pl.String).alias("prompt_id"),
+    ).with_columns(
+        pl.struct("prompt_id", "response").map_elements(lambda row: content_id(row["prompt_id"], row["response"]),
+                                                        return_dtype=pl.String).alias("response_id"),
+    )
+    prompts = labelled.select("prompt_id", "prompt").unique("prompt_id", maintain_order=True)
+    responses = labelled.select("prompt_id", "response_id", pl.col("response").alias("text")).unique(
+        "response_id", maintain_order=True)
+    judgments, _ = judge_responses(responses, prompts, backend, num_judgments, sampling, seed, verdict_mode,
+                                   iteration=0, model_id="evaluation")
+    scores = judgments.group_by("response_id").agg(pl.col("score").mean(), pl.col("score").count()
+                                                   .alias("valid_judgments"))
+    return labelled.join(scores, on="response_id", how="left").drop("prompt_id", "response_id")
+
+
+def answer_prompts(prompts: Sequence[str], backend, sampling, seed: int) -> list[str]:
+    """One answer per prompt from the model behind `backend` (the actor's plain chat prompt, as in
+    generate_responses), in prompt order; a prompt too long for the context gets an empty answer."""
+    from metareward.roles import generate_responses
+    from metareward.tables import content_id
+
+    ids = [content_id(prompt) for prompt in prompts]
+    table = pl.DataFrame({"prompt_id": ids, "prompt": list(prompts)}).unique("prompt_id", maintain_order=True)
+    answers, _ = generate_responses(table, backend, 1, sampling, seed, iteration=0, model_id="evaluation")
+    by_prompt = dict(zip(answers["prompt_id"], answers["text"]))
+    return [by_prompt.get(prompt_id, "") for prompt_id in ids]
+
+
 def alpaca_eval_outputs(prompts: Sequence[str], outputs: Sequence[str], generator: str) -> list[dict[str, str]]:
     """Model answers in AlpacaEval's output format: [{"instruction", "output", "generator"}, …]."""
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     return [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+
+
+def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str | None = None,
+                             num_judgments: int | None = None, bootstrap: int = 1000) -> dict[str, Estimate]:
+    """Judge agreement (sec. 3.4) of model_path (default: the campaign's seed model) with a labelled-ranking
+    file, judging with the last iteration's judge sampling and verdict mode, N = num_judgments (default:
+    the last iteration's). Logged to MLflow as an evaluation run when tracking is on."""
+    from metareward.inference import create_backend
+    from metareward.models import model_digest, resolve_model
+
+    settings = config.iterations[-1]
+    model = model_path or config.model.path
+    rankings = load_labelled_rankings(rankings_path)
+    backend = create_backend(config.model, config.inference, resolve_model(model), seed=config.seed)
+    try:
+        scored = judge_labelled_responses(rankings, backend, num_judgments or settings.num_judgments,
+                                          settings.judge_sampling, config.seed, config.inference.verdict_mode)
+    finally:
+        backend.close()
+    estimates = judge_agreement(scored, bootstrap=bootstrap, seed=config.seed)
+    metrics = {f"agreement/{name}{suffix}": value for name, estimate in estimates.items()
+               for suffix, value in (("", estimate.value), ("_ci_low", estimate.low), ("_ci_high", estimate.high))}
+    metrics["agreement/valid_judgment_rate"] = float(scored["valid_judgments"].fill_null(0).sum()) / (
+        scored.height * (num_judgments or settings.num_judgments))
+    _log_evaluation(config, "judge-agreement", model, model_digest(resolve_model(model)), metrics, rankings_path,
+                    scored)
+    return estimates
+
+
+def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path, model_path: str | None = None,
+                       generator: str | None = None, column: str = "prompt") -> list[dict[str, str]]:
+    """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
+    outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
+    iteration's actor sampling. Logged to MLflow as an evaluation run when tracking is on."""
+    import json
+
+    from metareward.inference import create_backend
+    from metareward.models import model_digest, resolve_model
+    from metareward.tables import load_prompts
+
+    model = model_path or config.model.path
+    digest = model_digest(resolve_model(model))
+    prompts = load_prompts(prompts_path, column).table["prompt"].to_list()
+    backend = create_backend(config.model, config.inference, resolve_model(model), seed=config.seed)
+    try:
+        answers = answer_prompts(prompts, backend, config.iterations[-1].actor_sampling, config.seed)
+    finally:
+        backend.close()
+    outputs = alpaca_eval_outputs(prompts, answers, generator or f"{config.name}-{digest}")
+    Path(output_path).write_text(json.dumps(outputs, indent=2, ensure_ascii=False), encoding="utf-8")
+    lengths = [len(answer) for answer in answers]
+    _log_evaluation(config, "alpaca-eval-export", model, digest,
+                    {"export/answers": float(len(answers)), "export/mean_chars": float(np.mean(lengths)) if lengths else 0.0,
+                     "export/empty_answers": float(sum(not answer for answer in answers))},
+                    prompts_path, pl.DataFrame(outputs))
+    return outputs
+
+
+def _log_evaluation(config, kind: str, model: str, digest: str, metrics: dict[str, float], input_path,
+                    results: pl.DataFrame) -> None:
+    if config.tracking.enabled:
+        from metareward.tracking import Tracker
+
+        Tracker(config).log_evaluation(kind, model, digest, metrics, str(input_path), results)
 
 
 class HealthCheckError(RuntimeError):

@@ -237,9 +237,36 @@ def write_manifest(store: ArtifactStore, config: CampaignConfig, jobs: list[Job]
     return combined
 
 
-def read_tables(store: ArtifactStore, uris: list[str]) -> pl.DataFrame:
-    """The concatenation of tables given by URI."""
-    return pl.concat([store.read_table(uri) for uri in uris], how="vertical")
+STAGE_ORDER = ("prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs",
+               "dpo_dataset", "checkpoint")
+"""The stages of an iteration in the order the iteration flow runs them (paper Fig. 1)."""
+
+
+def stage_manifests(store: ArtifactStore, campaign: str) -> dict[int, dict[str, dict]]:
+    """Every stage manifest of a campaign in the store, by iteration and then stage (in STAGE_ORDER), each
+    with its `key` added: what `metareward show` and MLflow tracking read, without Prefect or a model."""
+    found: dict[int, dict[str, dict]] = {}
+    for key in store.list(campaign):
+        parts = key.split("/")
+        if len(parts) != 4 or parts[3] != "manifest.json" or not parts[1].startswith("iter-"):
+            continue
+        manifest = store.read_json(key)
+        found.setdefault(manifest["iteration"], {})[manifest["stage"]] = {**manifest, "key": key}
+    return {
+        iteration: {stage: stages[stage] for stage in STAGE_ORDER if stage in stages}
+        for iteration, stages in sorted(found.items())
+    }
+
+
+def read_stage_table(store: ArtifactStore, manifest: dict, columns: list[str] | None = None) -> pl.DataFrame:
+    """A stage's whole table (only `columns`, when given): its shards, as its manifest lists them,
+    concatenated in shard order."""
+    return read_tables(store, [shard["uri"] for _, shard in sorted(manifest["shards"].items())], columns)
+
+
+def read_tables(store: ArtifactStore, uris: list[str], columns: list[str] | None = None) -> pl.DataFrame:
+    """The concatenation of tables given by URI (only `columns`, when given)."""
+    return pl.concat([store.read_table(uri, columns) for uri in uris], how="vertical")
 
 
 def select_iteration_prompts(config: CampaignConfig, iteration: int) -> pl.DataFrame:
@@ -258,12 +285,16 @@ def preflight(config: CampaignConfig) -> None:
     """Everything that can fail before any model work, checked in seconds: the prompt file (iteration 1's
     prompts), the artifact root (bucket exists, endpoint reachable, writable), the seed model (a local
     folder, the builtin demo model, or a hub id), and vLLM's interpreter when the vllm backend starts
-    servers. Raises PromptFileError, StoreError or ConfigError naming what to fix."""
+    servers, and MLflow when tracking is on. Raises PromptFileError, StoreError, ConfigError or TrackingError
+    naming what to fix."""
     from metareward.config import ConfigError
     from metareward.models import BUILTIN_DEMO_MODEL, smollm2_gguf_path
 
+    from metareward.tracking import check_tracking
+
     select_iteration_prompts(config, 1)
     ArtifactStore(config.artifact_root).check()
+    check_tracking(config)
     model = config.model.path
     if model == BUILTIN_DEMO_MODEL:
         smollm2_gguf_path()

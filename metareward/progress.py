@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metareward.pipeline import Job, JobResult
+from metareward.pipeline import Job, JobResult, stage_manifests
 from metareward.stats import SUMMARY_HEADER, summary_rows
 
 console = Console(stderr=True)
@@ -40,24 +40,17 @@ class StageProgress:
 def stored_outcomes(store, campaign: str) -> list[dict]:
     """The per-iteration summaries of a campaign as `metareward run` prints them, rebuilt from the stage
     manifests in the artifact store (no Prefect, no model)."""
-    iterations: dict[int, dict] = {}
-    for key in store.list(campaign):
-        parts = key.split("/")
-        if len(parts) != 4 or parts[3] != "manifest.json" or not parts[1].startswith("iter-"):
-            continue
-        manifest = store.read_json(key)
-        outcome = iterations.setdefault(manifest["iteration"], {
-            "iteration": manifest["iteration"], "model_id": manifest["model_id"], "stages": {},
-            "next_model": "", "next_model_id": "(not trained yet)"})
-        outcome["stages"][manifest["stage"]] = manifest["stats"]
-        if manifest["stage"] == "checkpoint":
-            outcome["next_model"] = manifest["stats"].get("model_uri", "")
-            outcome["next_model_id"] = manifest["stats"].get("model_id", "")
-    order = ["prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs",
-             "dpo_dataset", "checkpoint"]
-    for outcome in iterations.values():
-        outcome["stages"] = {stage: outcome["stages"][stage] for stage in order if stage in outcome["stages"]}
-    return [iterations[t] for t in sorted(iterations)]
+    outcomes = []
+    for iteration, manifests in stage_manifests(store, campaign).items():
+        checkpoint = manifests.get("checkpoint", {}).get("stats", {})
+        outcomes.append({
+            "iteration": iteration,
+            "model_id": next(iter(manifests.values()))["model_id"],
+            "stages": {stage: manifest["stats"] for stage, manifest in manifests.items()},
+            "next_model": checkpoint.get("model_uri", ""),
+            "next_model_id": checkpoint.get("model_id", "(not trained yet)"),
+        })
+    return outcomes
 
 
 def print_summary(campaign: str, outcomes: list[dict]) -> None:

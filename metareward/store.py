@@ -126,10 +126,10 @@ class ArtifactStore:
         self.write_bytes(key, data)
         return TableRef(uri=self.uri(key), rows=table.height, digest=hashlib.blake2b(data, digest_size=8).hexdigest())
 
-    def read_table(self, key_or_uri: str) -> pl.DataFrame:
-        """Read a Parquet table by key or by the URI a TableRef holds."""
+    def read_table(self, key_or_uri: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """Read a Parquet table (only `columns`, when given) by key or by the URI a TableRef holds."""
         key = self.key_of(key_or_uri)
-        return pl.read_parquet(io.BytesIO(self.read_bytes(key)))
+        return pl.read_parquet(io.BytesIO(self.read_bytes(key)), columns=columns)
 
     def write_json(self, key: str, value: Any) -> None:
         """Write a JSON document atomically."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
 
 from tests.conftest import PROMPT_FILE
@@ -47,8 +51,10 @@ def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name
 
 
 def cli_environment(prefect_home: Path, **extra: str) -> dict[str, str]:
-    """The environment of a `metareward run`: Prefect's ephemeral API with its own home (own database)."""
-    return {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    """The environment of a `metareward run`: Prefect's ephemeral API with its own home (own database), the
+    default local MLflow store unless MLFLOW_TRACKING_URI is given in `extra`."""
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return {**inherited, "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "INFO", **extra}
 
 
@@ -62,3 +68,25 @@ def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
     """`metareward ARGS` started in its own process group (so a test can SIGKILL all of it)."""
     return subprocess.Popen([sys.executable, "-m", "metareward.cli", *args], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(health_url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once health_url answers 200; fail the test with the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"{health_url} never became healthy:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)

@@ -152,6 +152,17 @@ def test_health_checks_warn_or_stop_before_training(tmp_path, tiny_model):
     assert ("iteration 1 failed its health checks, not training: meta-judge position-A share 52.8%, threshold "
             "50.0% (health.max_position_a_share)") in stopped.stderr
 
+    # The local MLflow store (default: beside the artifacts) shows the stopped iteration as FAILED, with why
+    # and with what it measured; the warned campaign's run finished.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / '_mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string="tags.`metareward.kind` = 'iteration'", order_by=["attributes.start_time"])
+    assert [run.info.status for run in runs] == ["FINISHED", "FAILED"]
+    assert "failed its health checks" in runs[1].data.tags["metareward.error"]
+    assert runs[1].data.metrics["meta_judgments/winner_a"] > 0 and "checkpoint/loss_last" not in runs[1].data.metrics
+
 
 @pytest.mark.parametrize("problem", ["prompt column", "config", "model"])
 def test_bad_input_fails_fast_before_any_model_work(tmp_path, tiny_model, problem):

@@ -9,10 +9,12 @@ from metareward.config import HealthConfig, SamplingConfig
 from metareward.evaluation import (
     alpaca_eval_outputs,
     health_problems,
+    iteration_report,
     judge_agreement,
     load_labelled_rankings,
     meta_judge_bias,
     score_distribution,
+    score_distribution_figure,
 )
 from metareward.roles import judge_responses
 from metareward.stats import combine
@@ -98,3 +100,29 @@ def test_position_bias_and_parse_rate_checks():
     problems = health_problems(HealthConfig(), stages)
     assert any("judge parse rate 10.0% is below 20.0%" in p for p in problems)
     assert any("position-A share 90.0%, threshold 90.0%" in p for p in problems)
+
+
+def test_iteration_report_by_hand():
+    judgments = JUDGMENTS.with_columns(pl.Series("n_chars", [10, 20, 30, 40], dtype=pl.Int32))
+    responses = pl.DataFrame({"response_id": ["r1", "r2"], "n_chars": [100, 300], "n_tokens": [20, 60]})
+    elo = pl.DataFrame({"response_id": ["r1", "r1", "r2", "r2"], "elo": [1000.0, 1100.0, 950.0, 1250.0]})
+    report = iteration_report({
+        "responses": responses, "judgments": judgments, "meta_judgments": meta([("a", "b", "A"), ("b", "c", None)]),
+        "judgment_elo": elo, "actor_pairs": pl.DataFrame({"prompt_id": ["p"]}),
+    })
+    assert report["actor/response_mean_chars"] == 200 and report["actor/response_mean_tokens"] == 40
+    assert report["judge/parse_failure_rate"] == 0.25 and report["judge/score_mean"] == pytest.approx(11 / 3)
+    assert report["judge/score_share_5"] == pytest.approx(1 / 3) and report["judge/score_share_3"] == pytest.approx(2 / 3)
+    assert report["judge/judgment_mean_chars"] == 25
+    assert report["meta_judge/parse_failure_rate"] == 0.5 and report["meta_judge/higher_win"] == 1.0
+    assert report["meta_judge/elo_spread_mean"] == 200  # (100 + 300) / 2
+    assert report["pairs/actor"] == 1 and "pairs/judge" not in report
+
+
+def test_score_distribution_figure_draws_a_kde_per_iteration(tmp_path):
+    figure = score_distribution_figure({"iteration 1": [3, 4, 4, 5, None], "iteration 2": [5, 5, 5]})
+    [axes] = figure.axes
+    labels = [line.get_label() for line in axes.get_lines()]
+    assert labels == ["iteration 1 (mean 4.00)", "iteration 2 (all 5)"]
+    figure.savefig(tmp_path / "scores.png")
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"

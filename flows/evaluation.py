@@ -1,0 +1,31 @@
+"""Evaluation of one model as a Prefect flow: judge agreement (paper sec. 3.4) and the AlpacaEval export."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from metareward.config import CampaignConfig
+from tasks.evaluate import alpaca_eval_export, judge_agreement
+
+
+@flow(name="metareward-evaluation", flow_run_name="{config.name} evaluation", persist_result=True)
+def evaluation_flow(config: CampaignConfig, model: str | None = None, rankings: str | None = None,
+                    alpaca_eval_prompts: str | None = None, num_judgments: int | None = None) -> dict:
+    """Evaluate `model` (a checkpoint URI; default the campaign's seed model): judge agreement with a
+    labelled-rankings file and/or an AlpacaEval export of a prompt file, each logged to MLflow as an
+    evaluation run. Returns the agreement estimates and the export's URI."""
+    if not rankings and not alpaca_eval_prompts:
+        raise ValueError("nothing to evaluate: give rankings (labelled rankings file) and/or alpaca_eval_prompts")
+    outcome: dict = {"model": model or config.model.path}
+    lines = [f"## {config.name}: evaluation of `{outcome['model']}`", ""]
+    if rankings:
+        outcome["agreement"] = judge_agreement(config, rankings, model, num_judgments)
+        lines += ["| statistic | value | 95% CI |", "|---|---:|---:|"]
+        lines += [f"| {name} | {e['value']:.3f} | [{e['ci_low']:.3f}, {e['ci_high']:.3f}] |"
+                  for name, e in outcome["agreement"].items()]
+    if alpaca_eval_prompts:
+        outcome["alpaca_eval"] = alpaca_eval_export(config, alpaca_eval_prompts, model)
+        lines += ["", f"AlpacaEval outputs: `{outcome['alpaca_eval']}`"]
+    create_markdown_artifact(markdown="\n".join(lines), description=f"{config.name}: evaluation")
+    return outcome

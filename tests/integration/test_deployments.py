@@ -1,0 +1,217 @@
+"""deployments/prefect.yaml on a real `prefect server` with a process worker: the demo deployment with the tiny
+model, a fault-injected stage retried without recomputing upstream, and shards fanned out as flow runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metareward.pipeline import stage_manifests
+from metareward.store import ArtifactStore
+from tests.integration.campaigns import free_port, wait_until_healthy, write_config
+
+REPO = Path(__file__).parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory):
+    """A `prefect server` (SQLite) on 127.0.0.1, both work pools, `prefect deploy --all` of
+    deployments/prefect.yaml from the repository root, and a process worker; yields (api_url, env)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    processes = []
+    logs = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = (home / f"{name}.log").open("w")
+        logs.append(home / f"{name}.log")
+        process = subprocess.Popen([*PREFECT, *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        processes.append(process)
+        return process
+
+    server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    wait_until_healthy(f"{url}/health", server, home / "server.log", timeout=180)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([*PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    cli("work-pool", "create", "metareward-process", "--type", "process")
+    cli("work-pool", "create", "metareward-gpu", "--type", "kubernetes",
+        "--base-job-template", "infra/kubernetes/gpu-base-job-template.json")
+    cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    start("worker", "worker", "start", "--pool", "metareward-process", "--type", "process")
+    yield url, env
+    for process in reversed(processes):
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+    for log in logs:
+        print(f"--- {log.name} (tail)\n{log.read_text()[-2000:]}")
+
+
+def _run_and_wait(url: str, deployment: str, parameters: dict, job_variables: dict | None = None,
+                  timeout: float = 600):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        flow_run = run_deployment(deployment, parameters=parameters, job_variables=job_variables, timeout=0,
+                                  as_subflow=False)
+        deadline = time.monotonic() + timeout
+        with get_client(sync_client=True) as client:
+            while True:
+                flow_run = client.read_flow_run(flow_run.id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    return flow_run
+                assert time.monotonic() < deadline, f"{deployment} did not finish: {flow_run.state}"
+                time.sleep(2)
+
+
+def _read(url: str, reader: str, **filters):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        return getattr(client, reader)(**filters)
+
+
+def _children(url: str, parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return _read(url, "read_flow_runs",
+                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+def _task_runs(url: str, flow_run_ids: list) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return _read(url, "read_task_runs", flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
+
+
+def test_deploy_all_creates_every_deployment_with_an_inactive_campaign_schedule(prefect_stack):
+    url, _ = prefect_stack
+    deployments = {f"{d.name}": d for d in _read(url, "read_deployments")}
+    declared = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
+    assert set(deployments) == {d["name"] for d in declared}
+    demo = deployments["demo"]
+    assert demo.work_pool_name == "metareward-process"
+    assert [(s.schedule.cron, s.active) for s in demo.schedules] == [("0 3 * * 1", False)]
+    assert deployments["shard-gpu"].work_pool_name == "metareward-gpu"
+    assert deployments["shard-gpu"].job_variables == {"gpu_count": 1}
+    assert deployments["paper-llama3-8b"].pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/metareward"}}]
+
+
+def test_demo_deployment_on_a_process_worker_retries_a_failed_stage_without_recomputing_upstream(
+        prefect_stack, tmp_path, tiny_model):
+    url, _ = prefect_stack
+    root = tmp_path / "artifacts"
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(root)).read_text())
+    flow_run = _run_and_wait(url, "metareward-campaign/demo", {"config": config},
+                             job_variables={"env": {"METAREWARD_INJECT_FAULT": "judgments:shard-0001"}})
+    assert flow_run.state.is_completed(), flow_run.state
+
+    [iteration] = _children(url, flow_run.id)
+    assert iteration.name == "tiny iter-1" and iteration.state.is_completed()
+    task_runs = {run.name: run for run in _task_runs(url, [iteration.id])}
+    failed_once = task_runs["judgments iter-1 shard-0001"]
+    assert failed_once.run_count == 2 and failed_once.state.is_completed()
+    # Nothing upstream of the failed shard ran twice; every stage ran (prompts → checkpoint).
+    upstream = [name for name in task_runs if name.startswith(("prompts", "responses"))]
+    assert len(upstream) == 4 and all(task_runs[name].run_count == 1 for name in upstream)
+    assert {name.split(" ")[0] for name in task_runs} >= {"prompts", "responses", "judgments", "actor_pairs",
+                                                         "meta_judgments", "judgment_elo", "judge_pairs",
+                                                         "dpo_dataset", "checkpoint"}
+    checkpoint = stage_manifests(ArtifactStore(str(root)), "tiny")[1]["checkpoint"]["stats"]
+    assert Path(checkpoint["model_uri"], "model_id.txt").read_text().strip() == checkpoint["model_id"]
+    artifacts = _read(url, "read_artifacts")
+    assert any(artifact.key == "tiny-iter-1" for artifact in artifacts)
+
+
+def test_model_stage_shards_fan_out_as_flow_runs_of_the_shard_deployment(prefect_stack, tmp_path, tiny_model):
+    url, _ = prefect_stack
+    root = tmp_path / "artifacts"
+    config = yaml.safe_load(write_config(
+        tmp_path, tiny_model, str(root), name="fanout", iteration_overrides={"num_prompts": 4},
+        orchestration={"shard_deployment": "metareward-shard/shard-process", "shard_poll_interval_s": 1}).read_text())
+    flow_run = _run_and_wait(url, "metareward-iteration/demo-iteration",
+                             {"config": config, "iteration": 1, "model_path": str(tiny_model)})
+    assert flow_run.state.is_completed(), flow_run.state
+
+    shards = _children(url, flow_run.id)
+    names = sorted(run.name for run in shards)
+    assert names == sorted(f"fanout {stage} iter-1 shard-000{i}" for stage in ("responses", "judgments", "meta_judgments")
+                           for i in range(2))
+    assert all(run.state.is_completed() for run in shards)
+    deployment = _read(url, "read_deployment_by_name", name="metareward-shard/shard-process")
+    assert {run.deployment_id for run in shards} == {deployment.id}
+    # The iteration flow gathered the shards' tables from the store and went on to train.
+    manifests = stage_manifests(ArtifactStore(str(root)), "fanout")[1]
+    assert manifests["judgments"]["rows"] == sum(s["rows"] for s in manifests["judgments"]["shards"].values()) > 0
+    assert not any(shard["cached"] for shard in manifests["responses"]["shards"].values())
+    assert "checkpoint" in manifests
+    shard_task_runs = _task_runs(url, [run.id for run in shards])
+    assert sorted(run.name for run in shard_task_runs) == [name.removeprefix("fanout ") for name in names]
+    assert manifests["checkpoint"]["stats"]["pairs_trained"] > 0
+
+
+def test_gpu_pool_template_puts_the_gpu_request_node_selector_and_tolerations_in_the_pod_spec(prefect_stack):
+    """The GPU pool's template as the server stored it, rendered by prefect-kubernetes' own job configuration
+    (what the Kubernetes worker does for each flow run), with a deployment's job variables."""
+    import asyncio
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    url, _ = prefect_stack
+    pool = _read(url, "read_work_pool", work_pool_name="metareward-gpu")
+    assert pool.type == "kubernetes"
+    values = {"gpu_count": 2, "image": "registry.example/metareward-gpu:1.0",
+              "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+              "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}
+
+    async def render(job_variables: dict):
+        async with get_client() as client:
+            configuration = await KubernetesWorkerJobConfiguration.from_template_and_values(
+                pool.base_job_template, job_variables, client=client)
+        configuration.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="tiny-shard", flow_id=uuid.uuid4()))
+        return configuration.job_manifest
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        manifest = asyncio.run(render(values))
+        defaults = asyncio.run(render({}))
+    pod = manifest["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert container["image"] == "registry.example/metareward-gpu:1.0"
+    assert pod["nodeSelector"] == values["node_selector"] and pod["tolerations"] == values["tolerations"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    assert any(variable["name"] == "PREFECT__FLOW_RUN_ID" for variable in container["env"])
+    default_pod = defaults["spec"]["template"]["spec"]
+    assert default_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert default_pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert default_pod["containers"][0]["image"] == "metareward-gpu:latest"

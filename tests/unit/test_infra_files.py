@@ -1,0 +1,64 @@
+"""The shipped infrastructure files: prefect.yaml's configs equal the config files, the compose file is valid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metareward.config import CampaignConfig
+
+REPO = Path(__file__).parents[2]
+
+
+def test_prefect_yaml_configs_are_the_shipped_config_files():
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    demo = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "demo.yaml")
+    for name in ("demo", "demo-iteration", "demo-evaluation"):
+        assert CampaignConfig.from_dict(deployments[name]["parameters"]["config"]) == demo, name
+    paper = CampaignConfig.from_dict(deployments["paper-llama3-8b"]["parameters"]["config"])
+    assert paper.orchestration.shard_deployment == "metareward-shard/shard-gpu"
+    shipped = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "paper-llama3-8b.yaml")
+    assert paper.model_copy(update={"orchestration": shipped.orchestration}) == shipped
+    assert paper.orchestration.shard_deployment.split("/")[1] in deployments
+
+
+def _compose() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_file_is_valid_and_wires_the_worker_to_every_service():
+    compose = _compose()
+    if compose is None:
+        if os.environ.get("CI"):
+            pytest.fail("no `docker compose` or `docker-compose` on a CI machine: .ci/run installs docker-compose")
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    # `config` validates and interpolates the file without a Docker engine.
+    result = subprocess.run([*compose, "-f", str(REPO / "infra" / "docker-compose.yml"), "config"],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "MINIO_ROOT_USER": "u"})
+    assert result.returncode == 0, result.stderr
+    stack = yaml.safe_load(result.stdout)
+    assert set(stack["services"]) == {"postgres", "minio", "minio-buckets", "prefect-server", "mlflow", "worker"}
+    worker = stack["services"]["worker"]["environment"]
+    assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["METAREWARD_ARTIFACT_ROOT"].startswith("s3://metareward/")
+    assert worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000" and worker["AWS_ACCESS_KEY_ID"] == "u"
+    assert "postgresql+asyncpg://" in stack["services"]["prefect-server"]["environment"][
+        "PREFECT_API_DATABASE_CONNECTION_URL"]
+    command = stack["services"]["mlflow"]["command"]
+    command = " ".join(command) if isinstance(command, list) else command
+    assert "--backend-store-uri postgresql://" in command and "--artifacts-destination s3://mlflow/" in command
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        for line in (REPO / "infra" / dockerfile).read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (REPO / source).exists(), f"infra/{dockerfile}: COPY {source} does not exist"
