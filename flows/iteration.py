@@ -1,4 +1,5 @@
-"""One Meta-Rewarding iteration as a Prefect flow, in the order of the paper's Figure 1."""
+"""One Meta-Rewarding iteration as a Prefect flow in the order of the paper's Figure 1, and the shard flow its
+model stages fan out to on a work pool (orchestration.shard_deployment)."""
 
 from __future__ import annotations
 

@@ -22,17 +22,18 @@ def run_shards_as_flow_runs(config: CampaignConfig, jobs: list[Job]) -> list[Job
     """Every unfinished job as a flow run of config.orchestration.shard_deployment (a child of this flow
     run; one per shard, so each GPU worker serves one engine), all in flight at once; waits for them and
     reads their results from the artifact store, the source of truth. Finished jobs start no flow run.
-    A retried or re-run iteration flow reuses its own earlier shard runs (idempotency key = this flow run
-    and the job's key) and starts new ones only for jobs still missing. Raises ShardRunFailed naming the
-    shard and its flow run."""
+    A retried (UI: Retry) or re-run iteration flow starts flow runs only for jobs still missing from the
+    store; the idempotency key (this flow run, its attempt, the job's key) keeps one attempt from starting
+    a shard twice. Raises ShardRunFailed naming the shard and its flow run."""
     store = ArtifactStore(config.artifact_root)
-    parent = get_run_context().flow_run.id
+    parent = get_run_context().flow_run
+    attempt = f"{parent.id}:{parent.run_count}"
     pending: dict = {}
     for job in jobs:
         if finished(store, job) is None:
             flow_run = run_deployment(
                 config.orchestration.shard_deployment, parameters={"config": config, "job": job}, timeout=0,
-                flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{parent}:{job.key}",
+                flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{attempt}:{job.key}",
                 tags=[config.name, job.stage, f"iter-{job.iteration}"],
             )
             pending[flow_run.id] = (job, flow_run.name)

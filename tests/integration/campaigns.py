@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -30,7 +31,9 @@ TINY_ITERATION = {
 def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name: str = "tiny",
                  iteration_overrides: dict | None = None, **overrides) -> Path:
     """A tiny campaign (6 prompts an iteration in shards of 2, K=3, N=3, forced verdicts) as a YAML file;
-    overrides replace top-level settings, iteration_overrides those of every iteration."""
+    overrides replace top-level settings, iteration_overrides those of every iteration. MLflow tracking is
+    off unless `tracking` is given (tracking={} for the defaults): it costs seconds a run, and the tests
+    that check it ask for it."""
     prompts = folder / "prompts.jsonl"
     if not prompts.exists():
         prompts.write_text("".join(PROMPT_FILE.read_text().splitlines(keepends=True)[:12]))
@@ -43,6 +46,7 @@ def write_config(folder: Path, model: Path, root: str, iterations: int = 1, name
         "seed": 5,
         "shard_size": 2,
         "iterations": [{**TINY_ITERATION, **(iteration_overrides or {})}] * iterations,
+        "tracking": {"enabled": False},
         **overrides,
     }
     path = folder / f"{name}.yaml"
@@ -90,3 +94,69 @@ def wait_until_healthy(health_url: str, server: subprocess.Popen, log: Path, tim
             server.kill()
             pytest.fail(f"{health_url} never became healthy:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def mlflow_state(client, experiment_id: str) -> dict:
+    """The tiny campaign's runs (campaign, iterations in order), logged models and registered versions."""
+    runs = client.search_runs([experiment_id], max_results=100)
+    return {
+        "campaign": [r for r in runs if r.data.tags.get("metareward.kind") == "campaign"],
+        "iterations": sorted((r for r in runs if r.data.tags.get("metareward.kind") == "iteration"),
+                             key=lambda r: int(r.data.tags["metareward.iteration"])),
+        "models": client.search_logged_models([experiment_id]),
+        "versions": sorted(client.search_model_versions("name = 'tiny'"), key=lambda v: int(v.version)),
+    }
+
+
+def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
+    """Assert what a finished two-iteration `tiny` campaign logged to MLflow; return mlflow_state."""
+    from metareward.pipeline import stage_manifests
+    from metareward.store import ArtifactStore
+
+    experiment = client.get_experiment_by_name("tiny")
+    state = mlflow_state(client, experiment.experiment_id)
+    [campaign] = state["campaign"]
+    assert campaign.info.status == "FINISHED"
+    assert campaign.data.params["iterations.0.num_judgments"] == "3"
+    assert [r.data.tags["mlflow.parentRunId"] for r in state["iterations"]] == [campaign.info.run_id] * 2
+    assert [r.info.status for r in state["iterations"]] == ["FINISHED", "FINISHED"]
+
+    # Every stage table is a dataset input with its artifact URI as source and its Parquet digest.
+    manifests = stage_manifests(ArtifactStore(str(root)), "tiny")
+    for iteration, run in enumerate(state["iterations"], start=1):
+        inputs = client.get_run(run.info.run_id).inputs
+        logged = {d.dataset.name: d for d in inputs.dataset_inputs}
+        prompts = manifests[iteration]["prompts"]["shards"]["all"]
+        assert json.loads(logged[f"tiny/iter-{iteration}/prompts"].dataset.source)["uri"] == prompts["uri"]
+        assert logged[f"tiny/iter-{iteration}/prompts"].dataset.digest == prompts["digest"]
+        dataset = manifests[iteration]["dpo_dataset"]["shards"]["all"]
+        assert logged[f"tiny/iter-{iteration}/dpo_dataset"].dataset.digest == dataset["digest"]
+        assert logged[f"tiny/iter-{iteration}/dpo_dataset"].tags[0].value == "training"
+        assert logged[f"tiny/iter-{iteration}/judgments"].tags[0].value == "evaluation"
+        assert json.loads(logged[f"tiny/iter-{iteration}/judgments"].dataset.source)["uri"] == str(
+            root / "tiny" / f"iter-{iteration}" / "judgments" / "manifest.json")
+        assert {f.path for f in client.list_artifacts(run.info.run_id, "figures")} == {"figures/score_distribution.png"}
+        assert client.get_metric_history(run.info.run_id, "train/loss"), "TRL's curve is missing"
+        assert 0 <= run.data.metrics["meta_judge/position_a_all"] <= 1
+
+    # Models: M1 (seed) → M2 (iteration 1's output) → M3, each naming its parent and training datasets.
+    models = {m.name: m for m in state["models"]}
+    assert set(models) == {"tiny-M1", "tiny-M2", "tiny-M3"}
+    assert models["tiny-M2"].source_run_id == state["iterations"][0].info.run_id
+    assert models["tiny-M3"].tags["metareward.parent_model_id"] == models["tiny-M2"].model_id
+    assert models["tiny-M2"].tags["metareward.parent_model_id"] == models["tiny-M1"].model_id
+    assert "tiny/iter-2/dpo_dataset" in models["tiny-M3"].tags["metareward.training_datasets"]
+    second = client.get_run(state["iterations"][1].info.run_id)
+    assert [m.model_id for m in second.inputs.model_inputs] == [models["tiny-M2"].model_id]
+    assert [m.model_id for m in second.outputs.model_outputs] == [models["tiny-M3"].model_id]
+    assert [v.tags["metareward.parent_model_version"] for v in state["versions"]] == ["", "1"]
+    assert [v.run_id for v in state["versions"]] == [r.info.run_id for r in state["iterations"]]
+    assert state["versions"][1].tags["metareward.model_uri"] == manifests[2]["checkpoint"]["stats"]["model_uri"]
+
+    # The campaign run compares iterations: metrics at step = iteration, and the Fig. 5-like overlay.
+    assert [m.step for m in client.get_metric_history(campaign.info.run_id, "judge/score_mean")] == [1, 2]
+    figure = client.download_artifacts(campaign.info.run_id, "figures/score_distribution_by_iteration.png",
+                                       str(download_to))
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    return state

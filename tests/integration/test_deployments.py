@@ -22,8 +22,8 @@ PREFECT = [sys.executable, "-m", "prefect"]
 
 @pytest.fixture(scope="module")
 def prefect_stack(tmp_path_factory):
-    """A `prefect server` (SQLite) on 127.0.0.1, both work pools, `prefect deploy --all` of
-    deployments/prefect.yaml from the repository root, and a process worker; yields (api_url, env)."""
+    """A `prefect server` (SQLite) on 127.0.0.1, both work pools, `prefect --no-prompt deploy --all` from the
+    repository root (deployments/prefect.yaml), and a process worker; yields (api_url, env)."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -53,7 +53,7 @@ def prefect_stack(tmp_path_factory):
     cli("work-pool", "create", "metareward-process", "--type", "process")
     cli("work-pool", "create", "metareward-gpu", "--type", "kubernetes",
         "--base-job-template", "infra/kubernetes/gpu-base-job-template.json")
-    cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    cli("--no-prompt", "deploy", "--all")  # ./prefect.yaml links to deployments/prefect.yaml
     start("worker", "worker", "start", "--pool", "metareward-process", "--type", "process")
     yield url, env
     for process in reversed(processes):

@@ -15,7 +15,7 @@ def test_judge_agreement_and_alpaca_eval_export_are_logged_as_evaluation_runs(tm
     from mlflow import MlflowClient
 
     root = tmp_path / "artifacts"
-    config = write_config(tmp_path, tiny_model, str(root))
+    config = write_config(tmp_path, tiny_model, str(root), tracking={})
     env = cli_environment(tmp_path / "prefect")
     agreement = run_cli(["evaluate", "agreement", str(config), "--rankings", str(RANKINGS), "--num-judgments", "2",
                          "--bootstrap", "50", "--output", str(tmp_path / "agreement.json")], env)
