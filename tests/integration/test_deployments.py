@@ -3,6 +3,7 @@ model, a fault-injected stage retried without recomputing upstream, and shards f
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -215,3 +216,19 @@ def test_gpu_pool_template_puts_the_gpu_request_node_selector_and_tolerations_in
     assert default_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert default_pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert default_pod["containers"][0]["image"] == "metareward-gpu:latest"
+
+
+def test_evaluation_deployment_scores_agreement_and_stores_the_alpaca_eval_export(prefect_stack, tmp_path, tiny_model):
+    url, _ = prefect_stack
+    root = tmp_path / "artifacts"
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(root)).read_text())
+    flow_run = _run_and_wait(url, "metareward-evaluation/demo-evaluation", {
+        "config": config, "rankings": str(REPO / "deployments" / "evaluation" / "rankings-example.jsonl"),
+        "alpaca_eval_prompts": str(tmp_path / "prompts.jsonl"), "num_judgments": 2})
+    assert flow_run.state.is_completed(), flow_run.state
+    [export] = list(root.glob("tiny/evaluations/*/alpaca_eval.json"))
+    outputs = json.loads(export.read_text())
+    assert len(outputs) == 12 and {row["generator"] for row in outputs} == {f"tiny-{export.parent.name}"}
+    task_runs = {run.name.rsplit("-", 1)[0]: run for run in _task_runs(url, [flow_run.id])}
+    assert set(task_runs) == {"judge-agreement", "alpaca-eval-export"}
+    assert all(run.state.is_completed() for run in task_runs.values())
