@@ -65,7 +65,7 @@ def _evaluate_agreement(arguments: argparse.Namespace) -> int:
         table.add_row(name, f"{estimate.value:.3f}", f"[{estimate.low:.3f}, {estimate.high:.3f}]")
     Console().print(table)
     if arguments.output:
-        payload = {name: {"value": e.value, "ci_low": e.low, "ci_high": e.high} for name, e in estimates.items()}
+        payload = {name: estimate.as_dict() for name, estimate in estimates.items()}
         Path(arguments.output).write_text(json.dumps(payload, indent=2))
     return 0
 
@@ -75,7 +75,7 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
     outputs = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
-                                 arguments.column)
+                                 arguments.column).outputs
     print(f"{arguments.output}: {len(outputs)} answers in AlpacaEval's format (generator {outputs[0]['generator']!r})"
           if outputs else f"{arguments.output}: no prompts")
     return 0

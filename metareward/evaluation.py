@@ -4,6 +4,7 @@ with labelled rankings (sec. 3.4, Table 7), and the health checks that stop a ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,10 @@ class Estimate:
     low: float
     high: float
 
+    def as_dict(self) -> dict[str, float]:
+        """{"value", "ci_low", "ci_high"}: how estimates are written to JSON and returned by tasks."""
+        return {"value": self.value, "ci_low": self.low, "ci_high": self.high}
+
 
 def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -> dict[str, Estimate]:
     """Agreement of predicted scores with reference ranks (paper sec. 3.4, Table 7).
@@ -252,52 +257,62 @@ def alpaca_eval_outputs(prompts: Sequence[str], outputs: Sequence[str], generato
     return [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
 
 
+@dataclass(frozen=True)
+class AlpacaEvalExport:
+    """What export_alpaca_eval wrote: the outputs, and the content digest of the model that answered."""
+
+    outputs: list[dict[str, str]]
+    model_digest: str
+
+
+@contextmanager
+def _evaluated_model(config, model_path: str | None):
+    """(model URI, its content digest, a started backend serving it) for model_path (default: the seed
+    model), the model resolved to a local folder once; the backend is closed on exit."""
+    from metareward.inference import create_backend
+    from metareward.models import model_digest, resolve_model
+
+    model = model_path or config.model.path
+    local = resolve_model(model)
+    backend = create_backend(config.model, config.inference, local, seed=config.seed)
+    try:
+        yield model, model_digest(local), backend
+    finally:
+        backend.close()
+
+
 def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str | None = None,
                              num_judgments: int | None = None, bootstrap: int = 1000) -> dict[str, Estimate]:
     """Judge agreement (sec. 3.4) of model_path (default: the campaign's seed model) with a labelled-ranking
     file, judging with the last iteration's judge sampling and verdict mode, N = num_judgments (default:
     the last iteration's). Logged to MLflow as an evaluation run when tracking is on."""
-    from metareward.inference import create_backend
-    from metareward.models import model_digest, resolve_model
-
     settings = config.iterations[-1]
-    model = model_path or config.model.path
+    num_judgments = num_judgments or settings.num_judgments
     rankings = load_labelled_rankings(rankings_path)
-    backend = create_backend(config.model, config.inference, resolve_model(model), seed=config.seed)
-    try:
-        scored = judge_labelled_responses(rankings, backend, num_judgments or settings.num_judgments,
-                                          settings.judge_sampling, config.seed, config.inference.verdict_mode)
-    finally:
-        backend.close()
+    with _evaluated_model(config, model_path) as (model, digest, backend):
+        scored = judge_labelled_responses(rankings, backend, num_judgments, settings.judge_sampling, config.seed,
+                                          config.inference.verdict_mode)
     estimates = judge_agreement(scored, bootstrap=bootstrap, seed=config.seed)
     metrics = {f"agreement/{name}{suffix}": value for name, estimate in estimates.items()
                for suffix, value in (("", estimate.value), ("_ci_low", estimate.low), ("_ci_high", estimate.high))}
     metrics["agreement/valid_judgment_rate"] = float(scored["valid_judgments"].fill_null(0).sum()) / (
-        scored.height * (num_judgments or settings.num_judgments))
-    _log_evaluation(config, "judge-agreement", model, model_digest(resolve_model(model)), metrics, rankings_path,
-                    scored)
+        scored.height * num_judgments)
+    _log_evaluation(config, "judge-agreement", model, digest, metrics, rankings_path, scored)
     return estimates
 
 
 def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path, model_path: str | None = None,
-                       generator: str | None = None, column: str = "prompt") -> list[dict[str, str]]:
+                       generator: str | None = None, column: str = "prompt") -> AlpacaEvalExport:
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
     outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
     iteration's actor sampling. Logged to MLflow as an evaluation run when tracking is on."""
     import json
 
-    from metareward.inference import create_backend
-    from metareward.models import model_digest, resolve_model
     from metareward.tables import load_prompts
 
-    model = model_path or config.model.path
-    digest = model_digest(resolve_model(model))
     prompts = load_prompts(prompts_path, column).table["prompt"].to_list()
-    backend = create_backend(config.model, config.inference, resolve_model(model), seed=config.seed)
-    try:
+    with _evaluated_model(config, model_path) as (model, digest, backend):
         answers = answer_prompts(prompts, backend, config.iterations[-1].actor_sampling, config.seed)
-    finally:
-        backend.close()
     outputs = alpaca_eval_outputs(prompts, answers, generator or f"{config.name}-{digest}")
     Path(output_path).write_text(json.dumps(outputs, indent=2, ensure_ascii=False), encoding="utf-8")
     lengths = [len(answer) for answer in answers]
@@ -305,7 +320,7 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
                     {"export/answers": float(len(answers)), "export/mean_chars": float(np.mean(lengths)) if lengths else 0.0,
                      "export/empty_answers": float(sum(not answer for answer in answers))},
                     prompts_path, pl.DataFrame(outputs))
-    return outputs
+    return AlpacaEvalExport(outputs, digest)
 
 
 def _log_evaluation(config, kind: str, model: str, digest: str, metrics: dict[str, float], input_path,

@@ -151,7 +151,7 @@ class Tracker:
         """The campaign's run: the one a previous run of the same config created (set running again), or a
         new one with the flattened config as params and the config as `config.yaml`."""
         digest = config_digest(self.config)
-        found = self._find_run(f"tags.`{TAG}.kind` = 'campaign' AND tags.`{TAG}.config_digest` = '{digest}'")
+        found = self._existing_campaign_run()
         if found:
             self.client.update_run(found, status="RUNNING")
             return found
@@ -189,6 +189,10 @@ class Tracker:
             self.client.set_tag(run_id, f"{TAG}.error", f"{type(error).__name__}: {error}"[:5000])
         self.client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
 
+    def _existing_campaign_run(self) -> str | None:
+        return self._find_run(f"tags.`{TAG}.kind` = 'campaign' AND tags.`{TAG}.config_digest` = "
+                              f"'{config_digest(self.config)}'")
+
     def _find_run(self, filter_string: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1,
                                        order_by=["attributes.start_time DESC"])
@@ -198,8 +202,12 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(key, value) for key, value in params.items()]
-        for start in range(0, len(items), 100):
+        for start in range(0, len(items), 100):  # MLflow's limit of params per batch
             self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def _log_metric_items(self, run_id: str, items: list) -> None:
+        for start in range(0, len(items), 500):  # well under MLflow's 1,000 metrics per batch
+            self.client.log_batch(run_id, metrics=items[start:start + 500])
 
     # One iteration ---------------------------------------------------------------------------------------
 
@@ -210,13 +218,14 @@ class Tracker:
         lineage. Only `stages` are read (those this run finished: another config of the same campaign may
         have left manifests of later stages). An iteration whose checkpoint was already logged is skipped;
         a partial one (e.g. stopped by a health check) is logged as far as it got."""
-        stored = stage_manifests(self.store, self.config.name).get(iteration, {})
-        manifests = {stage: manifest for stage, manifest in stored.items() if stage in stages}
+        campaign = stage_manifests(self.store, self.config.name)
+        manifests = {stage: manifest for stage, manifest in campaign.get(iteration, {}).items() if stage in stages}
         if not manifests:
             return
         checkpoint = manifests.get("checkpoint")
         logged_key = checkpoint["shards"]["all"]["cache_key"] if checkpoint else None
-        if logged_key and self.client.get_run(run_id).data.tags.get(f"{TAG}.logged") == logged_key:
+        run_tags = self.client.get_run(run_id).data.tags
+        if logged_key and run_tags.get(f"{TAG}.logged") == logged_key:
             return
         tables = {stage: read_stage_table(self.store, manifests[stage], columns)
                   for stage, columns in _REPORT_COLUMNS.items() if stage in manifests}
@@ -225,20 +234,19 @@ class Tracker:
         self._log_metrics(parent_run_id, metrics, step=iteration)
         datasets = {stage: self._dataset(manifest) for stage, manifest in manifests.items() if stage in DATASET_CONTEXTS}
         self._log_datasets(run_id, datasets)
-        self._log_score_figures(parent_run_id, run_id, iteration, tables.get("judgments"))
+        if "judgments" in tables:
+            self._log_score_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
         if checkpoint:
             curves = read_stage_table(self.store, checkpoint)
             self._log_training_curves(run_id, curves)
-            self._log_models(run_id, iteration, manifests, datasets, curves)
+            self._log_models(run_id, iteration, manifests, datasets, curves, run_tags.get(f"{TAG}.model_uri", ""))
             self.client.set_tag(run_id, f"{TAG}.logged", logged_key)
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = _millis()
-        items = [Metric(key, value, now, step) for key, value in metrics.items()]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+        self._log_metric_items(run_id, [Metric(key, value, now, step) for key, value in metrics.items()])
 
     def _dataset(self, manifest: dict) -> dict[str, Any]:
         shards = [shard for _, shard in sorted(manifest["shards"].items())]
@@ -268,18 +276,18 @@ class Tracker:
                 InputTag("mlflow.data.context", DATASET_CONTEXTS.get(stage, "evaluation"))]))
         self.client.log_inputs(run_id, datasets=inputs)
 
-    def _log_score_figures(self, parent_run_id: str, run_id: str, iteration: int,
-                           judgments: pl.DataFrame | None) -> None:
-        if judgments is None:
-            return
+    def _log_score_figures(self, parent_run_id: str, run_id: str, iteration: int, judgments: pl.DataFrame,
+                           campaign: dict[int, dict[str, dict]]) -> None:
+        """The iteration's score figure, and the campaign run's overlay of iterations 1..t (earlier
+        iterations' judgments read from the store's manifests in `campaign`)."""
+        scores = judgments["score"].to_list()
         self.client.log_figure(run_id, score_distribution_figure(
-            {f"iteration {iteration}": judgments["score"].to_list()},
+            {f"iteration {iteration}": scores},
             title=f"{self.config.name}: judge scores, iteration {iteration}"), "figures/score_distribution.png")
-        by_iteration = {}
-        for earlier, manifests in stage_manifests(self.store, self.config.name).items():
-            if earlier <= iteration and "judgments" in manifests:
-                scores = read_stage_table(self.store, manifests["judgments"], ["score"])["score"].to_list()
-                by_iteration[f"iteration {earlier}"] = scores
+        by_iteration = {
+            f"iteration {earlier}": read_stage_table(self.store, manifests["judgments"], ["score"])["score"].to_list()
+            for earlier, manifests in campaign.items() if earlier < iteration and "judgments" in manifests}
+        by_iteration[f"iteration {iteration}"] = scores
         self.client.log_figure(parent_run_id, score_distribution_figure(
             by_iteration, title=f"{self.config.name}: judge scores by iteration (cf. paper Fig. 5)"),
             "figures/score_distribution_by_iteration.png")
@@ -288,11 +296,10 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = _millis()
-        items = [Metric(f"train/{column}", float(value), now, int(step))
-                 for row in curves.iter_rows(named=True) for column, value in row.items()
-                 if column != "step" and (step := row["step"]) is not None and value is not None]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+        self._log_metric_items(run_id, [
+            Metric(f"train/{column}", float(value), now, int(step))
+            for row in curves.iter_rows(named=True) for column, value in row.items()
+            if column != "step" and (step := row["step"]) is not None and value is not None])
 
     # Evaluations -----------------------------------------------------------------------------------------
 
@@ -305,8 +312,7 @@ class Tracker:
 
         from metareward.pipeline import file_digest
 
-        parent = self._find_run(f"tags.`{TAG}.kind` = 'campaign' AND tags.`{TAG}.config_digest` = "
-                                f"'{config_digest(self.config)}'")
+        parent = self._existing_campaign_run()
         tags = {f"{TAG}.kind": "evaluation", f"{TAG}.evaluation": kind, f"{TAG}.campaign": self.config.name,
                 f"{TAG}.model_digest": model_digest, f"{TAG}.model_uri": _redact(model_uri)}
         if parent:
@@ -328,12 +334,11 @@ class Tracker:
     # Models ----------------------------------------------------------------------------------------------
 
     def _log_models(self, run_id: str, iteration: int, manifests: dict[str, dict],
-                    datasets: dict[str, dict[str, Any]], curves: pl.DataFrame) -> None:
+                    datasets: dict[str, dict[str, Any]], curves: pl.DataFrame, parent_uri: str) -> None:
         from mlflow.entities import LoggedModelInput, LoggedModelOutput
 
         stats = manifests["checkpoint"]["stats"]
         parent_digest = manifests["checkpoint"]["model_id"]
-        parent_uri = self.client.get_run(run_id).data.tags.get(f"{TAG}.model_uri", "")
         parent = self.logged_model(parent_digest, parent_uri, f"{self.config.name}-M{iteration}")
         self.client.log_inputs(run_id, models=[LoggedModelInput(parent.model_id)])
         if stats.get("kept_previous_model"):

@@ -10,7 +10,6 @@ from prefect.cache_policies import NO_CACHE
 
 from metareward.config import CampaignConfig
 from metareward.evaluation import evaluate_judge_agreement, export_alpaca_eval
-from metareward.models import model_digest, resolve_model
 from metareward.store import ArtifactStore
 from tasks.common import GPU_TAG, RETRIES, RETRY_DELAYS
 
@@ -21,18 +20,17 @@ _OPTIONS = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAYS, "cache_poli
 def judge_agreement(config: CampaignConfig, rankings: str, model: str | None, num_judgments: int | None) -> dict:
     """Agreement, agreement without ties and Spearman with their 95% CIs (see evaluate_judge_agreement)."""
     estimates = evaluate_judge_agreement(config, rankings, model, num_judgments)
-    return {name: {"value": e.value, "ci_low": e.low, "ci_high": e.high} for name, e in estimates.items()}
+    return {name: estimate.as_dict() for name, estimate in estimates.items()}
 
 
 @task(name="alpaca-eval-export", **_OPTIONS)
 def alpaca_eval_export(config: CampaignConfig, prompts: str, model: str | None) -> str:
     """The model's answers in AlpacaEval's format, stored at {campaign}/evaluations/{digest}/alpaca_eval.json
     in the artifact store; returns that URI."""
-    digest = model_digest(resolve_model(model or config.model.path))
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / "alpaca_eval.json"
-        export_alpaca_eval(config, prompts, local, model)
+        export = export_alpaca_eval(config, prompts, local, model)
         store = ArtifactStore(config.artifact_root)
-        key = f"{config.name}/evaluations/{digest}/alpaca_eval.json"
+        key = f"{config.name}/evaluations/{export.model_digest}/alpaca_eval.json"
         store.write_bytes(key, local.read_bytes())
     return store.uri(key)
