@@ -28,16 +28,16 @@ def run_shards_as_flow_runs(config: CampaignConfig, jobs: list[Job]) -> list[Job
     store = ArtifactStore(config.artifact_root)
     parent = get_run_context().flow_run
     attempt = f"{parent.id}:{parent.run_count}"
+    results = {job.key: finished(store, job) for job in jobs}
     pending: dict = {}
     for job in jobs:
-        if finished(store, job) is None:
+        if results[job.key] is None:
             flow_run = run_deployment(
                 config.orchestration.shard_deployment, parameters={"config": config, "job": job}, timeout=0,
                 flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{attempt}:{job.key}",
                 tags=[config.name, job.stage, f"iter-{job.iteration}"],
             )
             pending[flow_run.id] = (job, flow_run.name)
-    started = list(pending.values())
     if pending:
         get_run_logger().info("%s: %d shard flow run(s) of %s in flight", jobs[0].stage, len(pending),
                               config.orchestration.shard_deployment)
@@ -55,12 +55,12 @@ def run_shards_as_flow_runs(config: CampaignConfig, jobs: list[Job]) -> list[Job
                                     f"{state.message or 'no message'}")
     if failures:
         raise ShardRunFailed("; ".join(failures))
-    ran = {job.key for job, _ in started}
-    results = [finished(store, job) for job in jobs]
-    for job, result in zip(jobs, results):
-        if result is not None and job.key in ran:
-            result.cached = False
-    missing = [job.run_name for job, result in zip(jobs, results) if result is None]
+    for job in jobs:
+        if results[job.key] is None:  # it ran as a flow run: its table is new, not cached
+            results[job.key] = finished(store, job)
+            if results[job.key] is not None:
+                results[job.key].cached = False
+    missing = [job.run_name for job in jobs if results[job.key] is None]
     if missing:
         raise ShardRunFailed(f"shard flow run(s) completed but their tables are not in the store: {missing}")
-    return results
+    return [results[job.key] for job in jobs]
