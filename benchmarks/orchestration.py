@@ -24,7 +24,7 @@ from prefect import flow  # noqa: E402
 
 from flows.iteration import iteration_flow  # noqa: E402
 from metareward.config import CampaignConfig  # noqa: E402
-from metareward.execution import add_job_listener  # noqa: E402
+from metareward.jobs import add_job_listener  # noqa: E402
 
 
 @flow(name="warm-up")

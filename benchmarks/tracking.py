@@ -24,7 +24,7 @@ import httpx
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from metareward.config import CampaignConfig  # noqa: E402
-from metareward.pipeline import stage_manifests  # noqa: E402
+from metareward.manifests import stage_manifests  # noqa: E402
 from metareward.store import ArtifactStore  # noqa: E402
 from metareward.tracking import Tracker  # noqa: E402
 

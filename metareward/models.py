@@ -110,7 +110,7 @@ def smollm2_model(cache_dir: str | Path | None = None) -> Path:
     The GGUF is dequantised by transformers; the model is rebuilt from its config without the
     quantization settings so that transformers and vLLM load it like any checkpoint.
     """
-    cache_dir = Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
+    cache_dir = model_cache_dir(cache_dir)
     target = cache_dir / "SmolLM2-135M-Instruct"
     if (target / MODEL_DIGEST_FILE).is_file():
         return target
@@ -135,6 +135,12 @@ def smollm2_model(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def model_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where converted models, downloaded checkpoints and folder digests are kept: cache_dir, else
+    $METAREWARD_MODEL_CACHE, else ~/.cache/metareward."""
+    return Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
+
+
 def resolve_model(path: str, cache_dir: str | Path | None = None) -> str:
     """A local folder (or hub id) that transformers and vLLM can load for a model.path or checkpoint URI:
     the builtin demo model is converted once; an s3:// checkpoint is downloaded once into the local cache
@@ -146,8 +152,7 @@ def resolve_model(path: str, cache_dir: str | Path | None = None) -> str:
 
         store = ArtifactStore(path)
         model_id = store.read_bytes(MODEL_DIGEST_FILE).decode().strip()
-        cache = Path(cache_dir or os.environ.get("METAREWARD_MODEL_CACHE", Path.home() / ".cache" / "metareward"))
-        target = cache / "checkpoints" / model_id
+        target = model_cache_dir(cache_dir) / "checkpoints" / model_id
         if not (target / MODEL_DIGEST_FILE).is_file():
             staging = target.with_suffix(".partial")
             shutil.rmtree(staging, ignore_errors=True)
@@ -158,12 +163,26 @@ def resolve_model(path: str, cache_dir: str | Path | None = None) -> str:
     return path
 
 
+def model_id_of(path: str, cache_dir: str | Path | None = None) -> str:
+    """The model_id (content digest) of a model.path or checkpoint URI without loading or downloading its
+    weights: an s3:// checkpoint's model_id.txt is read from the store, a local folder's model_id.txt or
+    its digest (computed once, see model_digest), the builtin demo model's after its one-time conversion; a
+    hub id is identified by its name."""
+    if path.startswith("s3://"):
+        from metareward.store import ArtifactStore
+
+        return ArtifactStore(path).read_bytes(MODEL_DIGEST_FILE).decode().strip()
+    if path == BUILTIN_DEMO_MODEL:
+        return model_digest(smollm2_model(cache_dir), cache_dir)
+    return model_digest(path, cache_dir)
+
+
 def compute_model_digest(path: str | Path) -> str:
     """A 16-hex-digit blake2b digest of every file of a model folder (names and bytes, sorted by name),
     excluding the digest file itself: equal folders have equal digests wherever they are."""
     path = Path(path)
     digest = hashlib.blake2b(digest_size=8)
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MODEL_DIGEST_FILE):
+    for file in _model_files(path):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -178,15 +197,37 @@ def write_model_digest(path: str | Path) -> str:
     return digest
 
 
-def model_digest(path: str | Path) -> str:
-    """The model_id of a local model folder: model_id.txt when present, else computed from its files.
-    A hub id that is not a local folder is identified by its name (hash of the name)."""
+def model_digest(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """The model_id of a local model folder: model_id.txt when present, else its content digest, computed
+    once and remembered in the model cache (keyed by the folder and its files' names, sizes and modification
+    times, so an edited file is hashed again). A hub id that is not a local folder is identified by its name
+    (hash of the name)."""
     folder = Path(path)
     if (folder / MODEL_DIGEST_FILE).is_file():
         return (folder / MODEL_DIGEST_FILE).read_text().strip()
-    if folder.is_dir():
-        return compute_model_digest(folder)
-    return hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+    if not folder.is_dir():
+        return hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+    folder = folder.resolve()
+    signature = hashlib.blake2b(digest_size=8)
+    for file in _model_files(folder):
+        stat = file.stat()
+        signature.update(f"{file.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    remembered = model_cache_dir(cache_dir) / "digests" / (
+        hashlib.blake2b(str(folder).encode(), digest_size=8).hexdigest() + ".json")
+    if remembered.is_file():
+        entry = json.loads(remembered.read_text())
+        if entry.get("signature") == signature.hexdigest():
+            return entry["digest"]
+    digest = compute_model_digest(folder)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    staging = remembered.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps({"folder": str(folder), "signature": signature.hexdigest(), "digest": digest}))
+    staging.replace(remembered)
+    return digest
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MODEL_DIGEST_FILE)
 
 
 def read_model_config(path: str | Path) -> dict:

@@ -96,7 +96,7 @@ def select_actor_pairs(
             pl.lit(model_id, pl.String).alias("model_id"),
         )
     )
-    table = validate_table(table.cast(dict(ACTOR_PAIRS)), "actor_pairs")
+    table = validate_table(table.cast(dict(ACTOR_PAIRS)), ACTOR_PAIRS, "actor_pairs")
     stats.rows = table.height
     return table, stats
 
@@ -151,7 +151,7 @@ def rank_judgments(
         )
     )
     if ranked.is_empty():
-        return validate_table(pl.DataFrame(schema=JUDGMENT_ELO), "judgment_elo"), stats
+        return validate_table(pl.DataFrame(schema=JUDGMENT_ELO), JUDGMENT_ELO, "judgment_elo"), stats
     index_of = ranked.select("judgment_id", "group", "index")
     battles = verdicts.join(index_of, left_on="first_id", right_on="judgment_id").join(
         index_of.select("judgment_id", second_index="index"), left_on="second_id", right_on="judgment_id"
@@ -177,7 +177,7 @@ def rank_judgments(
         )
         .sort("prompt_id", "response_id", "judgment_id")
     )
-    table = validate_table(table, "judgment_elo")
+    table = validate_table(table, JUDGMENT_ELO, "judgment_elo")
     stats.rows = table.height
     stats.counts["elo_spread_mean"] = float(
         table.group_by("response_id").agg((pl.col("elo").max() - pl.col("elo").min()).alias("s"))["s"].mean()
@@ -233,7 +233,7 @@ def select_judge_pairs(
         "chosen_id", "rejected_id", "chosen_elo", "rejected_elo", "chosen_chars", "rejected_chars",
         pl.lit(iteration, pl.Int32).alias("iteration"), pl.lit(model_id, pl.String).alias("model_id"),
     )
-    table = validate_table(table.cast(dict(JUDGE_PAIRS)), "judge_pairs")
+    table = validate_table(table.cast(dict(JUDGE_PAIRS)), JUDGE_PAIRS, "judge_pairs")
     stats.rows = table.height
     return table, stats
 
@@ -248,7 +248,7 @@ def build_dpo_dataset(
     parts = [actor_pairs.select(*common, pl.lit("actor").alias("kind"), "iteration", "model_id")]
     if train_judge and judge_pairs is not None:
         parts.append(judge_pairs.select(*common, pl.lit("judge").alias("kind"), "iteration", "model_id"))
-    table = validate_table(pl.concat(parts).cast(dict(DPO_DATASET)), "dpo_dataset")
+    table = validate_table(pl.concat(parts).cast(dict(DPO_DATASET)), DPO_DATASET, "dpo_dataset")
     stats.rows = table.height
     stats.counts.update(
         actor_pairs=int((table["kind"] == "actor").sum()), judge_pairs=int((table["kind"] == "judge").sum())

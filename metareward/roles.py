@@ -12,7 +12,7 @@ from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest,
 from metareward.parsing import parse_score, parse_winner
 from metareward.prompts import SCORE_PREFIX, WINNER_PREFIX, render_judge_prompt, render_meta_judge_prompt
 from metareward.stats import StageStats
-from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed, validate_table
+from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
 
 VERDICT_MODES = ("free", "forced")
 SCORE_CHOICES = tuple(str(score) for score in range(6))
@@ -49,7 +49,7 @@ def generate_responses(
                 (prompt_id, content_id(prompt_id, completion.text), sample_idx, completion.text,
                  len(completion.text), completion.n_tokens, completion.finish_reason, iteration, model_id)
             )
-    table = validate_table(pl.DataFrame(rows, schema=RESPONSES, orient="row"), "responses")
+    table = pl.DataFrame(rows, schema=RESPONSES, orient="row")
     stats.rows = table.height
     stats.counts["chars_sum"] = int(table["n_chars"].sum())
     return table, stats
@@ -100,7 +100,7 @@ def judge_responses(
             (prompt_id, response_id, content_id(response_id, str(sample_idx), text), sample_idx, text, score,
              verdict_mode, len(text), completion.n_tokens, completion.finish_reason, iteration, model_id)
         )
-    table = validate_table(pl.DataFrame(rows, schema=JUDGMENTS, orient="row"), "judgments")
+    table = pl.DataFrame(rows, schema=JUDGMENTS, orient="row")
     stats.rows = table.height
     stats.counts.update(chars_sum=int(table["n_chars"].sum()), score_sum=float(table["score"].sum()),
                         valid_scores=int(table["score"].count()), top_scores=int((table["score"] == 5).sum()))
@@ -162,7 +162,7 @@ def meta_judge(
         rows.append(
             (*keys[i], text, winner, verdict_mode, completion.n_tokens, completion.finish_reason, iteration, model_id)
         )
-    table = validate_table(pl.DataFrame(rows, schema=META_JUDGMENTS, orient="row"), "meta_judgments")
+    table = pl.DataFrame(rows, schema=META_JUDGMENTS, orient="row")
     stats.rows = table.height
     stats.counts.update(winner_a=int((table["winner"] == "A").sum()), winner_b=int((table["winner"] == "B").sum()))
     return table, stats

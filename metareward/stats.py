@@ -1,4 +1,5 @@
-"""Statistics every stage returns: rows, requests, skips, parse failures, tokens, time, stage-specific counts."""
+"""Statistics every stage returns (rows, requests, skips, parse failures, tokens, time, stage-specific counts) and
+their combination over a stage's shards."""
 
 from __future__ import annotations
 
@@ -61,34 +62,3 @@ def combine(stage: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 _DERIVED = {"parse_failure_rate", "tokens_per_second", "mean_score", "mean_chars"}
-
-
-SUMMARY_HEADER = ("stage", "shards", "rows", "parse fail", "mean score", "mean chars", "tok/s", "seconds")
-
-
-def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
-    """One formatted row per stage (see SUMMARY_HEADER); blank where a figure does not apply."""
-    rows = []
-    for stage, stats in stages.items():
-        rows.append((
-            stage,
-            str(stats.get("shards", "")),
-            str(stats.get("rows", "")),
-            f"{stats['parse_failure_rate']:.1%}" if stats.get("parse_failures") is not None and stage in _PARSED else "",
-            f"{stats['mean_score']:.2f}" if "mean_score" in stats else "",
-            f"{stats['mean_chars']:.0f}" if "mean_chars" in stats else "",
-            f"{stats['tokens_per_second']:.1f}" if stats.get("completion_tokens") else "",
-            f"{stats.get('seconds', 0.0):.1f}",
-        ))
-    return rows
-
-
-_PARSED = {"judgments", "meta_judgments"}
-
-
-def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of an iteration's stages, for the Prefect artifact of the iteration."""
-    lines = [f"# {campaign} — iteration {iteration}", "", f"Model M_{iteration}: `{model_id}`", "",
-             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(stages)]
-    return "\n".join(lines) + "\n"

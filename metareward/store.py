@@ -9,6 +9,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,10 @@ class ArtifactStore:
         key = self.key_of(key_or_uri)
         return pl.read_parquet(io.BytesIO(self.read_bytes(key)), columns=columns)
 
+    def read_tables(self, keys_or_uris: list[str], columns: list[str] | None = None) -> pl.DataFrame:
+        """The concatenation of tables given by key or URI, in order (only `columns`, when given)."""
+        return pl.concat([self.read_table(item, columns) for item in keys_or_uris], how="vertical")
+
     def write_json(self, key: str, value: Any) -> None:
         """Write a JSON document atomically."""
         self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
@@ -172,3 +177,14 @@ class ArtifactStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read_bytes(file_key))
         return local_folder
+
+
+def open_store(root: str) -> ArtifactStore:
+    """The process's artifact store of a root: made once and handed out again (same filesystem object), as
+    long as the S3 endpoint in the environment stays the same."""
+    return _open_store(root, json.dumps(s3_storage_options(), sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _open_store(root: str, options: str) -> ArtifactStore:
+    return ArtifactStore(root)

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 _PROVENANCE = {"iteration": pl.Int32, "model_id": pl.String}
@@ -102,17 +103,27 @@ DPO_DATASET = pl.Schema(
     {"prompt_id": pl.String, "prompt": _CHAT, "chosen": _CHAT, "rejected": _CHAT, "kind": pl.String, **_PROVENANCE}
 )
 
-SCHEMAS: dict[str, pl.Schema] = {
-    "prompts": PROMPTS,
-    "responses": RESPONSES,
-    "judgments": JUDGMENTS,
-    "meta_judgments": META_JUDGMENTS,
-    "judgment_elo": JUDGMENT_ELO,
-    "actor_pairs": ACTOR_PAIRS,
-    "judge_pairs": JUDGE_PAIRS,
-    "dpo_dataset": DPO_DATASET,
-}
-"""Every pipeline table by name; a stage's output must match its schema exactly (validate_table)."""
+
+@dataclass(frozen=True)
+class ContentFile:
+    """A file a stage reads, identified in its key by the digest of its bytes (not by where it lies)."""
+
+    path: str
+    digest: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> ContentFile:
+        """The file at `path` with its blake2b digest."""
+        return cls(str(path), file_digest(path))
+
+
+def file_digest(path: str | Path) -> str:
+    """blake2b digest of a file's bytes."""
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class TableSchemaError(ValueError):
@@ -139,10 +150,9 @@ def content_seed(*parts: object) -> int:
     return int(content_id(*map(str, parts)), 16) % (2**31 - 1)
 
 
-def validate_table(table: pl.DataFrame, name: str) -> pl.DataFrame:
-    """Return table unchanged if its columns and dtypes equal SCHEMAS[name]; raise TableSchemaError naming
-    the missing, extra or mistyped columns otherwise."""
-    expected = SCHEMAS[name]
+def validate_table(table: pl.DataFrame, expected: pl.Schema, name: str) -> pl.DataFrame:
+    """Return table unchanged if its columns and dtypes equal `expected`; raise TableSchemaError naming the
+    table, and the missing, extra or mistyped columns otherwise."""
     actual = table.schema
     problems = [f"missing column {column!r}" for column in expected if column not in actual]
     problems += [f"unexpected column {column!r}" for column in actual if column not in expected]
@@ -217,7 +227,17 @@ def load_prompts(path: str | Path, column: str = "prompt") -> PromptSet:
         pl.col(column).alias("prompt"),
         pl.when(source.fill_null("") == "").then(pl.lit(path.name)).otherwise(source).alias("source"),
     )
-    return PromptSet(table=validate_table(table, "prompts"), empty_rows=empty_rows, duplicate_rows=duplicate_rows)
+    return PromptSet(table=validate_table(table, PROMPTS, "prompts"), empty_rows=empty_rows, duplicate_rows=duplicate_rows)
+
+
+def select_iteration_prompts(table: pl.DataFrame, seed: int, block_sizes: list[int | None]) -> pl.DataFrame:
+    """The prompts of iteration t = len(block_sizes): the prompt table in a seeded random order, iteration t
+    taking the t-th block of block_sizes[t-1] prompts (None: all) after the blocks of the earlier iterations —
+    disjoint across iterations while the table lasts, then wrapping around — in table order within the block."""
+    sizes = [size or table.height for size in block_sizes]
+    order = np.random.default_rng(seed).permutation(table.height)
+    picked = np.sort(order[(sum(sizes[:-1]) + np.arange(min(sizes[-1], table.height))) % table.height])
+    return table[picked]
 
 
 _ROW = "__row__"

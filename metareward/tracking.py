@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,36 +30,12 @@ from typing import Any
 import polars as pl
 
 from metareward.config import CampaignConfig
-from metareward.evaluation import iteration_report, score_distribution_figure
-from metareward.pipeline import read_stage_table, stage_manifests
-from metareward.store import ArtifactStore
-from metareward.tables import SCHEMAS
-
-TAG = "metareward"
-DATASET_CONTEXTS = {
-    "prompts": "generation",
-    "responses": "generation",
-    "judgments": "evaluation",
-    "meta_judgments": "evaluation",
-    "judgment_elo": "evaluation",
-    "actor_pairs": "training",
-    "judge_pairs": "training",
-    "dpo_dataset": "training",
-}
-"""MLflow dataset context of each stage table logged as an iteration run's input."""
-
-_REPORT_COLUMNS = {
-    "responses": ["response_id", "n_chars", "n_tokens"],
-    "judgments": ["judgment_id", "score", "n_chars"],
-    "meta_judgments": ["first_id", "second_id", "winner"],
-    "judgment_elo": ["response_id", "elo"],
-    "actor_pairs": ["prompt_id"],
-    "judge_pairs": ["prompt_id"],
-    "dpo_dataset": ["prompt_id"],
-}
-_SECRET_KEY = re.compile(r"(password|secret|token|credential)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
-_PARAM_VALUE_LIMIT = 6000
+from metareward.lineage import TAG, ModelLineage, flatten_params, redact
+from metareward.manifests import read_stage_table, stage_manifests
+from metareward.report import iteration_report, score_distribution_figure
+from metareward.stages import stage
+from metareward.store import open_store
+from metareward.tables import file_digest
 
 
 class TrackingError(RuntimeError):
@@ -73,7 +49,7 @@ def tracking_target(config: CampaignConfig) -> tuple[str, str | None]:
     settings = config.tracking
     uri = settings.uri
     if uri is None:
-        store = ArtifactStore(config.artifact_root)
+        store = open_store(config.artifact_root)
         folder = Path(store.root) / "_mlflow" if store.protocol == "file" else Path("mlflow").resolve()
         folder.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -83,23 +59,6 @@ def tracking_target(config: CampaignConfig) -> tuple[str, str | None]:
         database.parent.mkdir(parents=True, exist_ok=True)
         location = (database.parent.resolve() / "artifacts").as_uri()
     return uri, location
-
-
-def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
-    """A nested config as flat MLflow params ("iterations.0.dpo.beta" → "0.1"): URLs lose any user:password,
-    keys that name a secret are left out, values are cut to MLflow's 6,000 characters."""
-    flat: dict[str, str] = {}
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not _SECRET_KEY.search(str(key)):
-                flat.update(flatten_params(item, f"{prefix}{key}."))
-    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-        for index, item in enumerate(value):
-            flat.update(flatten_params(item, f"{prefix}{index}."))
-    else:
-        text = _URL_USERINFO.sub(r"\g<scheme>***@", json.dumps(value) if isinstance(value, list) else str(value))
-        flat[prefix.rstrip(".")] = text[:_PARAM_VALUE_LIMIT]
-    return flat
 
 
 def config_digest(config: CampaignConfig) -> str:
@@ -118,14 +77,15 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.config = config
-        self.store = ArtifactStore(config.artifact_root)
+        self.store = open_store(config.artifact_root)
         self.uri, self._artifact_location = tracking_target(config)
         # Registering a version from "models:/<id>" resolves the logged model through the fluent URIs.
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(self.uri, self.uri)
-        self.registered_model = config.tracking.registered_model or config.name
         self.experiment_id = self._experiment()
+        self.lineage = ModelLineage(self.client, self.experiment_id, config.name,
+                                    config.tracking.registered_model or config.name)
 
     def _experiment(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -135,7 +95,7 @@ class Tracker:
             existing = self.client.get_experiment_by_name(name)
             if existing is not None:
                 if existing.lifecycle_stage == "deleted":
-                    raise TrackingError(f"MLflow experiment {name!r} at {_redact(self.uri)} is deleted: restore it "
+                    raise TrackingError(f"MLflow experiment {name!r} at {redact(self.uri)} is deleted: restore it "
                                         "(mlflow experiments restore) or set tracking.experiment")
                 return existing.experiment_id
             return self.client.create_experiment(name, artifact_location=self._artifact_location,
@@ -143,7 +103,7 @@ class Tracker:
         except MlflowException as error:
             if "already exists" in str(error):
                 return self.client.get_experiment_by_name(name).experiment_id
-            raise TrackingError(f"MLflow at {_redact(self.uri)} (tracking.uri / MLFLOW_TRACKING_URI): {error}") from None
+            raise TrackingError(f"MLflow at {redact(self.uri)} (tracking.uri / MLFLOW_TRACKING_URI): {error}") from None
 
     # Runs ------------------------------------------------------------------------------------------------
 
@@ -157,9 +117,9 @@ class Tracker:
             return found
         run = self.client.create_run(self.experiment_id, run_name=self.config.name, tags={
             f"{TAG}.kind": "campaign", f"{TAG}.campaign": self.config.name, f"{TAG}.config_digest": digest,
-            f"{TAG}.artifact_root": _redact(self.store.root),
+            f"{TAG}.artifact_root": redact(self.store.root),
             "mlflow.note.content": f"Meta-Rewarding campaign {self.config.name}: {len(self.config.iterations)} "
-                                   f"iteration(s) from {self.config.model.path}; artifacts in {_redact(self.store.root)}",
+                                   f"iteration(s) from {self.config.model.path}; artifacts in {redact(self.store.root)}",
         })
         self._log_params(run.info.run_id, flatten_params(self.config.model_dump(mode="json", exclude={"tracking"})))
         self.client.log_text(run.info.run_id, self.config.to_yaml(), "config.yaml")
@@ -176,11 +136,11 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=f"iter-{iteration}", tags={
             "mlflow.parentRunId": parent_run_id, f"{TAG}.kind": "iteration", f"{TAG}.campaign": self.config.name,
             f"{TAG}.iteration": str(iteration), f"{TAG}.model_digest": model_digest,
-            f"{TAG}.model_uri": _redact(model_uri),
+            f"{TAG}.model_uri": redact(model_uri),
         })
         settings = self.config.iterations[iteration - 1].model_dump(mode="json")
         self._log_params(run.info.run_id, {**flatten_params(settings), "iteration": str(iteration),
-                                           "model.uri": _redact(model_uri), "model.digest": model_digest})
+                                           "model.uri": redact(model_uri), "model.digest": model_digest})
         return run.info.run_id
 
     def end_run(self, run_id: str, error: BaseException | None = None) -> None:
@@ -227,19 +187,21 @@ class Tracker:
         run_tags = self.client.get_run(run_id).data.tags
         if logged_key and run_tags.get(f"{TAG}.logged") == logged_key:
             return
-        tables = {stage: read_stage_table(self.store, manifests[stage], columns)
-                  for stage, columns in _REPORT_COLUMNS.items() if stage in manifests}
+        tables = {name: read_stage_table(self.store, manifest, list(stage(name).report_columns))
+                  for name, manifest in manifests.items() if stage(name).report_columns}
         metrics = {**_stage_metrics(manifests), **iteration_report(tables)}
         self._log_metrics(run_id, metrics, step=iteration)
         self._log_metrics(parent_run_id, metrics, step=iteration)
-        datasets = {stage: self._dataset(manifest) for stage, manifest in manifests.items() if stage in DATASET_CONTEXTS}
+        datasets = {name: self._dataset(manifest) for name, manifest in manifests.items()
+                    if stage(name).dataset_context}
         self._log_datasets(run_id, datasets)
         if "judgments" in tables:
             self._log_score_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
         if checkpoint:
             curves = read_stage_table(self.store, checkpoint)
             self._log_training_curves(run_id, curves)
-            self._log_models(run_id, iteration, manifests, datasets, curves, run_tags.get(f"{TAG}.model_uri", ""))
+            self.lineage.log_models(run_id, iteration, checkpoint, datasets, curves, run_tags.get(f"{TAG}.model_uri", ""),
+                                    self.config.iterations[iteration - 1].dpo.model_dump(mode="json"))
             self.client.set_tag(run_id, f"{TAG}.logged", logged_key)
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -256,24 +218,25 @@ class Tracker:
             source = self.store.uri(manifest["key"])
             digest = hashlib.blake2b("".join(s["digest"] for s in shards).encode(), digest_size=8).hexdigest()
         return {"name": f"{self.config.name}/iter-{manifest['iteration']}/{manifest['stage']}", "digest": digest,
-                "source": source, "rows": manifest["rows"], "shards": len(shards), "stage": manifest["stage"]}
+                "source": source, "rows": manifest["rows"], "shards": len(shards),
+                "context": stage(manifest["stage"]).dataset_context, "schema": stage(manifest["stage"]).schema}
 
-    def _log_datasets(self, run_id: str, datasets: dict[str, dict[str, Any]], schema=None) -> None:
+    def _log_datasets(self, run_id: str, datasets: dict[str, dict[str, Any]]) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = []
-        for stage, dataset in datasets.items():
+        for dataset in datasets.values():
             with warnings.catch_warnings():  # local paths match MLflow's local source twice; it picks either
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(dataset["source"])
-            meta = MetaDataset(source, name=dataset["name"],
-                               digest=dataset["digest"], schema=schema or _mlflow_schema(SCHEMAS[stage]))
+            meta = MetaDataset(source, name=dataset["name"], digest=dataset["digest"],
+                               schema=_mlflow_schema(dataset["schema"]))
             fields = meta.to_dict()
             fields["profile"] = json.dumps({"num_rows": dataset["rows"], "shards": dataset["shards"]})
             inputs.append(DatasetInput(Dataset(**fields), tags=[
-                InputTag("mlflow.data.context", DATASET_CONTEXTS.get(stage, "evaluation"))]))
+                InputTag("mlflow.data.context", dataset["context"])]))
         self.client.log_inputs(run_id, datasets=inputs)
 
     def _log_score_figures(self, parent_run_id: str, run_id: str, iteration: int, judgments: pl.DataFrame,
@@ -310,11 +273,9 @@ class Tracker:
         (the campaign's logged model of that checkpoint), and the per-row results as `results.parquet`."""
         from mlflow.entities import LoggedModelInput
 
-        from metareward.pipeline import file_digest
-
         parent = self._existing_campaign_run()
         tags = {f"{TAG}.kind": "evaluation", f"{TAG}.evaluation": kind, f"{TAG}.campaign": self.config.name,
-                f"{TAG}.model_digest": model_digest, f"{TAG}.model_uri": _redact(model_uri)}
+                f"{TAG}.model_digest": model_digest, f"{TAG}.model_uri": redact(model_uri)}
         if parent:
             tags["mlflow.parentRunId"] = parent
         run_id = self.client.create_run(self.experiment_id, run_name=f"{kind} {model_digest[:8]}", tags=tags).info.run_id
@@ -322,90 +283,14 @@ class Tracker:
         path = Path(input_path).resolve()
         self._log_datasets(run_id, {"evaluation": {
             "name": f"{self.config.name}/evaluation/{path.name}", "digest": file_digest(path), "source": str(path),
-            "rows": results.height, "shards": 1, "stage": "evaluation"}}, schema=_mlflow_schema(results.schema))
-        model = self.logged_model(model_digest, model_uri, f"{self.config.name}-{model_digest[:8]}")
+            "rows": results.height, "shards": 1, "context": "evaluation", "schema": results.schema}})
+        model = self.lineage.logged_model(model_digest, model_uri, f"{self.config.name}-{model_digest[:8]}")
         self.client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
         with tempfile.TemporaryDirectory() as folder:
             results.write_parquet(Path(folder) / "results.parquet")
             self.client.log_artifact(run_id, str(Path(folder) / "results.parquet"))
         self.end_run(run_id)
         return run_id
-
-    # Models ----------------------------------------------------------------------------------------------
-
-    def _log_models(self, run_id: str, iteration: int, manifests: dict[str, dict],
-                    datasets: dict[str, dict[str, Any]], curves: pl.DataFrame, parent_uri: str) -> None:
-        from mlflow.entities import LoggedModelInput, LoggedModelOutput
-
-        stats = manifests["checkpoint"]["stats"]
-        parent_digest = manifests["checkpoint"]["model_id"]
-        parent = self.logged_model(parent_digest, parent_uri, f"{self.config.name}-M{iteration}")
-        self.client.log_inputs(run_id, models=[LoggedModelInput(parent.model_id)])
-        if stats.get("kept_previous_model"):
-            self.client.set_tag(run_id, f"{TAG}.kept_previous_model", "true")
-            return
-        training = [datasets[stage] for stage in ("actor_pairs", "judge_pairs", "dpo_dataset") if stage in datasets]
-        lineage = [{key: d[key] for key in ("name", "digest", "source")} for d in training]
-        dpo = self.config.iterations[iteration - 1].dpo.model_dump(mode="json")
-        child = self.logged_model(
-            stats["model_id"], stats["model_uri"], f"{self.config.name}-M{iteration + 1}", source_run_id=run_id,
-            params=flatten_params(dpo, "dpo."),
-            tags={f"{TAG}.parent_model_id": parent.model_id, f"{TAG}.parent_model_digest": parent_digest,
-                  f"{TAG}.parent_model_uri": _redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)})
-        self.client.log_outputs(run_id, [LoggedModelOutput(child.model_id, step=iteration)])
-        if curves.height and "dpo_dataset" in datasets:
-            last = curves.sort("step").row(-1, named=True)
-            for column, value in last.items():
-                if column != "step" and value is not None:
-                    self.client.log_metric(run_id, f"final/{column}", float(value), step=iteration,
-                                           model_id=child.model_id, dataset_name=datasets["dpo_dataset"]["name"],
-                                           dataset_digest=datasets["dpo_dataset"]["digest"])
-        self._register(run_id, child, parent_digest, parent_uri, lineage)
-
-    def logged_model(self, digest: str, uri: str, name: str, source_run_id: str | None = None,
-                     params: dict[str, str] | None = None, tags: dict[str, str] | None = None):
-        """The experiment's logged model of the checkpoint with this content digest, created (with a
-        `checkpoint.json` artifact pointing at the artifact store) when there is none yet."""
-        from mlflow.entities import LoggedModelStatus
-
-        found = self.client.search_logged_models(
-            [self.experiment_id], filter_string=f"tags.`{TAG}.model_digest` = '{digest}'", max_results=1)
-        if found:
-            return found[0]
-        model = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=source_run_id, params=params, model_type="causal-lm",
-            tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": _redact(uri), **(tags or {})})
-        with tempfile.TemporaryDirectory() as folder:
-            pointer = {"model_uri": _redact(uri), "model_digest": digest, "campaign": self.config.name,
-                       "load": "metareward.models.resolve_model(model_uri) gives a local Hugging Face folder"}
-            (Path(folder) / "checkpoint.json").write_text(json.dumps(pointer, indent=2))
-            self.client.log_model_artifacts(model.model_id, folder)
-        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        return model
-
-    def _register(self, run_id: str, model, parent_digest: str, parent_uri: str, lineage: list[dict]) -> None:
-        from mlflow.exceptions import MlflowException
-
-        name = self.registered_model
-        if self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
-            return
-        try:
-            self.client.create_registered_model(name, description=f"Checkpoints of the Meta-Rewarding campaign "
-                                                                  f"{self.config.name}, one version per iteration")
-        except MlflowException as error:
-            if "already exists" not in str(error):
-                raise
-        parent_versions = self.client.search_model_versions(
-            f"name = '{name}' AND tags.`{TAG}.model_digest` = '{parent_digest}'")
-        parent_version = parent_versions[0].version if parent_versions else ""
-        self.client.create_model_version(
-            name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id,
-            description=f"Trained from {'version ' + str(parent_version) if parent_version else _redact(parent_uri)} "
-                        f"on {', '.join(d['name'] for d in lineage)}",
-            tags={f"{TAG}.model_digest": model.tags[f"{TAG}.model_digest"],
-                  f"{TAG}.model_uri": model.tags[f"{TAG}.model_uri"],
-                  f"{TAG}.parent_model_version": str(parent_version),
-                  f"{TAG}.parent_model_uri": _redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)})
 
 
 def check_tracking(config: CampaignConfig) -> None:
@@ -420,9 +305,18 @@ def check_tracking(config: CampaignConfig) -> None:
         try:
             httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except httpx.HTTPError as error:
-            raise TrackingError(f"MLflow tracking server {_redact(uri)} does not answer /health ({error}): start "
+            raise TrackingError(f"MLflow tracking server {redact(uri)} does not answer /health ({error}): start "
                                 "it, or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
     Tracker(config)
+
+
+def log_evaluation(config: CampaignConfig, evaluation) -> str | None:
+    """Log a finished evaluation (evaluation.EvaluationResult) as an MLflow run under the campaign's run when
+    tracking is on (see Tracker.log_evaluation); returns its run id, or None with tracking off."""
+    if not config.tracking.enabled:
+        return None
+    return Tracker(config).log_evaluation(evaluation.kind, evaluation.model_uri, evaluation.model_digest,
+                                          evaluation.metrics, evaluation.input_path, evaluation.rows)
 
 
 def start_iteration(config: CampaignConfig, iteration: int, model_digest: str, model_uri: str) -> dict[str, str] | None:
@@ -452,16 +346,15 @@ def _stage_metrics(manifests: dict[str, dict]) -> dict[str, float]:
     """The numeric statistics of every stage manifest, as "{stage}/{statistic}"; the model-call counters
     (requests, tokens, parse failures, …) only for the stages that call the model."""
     metrics = {}
-    for stage, manifest in manifests.items():
+    for name, manifest in manifests.items():
         for key, value in manifest["stats"].items():
-            if key in _MODEL_CALL_STATS and stage not in _MODEL_CALL_STAGES:
+            if key in _MODEL_CALL_STATS and not stage(name).uses_model:
                 continue
             if isinstance(value, (int, float)):
-                metrics[f"{stage}/{key}"] = float(value)
+                metrics[f"{name}/{key}"] = float(value)
     return metrics
 
 
-_MODEL_CALL_STAGES = {"responses", "judgments", "meta_judgments"}
 _MODEL_CALL_STATS = {"requests", "skipped_prompts", "dropped_duplicates", "parse_failures", "parse_failure_rate",
                      "prompt_tokens", "completion_tokens", "tokens_per_second"}
 
@@ -491,11 +384,5 @@ def _mlflow_type(dtype: pl.DataType):
     return DataType.string
 
 
-def _redact(text: str) -> str:
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
-
-
 def _millis() -> int:
-    import time
-
     return int(time.time() * 1000)

@@ -75,6 +75,7 @@ def train_dpo(
     output_dir: str | Path,
     seed: int = 0,
     dtype: str = "auto",
+    chat_template: str | None = None,
 ) -> TrainingResult:
     """Train M_t (a saved model folder) with TRL's DPOTrainer on a dpo_dataset table and save M_{t+1}.
 
@@ -83,14 +84,13 @@ def train_dpo(
     result, saved with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its
     digest written last. LoRA adapters are merged so the result loads without peft. With num_processes > 1
     the training runs in that many processes under `accelerate launch` (settings.accelerate_config).
+    chat_template (model.chat_template) replaces the tokenizer's own, as it does for inference.
     Raises EmptyPreferenceSetError when no pair is left after dropping over-long ones.
     """
-    from transformers import AutoTokenizer
-
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = _tokenizer(model_path, chat_template)
     dataset, too_long = drop_overlong_pairs(dataset, tokenizer, settings.max_length)
     if dataset.is_empty():
         raise EmptyPreferenceSetError(
@@ -101,9 +101,9 @@ def train_dpo(
     pairs_file = output_dir / PAIRS_FILE
     dataset.select("prompt", "chosen", "rejected").write_parquet(pairs_file)
     if settings.num_processes > 1:
-        result = _train_with_accelerate(model_path, settings, output_dir, seed, dtype)
+        result = _train_with_accelerate(model_path, settings, output_dir, seed, dtype, chat_template)
     else:
-        result = _train_in_process(model_path, settings, output_dir, seed, dtype)
+        result = _train_in_process(model_path, settings, output_dir, seed, dtype, chat_template)
     result.pairs_trained, result.pairs_too_long = len(dataset), too_long
     result.seconds = time.perf_counter() - started
     return result
@@ -112,18 +112,28 @@ def train_dpo(
 PAIRS_FILE = "pairs.parquet"
 
 
-def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str) -> TrainingResult | None:
+def _tokenizer(model_path, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
+                      chat_template: str | None) -> TrainingResult | None:
     """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank under
     `accelerate launch` (then ranks other than 0 return None)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(model_path, chat_template)
     on_gpu = torch.cuda.is_available()
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
@@ -171,13 +181,15 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
                           seconds=0.0, summary=summarize_log(history))
 
 
-def _train_with_accelerate(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str) -> TrainingResult:
+def _train_with_accelerate(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
+                           chat_template: str | None) -> TrainingResult:
     """The training in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, DDP, as
     settings.accelerate_config says); rank 0 saves the checkpoint and reports the result in result.json."""
     config_file = Path(settings.accelerate_config)
     if not config_file.is_file():
         raise FileNotFoundError(f"dpo.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
-    (output_dir / "settings.json").write_text(settings.model_dump_json())
+    (output_dir / "settings.json").write_text(json.dumps({"dpo": settings.model_dump(mode="json"),
+                                                          "chat_template": chat_template}))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
         "--num_processes", str(settings.num_processes), "--main_process_port", str(_free_port()),
@@ -209,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     arguments = parser.parse_args(argv)
     output = Path(arguments.output)
-    settings = DPOConfig.model_validate_json((output / "settings.json").read_text())
-    result = _train_in_process(arguments.model, settings, output, arguments.seed, arguments.dtype)
+    written = json.loads((output / "settings.json").read_text())
+    result = _train_in_process(arguments.model, DPOConfig.model_validate(written["dpo"]), output, arguments.seed,
+                               arguments.dtype, written["chat_template"])
     if result is not None:
         report = {**{k: v for k, v in result.__dict__.items()}, "checkpoint": str(result.checkpoint)}
         (output / "result.json").write_text(json.dumps(report, default=float))

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers that add caching, retries, tags and run names around metareward stages."""
+"""Prefect tasks: thin wrappers that add caching, retries, tags, run names and artifacts around metareward's stages."""

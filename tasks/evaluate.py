@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from metareward.config import CampaignConfig
 from metareward.evaluation import evaluate_judge_agreement, export_alpaca_eval
-from metareward.store import ArtifactStore
+from metareward.store import open_store
+from metareward.tracking import log_evaluation
 from tasks.common import GPU_TAG, RETRIES, RETRY_DELAYS
 
 _OPTIONS = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAYS, "cache_policy": NO_CACHE, "tags": [GPU_TAG]}
@@ -19,7 +20,8 @@ _OPTIONS = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAYS, "cache_poli
 @task(name="judge-agreement", **_OPTIONS)
 def judge_agreement(config: CampaignConfig, rankings: str, model: str | None, num_judgments: int | None) -> dict:
     """Agreement, agreement without ties and Spearman with their 95% CIs (see evaluate_judge_agreement)."""
-    estimates = evaluate_judge_agreement(config, rankings, model, num_judgments)
+    estimates, evaluation = evaluate_judge_agreement(config, rankings, model, num_judgments)
+    log_evaluation(config, evaluation)
     return {name: estimate.as_dict() for name, estimate in estimates.items()}
 
 
@@ -30,7 +32,8 @@ def alpaca_eval_export(config: CampaignConfig, prompts: str, model: str | None) 
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / "alpaca_eval.json"
         export = export_alpaca_eval(config, prompts, local, model)
-        store = ArtifactStore(config.artifact_root)
+        log_evaluation(config, export)
+        store = open_store(config.artifact_root)
         key = f"{config.name}/evaluations/{export.model_digest}/alpaca_eval.json"
         store.write_bytes(key, local.read_bytes())
     return store.uri(key)

@@ -4,42 +4,50 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.context import get_run_context
+from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 
 from metareward.config import CampaignConfig
-from metareward.pipeline import Job, JobResult, finished
-from metareward.store import ArtifactStore
+from metareward.context import ModelRef
+from metareward.jobs import JobResult, finished, plan_job
+from metareward.store import open_store
 
 
 class ShardRunFailed(RuntimeError):
     """A shard's flow run ended in a state other than Completed (after its own task retries)."""
 
 
-def run_shards_as_flow_runs(config: CampaignConfig, jobs: list[Job]) -> list[JobResult]:
-    """Every unfinished job as a flow run of config.orchestration.shard_deployment (a child of this flow
-    run; one per shard, so each GPU worker serves one engine), all in flight at once; waits for them and
-    reads their results from the artifact store, the source of truth. Finished jobs start no flow run.
-    A retried (UI: Retry) or re-run iteration flow starts flow runs only for jobs still missing from the
-    store; the idempotency key (this flow run, its attempt, the job's key) keeps one attempt from starting
-    a shard twice. Raises ShardRunFailed naming the shard and its flow run."""
-    store = ArtifactStore(config.artifact_root)
-    parent = get_run_context().flow_run
-    attempt = f"{parent.id}:{parent.run_count}"
+@task(name="shard flow runs", task_run_name="{stage} iter-{iteration} on {config.orchestration.shard_deployment}",
+      cache_policy=NO_CACHE)
+def run_shards_on_workers(config: CampaignConfig, stage: str, iteration: int, model: ModelRef,
+                          per_shard: list[dict[str, list[JobResult]]]) -> list[JobResult]:
+    """Every unfinished shard of `stage` as a flow run of config.orchestration.shard_deployment (linked to this
+    task run; one per shard, so each GPU worker serves one engine), all in flight at once; waits for them and
+    reads their results from the artifact store, the source of truth. Finished shards start no flow run. A
+    retried or re-run iteration starts flow runs only for shards still missing from the store; the idempotency
+    key (this task run, its attempt, the job's key) keeps one attempt from starting a shard twice. Raises
+    ShardRunFailed naming the shard and its flow run."""
+    store = open_store(config.artifact_root)
+    current = TaskRunContext.get().task_run
+    attempt = f"{current.id}:{current.run_count}"
+    jobs = [plan_job(config, stage, iteration, inputs, model, index) for index, inputs in enumerate(per_shard)]
     results = {job.key: finished(store, job) for job in jobs}
     pending: dict = {}
-    for job in jobs:
+    for job, inputs in zip(jobs, per_shard):
         if results[job.key] is None:
             flow_run = run_deployment(
-                config.orchestration.shard_deployment, parameters={"config": config, "job": job}, timeout=0,
+                config.orchestration.shard_deployment, timeout=0,
+                parameters={"config": config, "stage": stage, "iteration": iteration, "shard": job.shard_index,
+                            "model": model, "upstream": inputs},
                 flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{attempt}:{job.key}",
-                tags=[config.name, job.stage, f"iter-{job.iteration}"],
+                tags=[config.name, stage, f"iter-{iteration}"],
             )
             pending[flow_run.id] = (job, flow_run.name)
     if pending:
-        get_run_logger().info("%s: %d shard flow run(s) of %s in flight", jobs[0].stage, len(pending),
+        get_run_logger().info("%s: %d shard flow run(s) of %s in flight", stage, len(pending),
                               config.orchestration.shard_deployment)
     failures = []
     with get_client(sync_client=True) as client:

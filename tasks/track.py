@@ -1,11 +1,21 @@
-"""Prefect tasks: open an iteration's MLflow runs, then log it from the artifact store and close them."""
+"""An iteration's bookkeeping around its stages: its MLflow runs opened before and logged from the store after
+(also when it fails), and its summary as a Prefect artifact."""
 
-from prefect import task
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from metareward import tracking
 from metareward.config import CampaignConfig
+from metareward.context import ModelRef
+from metareward.summary import summary_markdown
 from tasks.common import RETRIES, RETRY_DELAYS
+from tasks.stages import IterationStages
 
 
 @task(name="start-tracking", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
@@ -20,3 +30,29 @@ def track_iteration(config: CampaignConfig, iteration: int, runs: dict, stages: 
     """Log the stages this flow run finished of iteration t (metrics, datasets, curves, figures, models) to
     MLflow and end its run (idempotent: safe to retry)."""
     tracking.finish_iteration(config, iteration, runs, stages, error)
+
+
+@contextmanager
+def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> Iterator[IterationStages]:
+    """The stages of iteration t on M_t: MLflow runs opened on entry and, on exit, the stages that finished
+    logged (FAILED with the error when the block raised) and the iteration's summary published as a markdown
+    artifact."""
+    runs = start_tracking(config, iteration, model.model_id, model.uri)
+    stages = IterationStages(config, iteration, model)
+    try:
+        yield stages
+    except Exception as error:
+        if runs:
+            try:
+                track_iteration(config, iteration, runs, list(stages.finished), error=f"{type(error).__name__}: {error}")
+            except Exception as tracking_error:  # the stage's error is the one to report
+                get_run_logger().warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
+        raise
+    finally:
+        create_markdown_artifact(
+            key=f"{config.name}-iter-{iteration}".lower().replace("_", "-").replace(".", "-"),
+            markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished),
+            description=f"{config.name}: iteration {iteration} stage summary",
+        )
+    if runs:
+        track_iteration(config, iteration, runs, list(stages.finished))

@@ -64,13 +64,13 @@ def cli_environment(prefect_home: Path, **extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`metareward ARGS` in a subprocess; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "metareward.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """`metareward ARGS` started in its own process group (so a test can SIGKILL all of it)."""
-    return subprocess.Popen([sys.executable, "-m", "metareward.cli", *args], env=env, stdout=log.open("w"),
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -110,7 +110,7 @@ def mlflow_state(client, experiment_id: str) -> dict:
 
 def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
     """Assert what a finished two-iteration `tiny` campaign logged to MLflow; return mlflow_state."""
-    from metareward.pipeline import stage_manifests
+    from metareward.manifests import stage_manifests
     from metareward.store import ArtifactStore
 
     experiment = client.get_experiment_by_name("tiny")

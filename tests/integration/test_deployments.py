@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metareward.pipeline import stage_manifests
+from metareward.manifests import stage_manifests
 from metareward.store import ArtifactStore
 from tests.integration.campaigns import free_port, wait_until_healthy, write_config
 
@@ -137,8 +137,23 @@ def test_demo_deployment_on_a_process_worker_retries_a_failed_stage_without_reco
     failed_once = task_runs["judgments iter-1 shard-0001"]
     assert failed_once.run_count == 2 and failed_once.state.is_completed()
     # Nothing upstream of the failed shard ran twice; every stage ran (prompts → checkpoint).
-    upstream = [name for name in task_runs if name.startswith(("prompts", "responses"))]
+    upstream = [name for name in task_runs if name.startswith(("prompts", "responses")) and "manifest" not in name]
     assert len(upstream) == 4 and all(task_runs[name].run_count == 1 for name in upstream)
+    # Prefect's graph is the data flow of Figure 1: each task's inputs are the results of its upstream stages.
+    by_id = {run.id: name for name, run in task_runs.items()}
+
+    def upstream_of(name: str) -> set[str]:
+        return {by_id[item.id] for inputs in task_runs[name].task_inputs.values() for item in inputs
+                if getattr(item, "input_type", "") == "task_run" and item.id in by_id}
+
+    assert upstream_of("responses iter-1 shard-0001") == {"prompts iter-1 all"}
+    assert upstream_of("judgments iter-1 shard-0001") == {"prompts iter-1 all", "responses iter-1 shard-0001"}
+    assert upstream_of("meta_judgments iter-1 shard-0002") == {
+        "prompts iter-1 all", "responses iter-1 shard-0002", "judgments iter-1 shard-0002"}
+    assert upstream_of("judgment_elo iter-1 all") == {f"{stage} iter-1 shard-000{i}" for stage in
+                                                      ("judgments", "meta_judgments") for i in range(3)}
+    assert upstream_of("dpo_dataset iter-1 all") == {"actor_pairs iter-1 all", "judge_pairs iter-1 all"}
+    assert upstream_of("checkpoint iter-1 all") == {"dpo_dataset iter-1 all", "health iter-1"}
     assert {name.split(" ")[0] for name in task_runs} >= {"prompts", "responses", "judgments", "actor_pairs",
                                                          "meta_judgments", "judgment_elo", "judge_pairs",
                                                          "dpo_dataset", "checkpoint"}

@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from metareward.stages import STAGE
 from metareward.store import ArtifactStore
-from metareward.tables import SCHEMAS
 from tests.integration.campaigns import (
     assert_mlflow_lineage,
     cli_environment,
@@ -62,8 +62,7 @@ def test_two_iteration_campaign_lineage_caching_and_deleted_artifact(tmp_path, t
     tables = stage_tables(root, "tiny")
     for name, table in tables.items():
         stage = name.split("/")[1]
-        if stage in SCHEMAS:
-            assert table.schema == SCHEMAS[stage], name
+        assert table.schema == STAGE[stage].schema, name
     iteration_1_model = json.loads(next((root / "tiny/iter-1/checkpoint").glob("all-*.json")).read_text())
     trained_id = iteration_1_model["stats"]["model_id"]
     # Iteration 2 generates with M_2, the checkpoint iteration 1 trained.

@@ -55,6 +55,12 @@ def all_keys(client, bucket="campaigns") -> list[str]:
         token = page["NextContinuationToken"]
 
 
+def parquet_versions(client, bucket="campaigns") -> dict[str, str]:
+    """Every Parquet object with its ETag and last-modified time: equal before and after = nothing rewritten."""
+    return {key: (head["ETag"], head["LastModified"]) for key in all_keys(client, bucket) if key.endswith(".parquet")
+            for head in [client.head_object(Bucket=bucket, Key=key)]}
+
+
 def polars_options(s3) -> dict[str, str]:
     return {"aws_endpoint_url": s3["endpoint"], "aws_allow_http": "true", "aws_access_key_id": "testing",
             "aws_secret_access_key": "testing", "aws_region": "us-east-1"}
@@ -80,6 +86,16 @@ def test_campaign_on_s3_two_iterations(tmp_path, tiny_model, s3):
     assert pl.read_parquet(f"s3://campaigns/{responses_2[0]}", storage_options=polars_options(s3))["model_id"][0] == model_2
     assert any(key.startswith("runs/tiny/_prefect-results/") for key in keys)
     assert not any(key.endswith(".tmp") for key in keys)
+
+    written = parquet_versions(s3["client"])
+    # A re-run on a machine that never saw the checkpoints downloads none: M_2's digest is read from its
+    # model_id.txt, and every stage is found finished in the store.
+    cache = tmp_path / "fresh-model-cache"
+    again = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", METAREWARD_MODEL_CACHE=str(cache),
+                                                          **s3["env"]))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert not (cache / "checkpoints").exists()
+    assert parquet_versions(s3["client"]) == written
 
 
 def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, s3):

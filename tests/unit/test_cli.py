@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metareward.cli import main
+from cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,15 @@ def test_config_error_exits_2_with_field(tmp_path, capsys):
 
 def test_console_script_checks_prompts():
     result = subprocess.run(
-        [sys.executable, "-m", "metareward.cli", "prompts", "check", str(REPO / "deployments/prompts/assistant-100.jsonl")],
+        [sys.executable, "-m", "cli", "prompts", "check", str(REPO / "deployments/prompts/assistant-100.jsonl")],
         capture_output=True, text=True, check=True,
     )
     assert "100 prompts" in result.stdout
+
+
+def test_stages_command_prints_the_registry_and_a_configs_settings(capsys):
+    assert main(["stages", str(REPO / "deployments/configs/demo.yaml"), "--iteration", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "judgments  <- prompts, responses  (per shard, runs M_t)  code v1-" in out
+    assert 'verdict_mode="forced"' in out and "rho=0.32" in out and "train_judge=false" in out
+    assert "block_sizes=[6, 6]" in out

@@ -1,53 +1,11 @@
-"""Table 5 biases, judge agreement (sec. 3.4), score distribution and health checks, computed by hand."""
+"""Judge agreement with labelled rankings (sec. 3.4), the rankings loader and the AlpacaEval format, by hand."""
 
 import math
 
 import polars as pl
 import pytest
 
-from metareward.config import HealthConfig, SamplingConfig
-from metareward.evaluation import (
-    alpaca_eval_outputs,
-    health_problems,
-    iteration_report,
-    judge_agreement,
-    load_labelled_rankings,
-    meta_judge_bias,
-    score_distribution,
-    score_distribution_figure,
-)
-from metareward.roles import judge_responses
-from metareward.stats import combine
-from metareward.tables import PROMPTS, RESPONSES
-from tests.support import ScriptedBackend
-
-JUDGMENTS = pl.DataFrame({"judgment_id": ["a", "b", "c", "d"], "score": [5.0, 3.0, 3.0, None]})
-
-
-def meta(rows):
-    return pl.DataFrame(rows, schema={"first_id": pl.String, "second_id": pl.String, "winner": pl.String}, orient="row")
-
-
-def test_table_5_statistics_by_hand():
-    battles = meta([
-        ("a", "b", "A"),  # different scores, higher (5) won in position A
-        ("b", "a", "B"),  # different scores, higher won in position B
-        ("b", "c", "A"),  # same score, A won
-        ("c", "b", "A"),  # same score, A won
-        ("a", "c", "B"),  # different scores, lower (3) won in position B
-        ("c", "a", None),  # unparsed: left out
-    ])
-    bias = meta_judge_bias(battles, JUDGMENTS)
-    assert bias["battles"] == 5
-    # Different-score battles: 3, of which the higher score won 2.
-    assert bias["higher_win"] == pytest.approx(2 / 3) and bias["lower_win"] == pytest.approx(1 / 3)
-    assert bias["position_a_same_score"] == 1.0
-    assert bias["position_a_diff_score"] == pytest.approx(1 / 3)
-    assert bias["position_a_all"] == pytest.approx(3 / 5)
-
-
-def test_no_same_score_battle_gives_nan():
-    assert math.isnan(meta_judge_bias(meta([("a", "b", "A")]), JUDGMENTS)["position_a_same_score"])
+from metareward.evaluation import alpaca_eval_outputs, judge_agreement, load_labelled_rankings
 
 
 def test_agreement_ties_and_spearman_by_hand():
@@ -79,50 +37,3 @@ def test_labelled_rankings_loader(tmp_path):
 
 def test_alpaca_eval_format():
     assert alpaca_eval_outputs(["Q"], ["A"], "m2") == [{"instruction": "Q", "output": "A", "generator": "m2"}]
-
-
-def test_judge_that_always_says_5_fails_the_health_check():
-    prompts = pl.DataFrame({"prompt_id": ["p"], "prompt": ["Q"], "source": ["t"]}, schema=PROMPTS)
-    responses = pl.DataFrame([("p", f"r{i}", i, f"answer {i}", 8, 2, "stop", 1, "m") for i in range(3)],
-                             schema=RESPONSES, orient="row")
-    always_five = ScriptedBackend(lambda prompt, n, seed: ["Perfect. Score: 5"] * n)
-    judgments, stats = judge_responses(responses, prompts, always_five, 4, SamplingConfig(), 0, "free", 1, "m")
-    assert score_distribution(judgments)["share_5"] == 1.0
-    problems = health_problems(HealthConfig(), {"judgments": combine("judgments", [stats.as_dict()])})
-    assert problems == ["top-score share 100.0% of valid judge scores is 5, threshold 90.0% "
-                        "(health.max_top_score_share)"]
-    assert health_problems(HealthConfig(max_top_score_share=None), {"judgments": combine("judgments", [stats.as_dict()])}) == []
-
-
-def test_position_bias_and_parse_rate_checks():
-    stages = {"judgments": {"rows": 10, "valid_scores": 1, "top_scores": 0},
-              "meta_judgments": {"winner_a": 9, "winner_b": 1}}
-    problems = health_problems(HealthConfig(), stages)
-    assert any("judge parse rate 10.0% is below 20.0%" in p for p in problems)
-    assert any("position-A share 90.0%, threshold 90.0%" in p for p in problems)
-
-
-def test_iteration_report_by_hand():
-    judgments = JUDGMENTS.with_columns(pl.Series("n_chars", [10, 20, 30, 40], dtype=pl.Int32))
-    responses = pl.DataFrame({"response_id": ["r1", "r2"], "n_chars": [100, 300], "n_tokens": [20, 60]})
-    elo = pl.DataFrame({"response_id": ["r1", "r1", "r2", "r2"], "elo": [1000.0, 1100.0, 950.0, 1250.0]})
-    report = iteration_report({
-        "responses": responses, "judgments": judgments, "meta_judgments": meta([("a", "b", "A"), ("b", "c", None)]),
-        "judgment_elo": elo, "actor_pairs": pl.DataFrame({"prompt_id": ["p"]}),
-    })
-    assert report["actor/response_mean_chars"] == 200 and report["actor/response_mean_tokens"] == 40
-    assert report["judge/parse_failure_rate"] == 0.25 and report["judge/score_mean"] == pytest.approx(11 / 3)
-    assert report["judge/score_share_5"] == pytest.approx(1 / 3) and report["judge/score_share_3"] == pytest.approx(2 / 3)
-    assert report["judge/judgment_mean_chars"] == 25
-    assert report["meta_judge/parse_failure_rate"] == 0.5 and report["meta_judge/higher_win"] == 1.0
-    assert report["meta_judge/elo_spread_mean"] == 200  # (100 + 300) / 2
-    assert report["pairs/actor"] == 1 and "pairs/judge" not in report
-
-
-def test_score_distribution_figure_draws_a_kde_per_iteration(tmp_path):
-    figure = score_distribution_figure({"iteration 1": [3, 4, 4, 5, None], "iteration 2": [5, 5, 5]})
-    [axes] = figure.axes
-    labels = [line.get_label() for line in axes.get_lines()]
-    assert labels == ["iteration 1 (mean 4.00)", "iteration 2 (all 5)"]
-    figure.savefig(tmp_path / "scores.png")
-    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"

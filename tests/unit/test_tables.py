@@ -6,7 +6,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from metareward.tables import PROMPTS, SCHEMAS, PromptFileError, TableSchemaError, content_id, load_prompts, validate_table
+from metareward.tables import (
+    PROMPTS,
+    PromptFileError,
+    TableSchemaError,
+    content_id,
+    load_prompts,
+    select_iteration_prompts,
+    validate_table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,6 +102,21 @@ def test_content_id_is_stable_and_unambiguous():
 
 def test_validate_table_names_the_problem():
     table = pl.DataFrame({"prompt_id": ["a"], "prompt": [1]})
-    with pytest.raises(TableSchemaError, match="missing column 'source'.*'prompt' is Int64, expected String"):
-        validate_table(table, "prompts")
-    assert set(SCHEMAS) >= {"prompts", "responses", "judgments", "meta_judgments", "judgment_elo", "dpo_dataset"}
+    with pytest.raises(TableSchemaError, match="prompts table: missing column 'source'.*'prompt' is Int64, expected String"):
+        validate_table(table, PROMPTS, "prompts")
+
+
+def test_iteration_prompt_blocks_are_disjoint_then_wrap_around():
+    table = pl.DataFrame({"prompt_id": [str(i) for i in range(10)], "prompt": [f"p{i}" for i in range(10)],
+                          "source": "s"}, schema=PROMPTS)
+    first = select_iteration_prompts(table, 3, [4])
+    second = select_iteration_prompts(table, 3, [4, 4])
+    third = select_iteration_prompts(table, 3, [4, 4, 4])
+    assert first.height == second.height == third.height == 4
+    assert not set(first["prompt_id"]) & set(second["prompt_id"])
+    # The third block takes the last 2 of the order and wraps around to the first block's first 2.
+    assert len(set(third["prompt_id"]) & set(first["prompt_id"])) == 2
+    assert first["prompt_id"].to_list() == sorted(first["prompt_id"].to_list(), key=int)  # file order kept
+    assert select_iteration_prompts(table, 3, [None])["prompt_id"].to_list() == table["prompt_id"].to_list()
+    # Iteration 2's block moves when iteration 1's size changes.
+    assert not select_iteration_prompts(table, 3, [3, 4]).equals(second)

@@ -2,7 +2,8 @@
 
 
 from metareward.config import CampaignConfig
-from metareward.tracking import config_digest, flatten_params, tracking_target
+from metareward.lineage import flatten_params
+from metareward.tracking import config_digest, tracking_target
 
 
 def config(tmp_path, **overrides) -> CampaignConfig:

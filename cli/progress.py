@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metareward.pipeline import Job, JobResult, stage_manifests
-from metareward.stats import SUMMARY_HEADER, summary_rows
+from metareward.jobs import Job, JobResult
+from metareward.summary import SUMMARY_HEADER, summary_rows
 
 console = Console(stderr=True)
 
@@ -28,29 +28,13 @@ class StageProgress:
         self._progress.stop()
 
     def update(self, job: Job, result: JobResult) -> None:
-        """Advance the bar of the job's stage (a job listener: see execution.add_job_listener)."""
+        """Advance the bar of the job's stage (a job listener: see jobs.add_job_listener)."""
         key = (job.iteration, job.stage)
         if key not in self._bars:
             self._bars[key] = self._progress.add_task(f"iter-{job.iteration} {job.stage}", total=job.shard_count,
                                                       note="")
         note = "cached" if result.cached else f"{result.table.rows} rows"
         self._progress.update(self._bars[key], advance=1, note=note)
-
-
-def stored_outcomes(store, campaign: str) -> list[dict]:
-    """The per-iteration summaries of a campaign as `metareward run` prints them, rebuilt from the stage
-    manifests in the artifact store (no Prefect, no model)."""
-    outcomes = []
-    for iteration, manifests in stage_manifests(store, campaign).items():
-        checkpoint = manifests.get("checkpoint", {}).get("stats", {})
-        outcomes.append({
-            "iteration": iteration,
-            "model_id": next(iter(manifests.values()))["model_id"],
-            "stages": {stage: manifest["stats"] for stage, manifest in manifests.items()},
-            "next_model": checkpoint.get("model_uri", ""),
-            "next_model_id": checkpoint.get("model_id", "(not trained yet)"),
-        })
-    return outcomes
 
 
 def print_summary(campaign: str, outcomes: list[dict]) -> None:

@@ -1,4 +1,8 @@
-"""The `metareward` command line: run a campaign, show it, evaluate models, check configs and prompt files."""
+"""The `metareward` command line: run a campaign, show it, evaluate models, check configs and prompt files.
+
+It sits above the flows (cli → flows → tasks → metareward): `run` starts the campaign flow; the other
+commands use the library alone.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cli.progress import StageProgress, print_summary
 from metareward.config import CampaignConfig, ConfigError
-from metareward.evaluation import EvaluationInputError, HealthCheckError
-from metareward.execution import add_job_listener, remove_job_listener
+from metareward.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
-from metareward.pipeline import preflight
-from metareward.progress import StageProgress, print_summary, stored_outcomes
-from metareward.store import ArtifactStore, StoreError
+from metareward.jobs import add_job_listener, code_fingerprint, remove_job_listener, settings_digest
+from metareward.preflight import preflight
+from metareward.report import HealthCheckError
+from metareward.stages import STAGES
+from metareward.store import StoreError, open_store
+from metareward.summary import stored_outcomes
 from metareward.tables import PromptFileError, load_prompts
-from metareward.tracking import TrackingError
+from metareward.tracking import TrackingError, log_evaluation
 from metareward.training import EmptyPreferenceSetError
 
 
@@ -27,8 +34,7 @@ def _run(arguments: argparse.Namespace) -> int:
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
     preflight(config)
     _prefect_defaults()
-    # The CLI is the one place in metareward that starts the orchestrator: flows import metareward, never
-    # the reverse, so the import happens here, at run time.
+    # Prefect reads its settings when it is first imported: after the defaults above.
     from flows.campaign import campaign_flow
 
     with StageProgress() as progress:
@@ -44,7 +50,7 @@ def _run(arguments: argparse.Namespace) -> int:
 
 def _show(arguments: argparse.Namespace) -> int:
     root = arguments.artifact_root or os.environ.get("METAREWARD_ARTIFACT_ROOT", "./artifacts")
-    store = ArtifactStore(root)
+    store = open_store(root)
     outcomes = stored_outcomes(store, arguments.campaign)
     if not outcomes:
         raise StoreError(f"no campaign {arguments.campaign!r} under {store.root} (stage manifests not found)")
@@ -56,8 +62,9 @@ def _evaluate_agreement(arguments: argparse.Namespace) -> int:
     from metareward.evaluation import evaluate_judge_agreement
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
-    estimates = evaluate_judge_agreement(config, arguments.rankings, arguments.model, arguments.num_judgments,
-                                         arguments.bootstrap)
+    estimates, evaluation = evaluate_judge_agreement(config, arguments.rankings, arguments.model,
+                                                     arguments.num_judgments, arguments.bootstrap)
+    log_evaluation(config, evaluation)
     table = Table(title=f"judge agreement with {arguments.rankings} (95% bootstrap CI over prompts)")
     for column in ("statistic", "value", "95% CI"):
         table.add_column(column, justify="left" if column == "statistic" else "right")
@@ -74,8 +81,10 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
     from metareward.evaluation import export_alpaca_eval
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
-    outputs = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
-                                 arguments.column).outputs
+    evaluation = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
+                                    arguments.column)
+    log_evaluation(config, evaluation)
+    outputs = evaluation.rows.to_dicts()
     print(f"{arguments.output}: {len(outputs)} answers in AlpacaEval's format (generator {outputs[0]['generator']!r})"
           if outputs else f"{arguments.output}: no prompts")
     return 0
@@ -97,6 +106,27 @@ def _prompts_check(arguments: argparse.Namespace) -> int:
     prompt_set = load_prompts(arguments.file, column=arguments.column)
     print(f"{arguments.file}: {prompt_set.summary()}")
     return 0
+
+
+def _stages(arguments: argparse.Namespace) -> int:
+    config = CampaignConfig.from_yaml(arguments.config) if arguments.config else None
+    if config:
+        print(f"{config.name}, iteration {arguments.iteration}: each stage's settings as hashed into its cache key\n")
+    for entry in STAGES:
+        runs = ("per shard" if entry.sharded else "once") + (", runs M_t" if entry.uses_model else "")
+        print(f"{entry.name}  <- {', '.join(entry.inputs) or '(prompt file)'}  ({runs})  code {code_fingerprint(entry.name)}")
+        print(f"    {entry.summary}")
+        if config:
+            settings = entry.settings(config, arguments.iteration)
+            shown = " ".join(f"{name}={json.dumps(value, default=_shown)}" for name, value in settings.items())
+            print(f"    settings {settings_digest(settings)}: {shown or '(none)'}")
+    return 0
+
+
+def _shown(value):
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return f"{value.path} (content {value.digest})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_show.add_argument("config", help="campaign YAML file")
     config_show.set_defaults(handler=_config_show)
 
+    stages = commands.add_parser(
+        "stages", help="the stages of an iteration: inputs, code fingerprints, and a config's settings",
+        description="Print the stage registry: what each stage reads, how it runs, the fingerprint of its code and "
+        "(with a config) the settings hashed into its cache key for one iteration. A stage is recomputed when "
+        "its settings, code fingerprint, input tables or model change.")
+    stages.add_argument("config", nargs="?", help="campaign YAML file (optional)")
+    stages.add_argument("--iteration", type=int, default=1, help="iteration whose settings to show (default 1)")
+    stages.set_defaults(handler=_stages)
+
     prompts = commands.add_parser("prompts", help="prompt files")
     prompts_commands = prompts.add_subparsers(dest="prompts_command", required=True)
     check = prompts_commands.add_parser("check", help="validate a JSONL/Parquet/CSV prompt file")
@@ -173,7 +212,3 @@ def main(argv: list[str] | None = None) -> int:
             HealthCheckError, TrackingError, EvaluationInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Cached jobs: one stage of one iteration for one shard — its cache key, its artifacts, and running it (no Prefect).
+
+A job's key hashes what its rows depend on and nothing else: the stage's settings (the registry's settings
+function), the digests of its input tables, the model's digest (model stages), the shard, the iteration, and
+the code fingerprint of its runner. Its table and a completion marker (written last) sit at
+`{campaign}/iter-{t}/{stage}/{shard}-{key}.parquet|.json`; a job whose two files are there is never recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import polars as pl
+
+from metareward.config import CampaignConfig
+from metareward.context import ModelRef, StageContext
+from metareward.fingerprints import installed_index
+from metareward.models import MODEL_DIGEST_FILE
+from metareward.stages import stage
+from metareward.stats import StageStats
+from metareward.store import ArtifactStore, TableRef, open_store
+from metareward.tables import validate_table
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of cached work. `key` is the artifact key without extension; `inputs` the URIs of the tables
+    it reads, by input stage; `model` the model M_t it runs (model stages); `model_id` the model behind its
+    rows (M_t's digest, or its inputs')."""
+
+    stage: str
+    iteration: int
+    shard: str
+    cache_key: str
+    key: str
+    settings_digest: str
+    code: str
+    inputs: dict[str, list[str]]
+    model: ModelRef | None = None
+    model_id: str | None = None
+    shard_index: int | None = None
+    shard_count: int = 1
+
+    @property
+    def table_key(self) -> str:
+        """Where the job's table goes."""
+        return self.key + ".parquet"
+
+    @property
+    def marker_key(self) -> str:
+        """Where the job's completion marker goes (its presence, with the table's, means done)."""
+        return self.key + ".json"
+
+    @property
+    def model_key(self) -> str:
+        """Where a checkpoint job puts its model folder (model_id.txt, written last, marks it complete)."""
+        return self.key + "/model"
+
+    @property
+    def run_name(self) -> str:
+        """A readable name, e.g. 'judgments iter-2 shard-0007'."""
+        return run_name(self.stage, self.iteration, self.shard_index)
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced: the job, its table and its statistics (stored with it); `cached` when
+    it was found in the store rather than computed by this call."""
+
+    job: Job
+    table: TableRef
+    stats: dict[str, Any]
+    cached: bool = False
+
+    @property
+    def model_id(self) -> str | None:
+        """The digest of the model behind the table's rows."""
+        return self.job.model_id
+
+
+def run_name(stage_name: str, iteration: int, shard_index: int | None) -> str:
+    """'judgments iter-2 shard-0007', or 'actor_pairs iter-2 all' for a stage that is not sharded."""
+    return f"{stage_name} iter-{iteration} {shard_label(shard_index)}"
+
+
+def shard_label(shard_index: int | None) -> str:
+    """'shard-0007' for shard 7; 'all' for the single job of a stage that is not sharded."""
+    return "all" if shard_index is None else f"shard-{shard_index:04d}"
+
+
+def sharding(config: CampaignConfig, inputs: Mapping[str, Sequence[JobResult]]) -> int:
+    """How many shards a sharded stage reading these inputs has: the iteration's prompts in blocks of
+    config.shard_size (every sharded stage reads the prompts table)."""
+    return -(-inputs["prompts"][0].table.rows // config.shard_size)
+
+
+def shard_inputs(inputs: Mapping[str, Sequence[JobResult]], index: int) -> dict[str, list[JobResult]]:
+    """What shard `index` of a sharded stage reads: the same shard of every sharded input stage, all of the
+    others (e.g. the whole prompts table)."""
+    return {name: [results[index]] if stage(name).sharded else list(results) for name, results in inputs.items()}
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """A digest of a stage's settings in canonical JSON (pydantic models as their JSON form, a ContentFile
+    as the digest of its bytes)."""
+    return _digest(json.dumps(settings, sort_keys=True, default=_canonical))
+
+
+def _canonical(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and hasattr(value, "digest"):
+        return {"content": value.digest}
+    raise TypeError(f"setting of type {type(value).__name__} cannot be hashed into a cache key: {value!r}")
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(stage_name: str) -> str:
+    """The code fingerprint of a stage: its registry version and the digest of everything its runner reaches
+    (see metareward/fingerprints.py), computed once per process."""
+    entry = stage(stage_name)
+    return f"v{entry.version}-" + installed_index().fingerprint([(entry.runner.__module__, entry.runner.__name__)])
+
+
+def plan_job(config: CampaignConfig, stage_name: str, iteration: int, inputs: Mapping[str, Sequence[JobResult]],
+             model: ModelRef | None = None, shard_index: int | None = None) -> Job:
+    """The job of stage_name in iteration t for one shard (sharded stages) or all (the others), reading the
+    given upstream results. A sharded stage's shard reads the same shard of its sharded inputs. Raises
+    ValueError when an input or the model is missing or unexpected."""
+    entry = stage(stage_name)
+    given = {name: list(results) for name, results in inputs.items() if results}
+    missing = [name for name in entry.required_inputs if name not in given]
+    unexpected = [name for name in given if name not in entry.inputs]
+    if missing or unexpected:
+        raise ValueError(f"{stage_name}: inputs {sorted(given)} do not match the registry's {list(entry.inputs)} "
+                         f"(missing {missing}, unexpected {unexpected})")
+    if entry.uses_model and model is None:
+        raise ValueError(f"{stage_name} runs the model M_t: give it")
+    if entry.sharded != (shard_index is not None):
+        raise ValueError(f"{stage_name} is {'sharded: give a shard' if entry.sharded else 'not sharded'}")
+    settings = settings_digest(entry.settings(config, iteration))
+    code = code_fingerprint(stage_name)
+    digests = {name: [result.table.digest for result in results] for name, results in sorted(given.items())}
+    model_id = model.model_id if entry.uses_model else _input_model(stage_name, given)
+    cache_key = _digest(json.dumps({
+        "stage": stage_name, "iteration": iteration, "shard": shard_index, "settings": settings, "code": code,
+        "inputs": digests, "model": model.model_id if entry.uses_model else None,
+    }, sort_keys=True))
+    shard = shard_label(shard_index)
+    return Job(
+        stage=stage_name, iteration=iteration, shard=shard, cache_key=cache_key,
+        key=f"{config.name}/iter-{iteration}/{stage_name}/{shard}-{cache_key}", settings_digest=settings, code=code,
+        inputs={name: [result.table.uri for result in results] for name, results in given.items()},
+        model=model if entry.uses_model else None, model_id=model_id, shard_index=shard_index,
+        shard_count=sharding(config, given) if entry.sharded else 1,
+    )
+
+
+def _input_model(stage_name: str, inputs: Mapping[str, list[JobResult]]) -> str | None:
+    found = {result.model_id for results in inputs.values() for result in results if result.model_id}
+    if len(found) > 1:
+        raise ValueError(f"{stage_name}: inputs come from different models {sorted(found)}")
+    return found.pop() if found else None
+
+
+JobListener = Callable[[Job, JobResult], None]
+_listeners: list[JobListener] = []
+
+
+def add_job_listener(listener: JobListener) -> None:
+    """Call listener(job, result) after every job this process runs or finds cached (progress bars)."""
+    _listeners.append(listener)
+
+
+def remove_job_listener(listener: JobListener) -> None:
+    """Stop calling a listener added with add_job_listener."""
+    _listeners.remove(listener)
+
+
+FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
+"""Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process
+fail after its inputs are read, to exercise retries. Never set in production."""
+_faults_raised: set[str] = set()
+
+
+class InjectedFault(RuntimeError):
+    """The failure METAREWARD_INJECT_FAULT asked for."""
+
+
+class SettingsChangedError(RuntimeError):
+    """The config a job runs with is not the one its key was computed from."""
+
+
+def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None) -> JobResult:
+    """The job's result: read from the store when its table and marker are there (no model is loaded),
+    otherwise computed by the stage's runner with the stage's settings, checked against the stage's schema,
+    written atomically and marked complete."""
+    store = store or open_store(config.artifact_root)
+    result = finished(store, job)
+    target = f"{job.stage}:{job.shard}"
+    if result is None and os.environ.get(FAULT_ENVIRONMENT) == target and target not in _faults_raised:
+        _faults_raised.add(target)
+        raise InjectedFault(f"{FAULT_ENVIRONMENT}={target}: first attempt of {job.run_name} fails on purpose")
+    if result is None:
+        entry = stage(job.stage)
+        settings = entry.settings(config, job.iteration)
+        if settings_digest(settings) != job.settings_digest:
+            raise SettingsChangedError(f"{job.run_name}: the config's settings of this stage changed after the job "
+                                       "was planned; run the iteration again")
+        started = time.perf_counter()
+        context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
+                               job.model_key, store, config.inference)
+        table, stats = entry.runner(context, **settings)
+        # Everything the stage itself did (reading inputs, loading a model, calling it, building the table);
+        # what a run takes beyond the sum of these is orchestration and artifact-store overhead.
+        stats.counts["compute_seconds"] = time.perf_counter() - started
+        result = complete(store, job, validate_table(table, entry.schema, job.stage), stats)
+    for listener in list(_listeners):
+        listener(job, result)
+    return result
+
+
+def finished(store: ArtifactStore, job: Job) -> JobResult | None:
+    """The job's result when its marker and its table (and, for a trained checkpoint, its model folder's
+    model_id.txt) are in the store; None otherwise: a deleted artifact means the job runs again, never a
+    silently missing one."""
+    if not (store.exists(job.marker_key) and store.exists(job.table_key)):
+        return None
+    marker = store.read_json(job.marker_key)
+    trained = stage(job.stage).writes_model and not marker["stats"].get("kept_previous_model")
+    if trained and not store.exists(f"{job.model_key}/{MODEL_DIGEST_FILE}"):
+        return None
+    return JobResult(job, TableRef(**marker["table"]), marker["stats"], cached=True)
+
+
+def complete(store: ArtifactStore, job: Job, table: pl.DataFrame, stats: StageStats) -> JobResult:
+    """Write the job's table, then its marker (last): the job counts as done only once both exist."""
+    ref = store.write_table(job.table_key, table)
+    marker = {"job": dataclasses.asdict(job), "table": ref.as_dict(), "stats": stats.as_dict(),
+              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    store.write_json(job.marker_key, marker)
+    return JobResult(job, ref, stats.as_dict())

@@ -1,0 +1,155 @@
+"""What the paper reports per iteration — judge score distribution, meta-judge biases (Table 5), lengths, pairs,
+Elo spread — its Fig. 5-like figure, and the health checks that stop a campaign before it trains on collapsed data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+
+def score_distribution(judgments: pl.DataFrame) -> dict[str, float]:
+    """Valid judge scores: count, mean, share of the maximum score (5), and the share of each integer
+    score 0..5 (decimals such as 4.5 are counted in their own `score_other` share)."""
+    scores = judgments["score"].drop_nulls()
+    total = scores.len()
+    result = {"valid": float(total), "mean": float(scores.mean()) if total else float("nan")}
+    for value in range(6):
+        result[f"share_{value}"] = float((scores == value).sum() / total) if total else 0.0
+    result["share_other"] = 1.0 - sum(result[f"share_{value}"] for value in range(6)) if total else 0.0
+    return result
+
+
+def meta_judge_bias(meta_judgments: pl.DataFrame, judgments: pl.DataFrame) -> dict[str, float]:
+    """The meta-judge's biases as the paper's Table 5 defines them, over battles with a parsed winner.
+
+    Score bias, over battles whose two judgments have different scores: `higher_win` (the higher-score
+    judgment won) and `lower_win` (the lower-score one won). Positional bias: `position_a_same_score`,
+    `position_a_diff_score` and `position_a_all`, the share of wins by the judgment shown first. Shares
+    are in [0, 1]; NaN where a category has no battle. `battles` counts the battles used.
+    """
+    scores = judgments.select("judgment_id", "score")
+    battles = (
+        meta_judgments.filter(pl.col("winner").is_not_null())
+        .join(scores.rename({"judgment_id": "first_id", "score": "first_score"}), on="first_id", how="left")
+        .join(scores.rename({"judgment_id": "second_id", "score": "second_score"}), on="second_id", how="left")
+        .with_columns(
+            (pl.col("winner") == "A").alias("a_won"),
+            (pl.col("first_score") == pl.col("second_score")).alias("same_score"),
+            pl.when(pl.col("winner") == "A").then(pl.col("first_score")).otherwise(pl.col("second_score"))
+            .alias("winner_score"),
+            pl.when(pl.col("winner") == "A").then(pl.col("second_score")).otherwise(pl.col("first_score"))
+            .alias("loser_score"),
+        )
+    )
+    different = battles.filter(~pl.col("same_score"))
+    same = battles.filter(pl.col("same_score"))
+
+    def share(frame: pl.DataFrame, expression: pl.Expr) -> float:
+        return float(frame.select(expression.mean()).item()) if frame.height else float("nan")
+
+    return {
+        "battles": float(battles.height),
+        "higher_win": share(different, pl.col("winner_score") > pl.col("loser_score")),
+        "lower_win": share(different, pl.col("winner_score") < pl.col("loser_score")),
+        "position_a_same_score": share(same, pl.col("a_won")),
+        "position_a_diff_score": share(different, pl.col("a_won")),
+        "position_a_all": share(battles, pl.col("a_won")),
+    }
+
+
+def iteration_report(tables: dict[str, pl.DataFrame]) -> dict[str, float]:
+    """What the paper reports per iteration, from the iteration's own tables (keyed by stage name; absent
+    stages are left out): judge score distribution and mean, parse-failure rates of judge and meta-judge,
+    mean response and judgment lengths in characters (Table 1's length), pair counts, the mean Elo spread
+    of the judged responses, and the meta-judge's biases as Table 5 defines them. Keys group by role
+    ("judge/…", "meta_judge/…", …), the way MLflow groups metrics."""
+    report: dict[str, float] = {}
+    if (responses := tables.get("responses")) is not None and responses.height:
+        report["actor/responses"] = float(responses.height)
+        report["actor/response_mean_chars"] = float(responses["n_chars"].mean())
+        report["actor/response_mean_tokens"] = float(responses["n_tokens"].mean())
+    if (judgments := tables.get("judgments")) is not None and judgments.height:
+        distribution = score_distribution(judgments)
+        report["judge/judgments"] = float(judgments.height)
+        report["judge/parse_failure_rate"] = 1.0 - distribution["valid"] / judgments.height
+        report["judge/score_mean"] = distribution["mean"]
+        for name in [f"share_{value}" for value in range(6)] + ["share_other"]:
+            report[f"judge/score_{name}"] = distribution[name]
+        report["judge/judgment_mean_chars"] = float(judgments["n_chars"].mean())
+    if (meta := tables.get("meta_judgments")) is not None and meta.height:
+        report["meta_judge/battles"] = float(meta.height)
+        report["meta_judge/parse_failure_rate"] = float(meta["winner"].is_null().mean())
+        if judgments is not None:
+            bias = meta_judge_bias(meta, judgments)
+            for name in ("higher_win", "lower_win", "position_a_same_score", "position_a_diff_score",
+                         "position_a_all"):
+                report[f"meta_judge/{name}"] = bias[name]
+    if (elo := tables.get("judgment_elo")) is not None and elo.height:
+        spread = elo.group_by("response_id").agg((pl.col("elo").max() - pl.col("elo").min()).alias("spread"))
+        report["meta_judge/elo_spread_mean"] = float(spread["spread"].mean())
+    for stage, name in (("actor_pairs", "actor"), ("judge_pairs", "judge"), ("dpo_dataset", "dpo")):
+        if (pairs := tables.get(stage)) is not None:
+            report[f"pairs/{name}"] = float(pairs.height)
+    return report
+
+
+def score_distribution_figure(scores: dict[str, Sequence[float]], title: str = "Judge score distribution"):
+    """A matplotlib figure of judge scores like the paper's Fig. 5: per label (e.g. an iteration), a
+    histogram of valid scores and their Gaussian kernel density estimate on [0, 5]. Labels with fewer than
+    two distinct scores get a histogram only (a KDE needs spread)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from scipy.stats import gaussian_kde
+
+    figure = Figure(figsize=(7, 4), dpi=110)
+    axes = figure.subplots()
+    grid = np.linspace(0, 5, 501)
+    bins = np.arange(-0.125, 5.25, 0.25)
+    for index, (label, values) in enumerate(scores.items()):
+        values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+        if not values.size:
+            continue
+        color = f"C{index}"
+        axes.hist(values, bins=bins, density=True, alpha=0.25, color=color)
+        if np.unique(values).size > 1:
+            axes.plot(grid, gaussian_kde(values)(grid), color=color, label=f"{label} (mean {values.mean():.2f})")
+        else:
+            axes.plot([], [], color=color, label=f"{label} (all {values[0]:g})")
+    axes.set(xlabel="judge score", ylabel="density", xlim=(0, 5), title=title)
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+class HealthCheckError(RuntimeError):
+    """An iteration's data failed a health check whose action is "stop"."""
+
+
+def health_problems(health, stages: dict[str, dict]) -> list[str]:
+    """The failed checks of config.health (HealthConfig) on an iteration's combined stage statistics
+    (manifests.write_manifest), each naming the metric, its value, the threshold and the setting."""
+    problems = []
+    judgments = stages.get("judgments", {})
+    valid, rows = judgments.get("valid_scores", 0), judgments.get("rows", 0)
+    if health.max_top_score_share is not None and valid:
+        share = judgments.get("top_scores", 0) / valid
+        if share >= health.max_top_score_share:
+            problems.append(f"top-score share {share:.1%} of valid judge scores is 5, threshold "
+                            f"{health.max_top_score_share:.1%} (health.max_top_score_share)")
+    if health.min_parse_rate is not None and rows:
+        rate = valid / rows
+        if rate < health.min_parse_rate:
+            problems.append(f"judge parse rate {rate:.1%} is below {health.min_parse_rate:.1%} "
+                            "(health.min_parse_rate)")
+    meta = stages.get("meta_judgments", {})
+    decided = meta.get("winner_a", 0) + meta.get("winner_b", 0)
+    if health.max_position_a_share is not None and decided:
+        share = meta["winner_a"] / decided
+        if share >= health.max_position_a_share:
+            problems.append(f"meta-judge position-A share {share:.1%}, threshold {health.max_position_a_share:.1%} "
+                            "(health.max_position_a_share)")
+    return problems

@@ -1,0 +1,130 @@
+"""The one Prefect task every stage job runs as — cached by its artifact key, retried, named like
+`judgments iter-2 shard-0007`, its upstream stages' results as its inputs so that Prefect's graph of an
+iteration draws the paper's Figure 1 — and the helper that runs a whole stage (its shards in this process or
+as flow runs on a work pool) and writes its manifest."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+
+from metareward.config import CampaignConfig
+from metareward.context import ModelRef
+from metareward.jobs import JobResult, finished, plan_job, run_job, run_name, shard_inputs, sharding
+from metareward.manifests import manifest_key, write_manifest
+from metareward.report import HealthCheckError, health_problems
+from metareward.stages import stage
+from metareward.stats import combine
+from metareward.store import open_store
+from tasks.common import GPU_TAG, RETRIES, RETRY_DELAYS, result_storage, worth_retrying
+from tasks.shards import run_shards_on_workers
+
+Upstream = dict[str, list[JobResult]]
+
+
+@dataclass
+class ArtifactCache(CachePolicy):
+    """Cache key = the job's key (input digests, model digest, the stage's settings and code fingerprint), so
+    a finished job shows as Cached in Prefect and is never recomputed. If the job's artifacts (or, for a stage
+    that is not sharded, its manifest) were deleted while Prefect still holds a result for the key, the key is
+    replaced by a one-off key: the task runs again instead of returning a reference to a table that is gone."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        config: CampaignConfig = inputs["config"]
+        job = plan_job(config, inputs["stage"], inputs["iteration"], inputs["upstream"], inputs["model"],
+                       inputs["shard"])
+        key = f"{config.name}-{job.stage}-{job.iteration}-{job.shard}-{job.cache_key}"
+        store = open_store(config.artifact_root)
+        missing = finished(store, job) is None or (
+            not stage(job.stage).sharded and not store.exists(manifest_key(config.name, job.iteration, job.stage)))
+        if missing and task_ctx.result_store is not None and task_ctx.result_store.exists(key):
+            return f"{key}-rerun-{uuid.uuid4().hex}"
+        return key
+
+
+def _task_run_name(parameters: dict[str, Any]) -> str:
+    return run_name(parameters["stage"], parameters["iteration"], parameters["shard"])
+
+
+@task(name="stage", task_run_name=_task_run_name, cache_policy=ArtifactCache(), retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=worth_retrying, persist_result=True)
+def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | None, model: ModelRef | None,
+              upstream: Upstream) -> JobResult:
+    """One job of a stage: its table from the store when finished, else computed and stored. A stage that is
+    not sharded has one job, which also writes the stage's manifest."""
+    job = plan_job(config, stage, iteration, upstream, model, shard)
+    result = run_job(config, job)
+    if shard is None:
+        write_manifest(open_store(config.artifact_root), config.name, [job], [result])
+    return result
+
+
+@task(name="manifest", task_run_name="{stage} iter-{iteration} manifest", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS)
+def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, shards: list[JobResult]) -> None:
+    """The manifest of a sharded stage, from its shards' results."""
+    # Returns nothing: Prefect links a task's returned values (and their parts) to it by identity, and the
+    # stage's statistics share strings with other tasks' inputs, which would draw edges that are not there.
+    write_manifest(open_store(config.artifact_root), config.name, [r.job for r in shards], shards)
+
+
+@task(name="health", task_run_name="health iter-{iteration}", cache_policy=NO_CACHE)
+def check_health(config: CampaignConfig, iteration: int, stages: dict[str, dict]) -> list[str]:
+    """The health checks of config.health on the iteration's stage statistics before it trains: raises
+    HealthCheckError when one fails and health.action is stop; otherwise returns (and logs) the problems."""
+    from prefect import get_run_logger
+
+    problems = health_problems(config.health, stages)
+    if problems and config.health.action == "stop":
+        raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: " + "; ".join(problems))
+    for problem in problems:
+        get_run_logger().warning("health check: %s", problem)
+    return problems
+
+
+class IterationStages:
+    """Runs the stages of one iteration flow run as Prefect tasks and remembers what each finished with."""
+
+    def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef):
+        self.config = config
+        self.iteration = iteration
+        self.model = model
+        self.finished: dict[str, dict] = {}
+        """Combined statistics of each stage this flow run finished, in the order they ran."""
+        self._storage = result_storage(config)
+
+    def run(self, name: str, wait_for: list | None = None, **upstream: list[JobResult] | None) -> list[JobResult]:
+        """Run stage `name` on the given upstream results (None for an optional input the iteration skips):
+        one task, or one per shard (in this process, or as flow runs of orchestration.shard_deployment);
+        returns its results in shard order."""
+        entry = stage(name)
+        given = {input_name: results for input_name, results in upstream.items() if results is not None}
+        model = self.model if entry.uses_model else None
+        options = {"name": name, "tags": [GPU_TAG] if entry.uses_model else [], "result_storage": self._storage}
+        if not entry.sharded:
+            result = run_stage.with_options(**options)(self.config, name, self.iteration, None, model, given,
+                                                       wait_for=wait_for)
+            self.finished[name] = combine(name, [result.stats])
+            return [result]
+        per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
+        if self.config.orchestration.shard_deployment:
+            results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
+        else:
+            results = [run_stage.with_options(**options)(self.config, name, self.iteration, index, model, inputs,
+                                                         wait_for=wait_for)
+                       for index, inputs in enumerate(per_shard)]
+        write_stage_manifest(self.config, name, self.iteration, results)
+        self.finished[name] = combine(name, [result.stats for result in results])
+        return results
+
+    def outcome(self, checkpoint: JobResult) -> dict:
+        """What the iteration flow returns: the stage summaries, and M_{t+1}'s URI and model_id."""
+        return {"iteration": self.iteration, "model_id": self.model.model_id, "stages": self.finished,
+                "next_model": checkpoint.stats["model_uri"], "next_model_id": checkpoint.stats["model_id"]}
+
