@@ -19,7 +19,7 @@ from cli.progress import StageProgress, print_summary
 from metareward.config import CampaignConfig, ConfigError
 from metareward.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
-from metareward.jobs import add_job_listener, code_fingerprint, remove_job_listener, settings_digest
+from metareward.jobs import code_fingerprint, settings_digest
 from metareward.preflight import preflight
 from metareward.report import HealthCheckError
 from metareward.stages import STAGES
@@ -37,13 +37,8 @@ def _run(arguments: argparse.Namespace) -> int:
     # Prefect reads its settings when it is first imported: after the defaults above.
     from flows.campaign import campaign_flow
 
-    with StageProgress() as progress:
-        add_job_listener(progress.update)
-        try:
-            outcomes = campaign_flow(config, start_iteration=arguments.start_iteration,
-                                     start_model=arguments.start_model)
-        finally:
-            remove_job_listener(progress.update)
+    with StageProgress():
+        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=arguments.start_model)
     print_summary(config.name, outcomes)
     return 0
 
@@ -99,6 +94,33 @@ def _prefect_defaults() -> None:
 def _config_show(arguments: argparse.Namespace) -> int:
     config = CampaignConfig.from_yaml(arguments.config)
     sys.stdout.write(config.to_yaml())
+    return 0
+
+
+def _config_check(arguments: argparse.Namespace) -> int:
+    from metareward.resources import ASSUMPTIONS, GB, architecture, campaign_estimates, problems, visible_gpus
+
+    config = CampaignConfig.from_yaml(arguments.config)
+    arch = architecture(config.model.path, arguments.model_config, config.model.dtype)
+    print(f"{config.name}: {config.model.path} — {arch.parameters / 1e9:.2f}B parameters, {arch.dtype_bytes} bytes "
+          f"each ({arch.source})")
+    estimates = campaign_estimates(config, arch)
+    for estimate in estimates:
+        parts = ", ".join(f"{name} {value / GB:.1f}" for name, value in estimate.parts.items())
+        print(f"  {estimate.title}\n    per GPU ≈ {estimate.total / GB:.1f} GB ({parts} GB)")
+        for note in estimate.notes:
+            print(f"    {note}")
+    needed = max(estimate.gpus for estimate in estimates)
+    print(f"needs {needed} GPU(s) with ≥ {max(e.total for e in estimates) / GB:.0f} GB each")
+    if arguments.gpus:
+        gpus = [(f"given GPU {index}", arguments.gpu_memory * GB) for index in range(arguments.gpus)]
+    else:
+        gpus = visible_gpus()
+    print(f"checked against: {len(gpus)} GPU(s)" + (f" of {min(m for _, m in gpus) / GB:.0f} GB" if gpus else "")
+          + (" (--gpus/--gpu-memory)" if arguments.gpus else " visible here"))
+    for problem in problems(estimates, gpus):
+        print(f"warning: {problem}")
+    print("assumptions: " + "; ".join(ASSUMPTIONS))
     return 0
 
 
@@ -183,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_show = config_commands.add_parser("show", help="validate a config and print it with every default filled in")
     config_show.add_argument("config", help="campaign YAML file")
     config_show.set_defaults(handler=_config_show)
+    config_check = config_commands.add_parser(
+        "check", help="estimate the GPU memory a config needs and check it against the GPUs",
+        description="Estimate per-GPU memory of DPO (weights, gradients, optimizer states, reference, activations) "
+        "and of the inference engines from the model's architecture, and warn when it exceeds the visible GPUs "
+        "(or the ones given with --gpus/--gpu-memory).")
+    config_check.add_argument("config", help="campaign YAML file")
+    config_check.add_argument("--model-config", default=None,
+                              help="config.json of the model when model.path is a hub id not in the local cache")
+    config_check.add_argument("--gpus", type=int, default=None, help="check against this many GPUs instead")
+    config_check.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU with --gpus (default 80)")
+    config_check.set_defaults(handler=_config_check)
 
     stages = commands.add_parser(
         "stages", help="the stages of an iteration: inputs, code fingerprints, and a config's settings",

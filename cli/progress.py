@@ -6,35 +6,63 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metareward.jobs import Job, JobResult
+from metareward.jobs import Job, JobResult, add_job_listener, remove_job_listener
+from metareward.progress import add_request_listener, remove_request_listener
 from metareward.summary import SUMMARY_HEADER, summary_rows
 
 console = Console(stderr=True)
 
 
 class StageProgress:
-    """One bar per (iteration, stage), advanced as each shard finishes or is found cached."""
+    """One bar per (iteration, stage). A stage that calls the model counts its requests — the bar's total grows
+    as each shard announces its requests and advances as each one finishes; the others count their jobs. The
+    note says how many shards are done and how many of them were found cached."""
 
     def __init__(self):
         self._progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
-        self._bars: dict[tuple[int, str], int] = {}
+                                  TextColumn("{task.fields[unit]:<9}"), TextColumn("{task.fields[note]}"),
+                                  TimeElapsedColumn(), console=console)
+        self._bars: dict[str, int] = {}
+        self._shards: dict[str, list[int]] = {}
 
     def __enter__(self) -> StageProgress:
         self._progress.start()
+        add_job_listener(self.job_finished)
+        add_request_listener(self.requests)
         return self
 
     def __exit__(self, *exc) -> None:
+        remove_request_listener(self.requests)
+        remove_job_listener(self.job_finished)
         self._progress.stop()
 
-    def update(self, job: Job, result: JobResult) -> None:
-        """Advance the bar of the job's stage (a job listener: see jobs.add_job_listener)."""
-        key = (job.iteration, job.stage)
-        if key not in self._bars:
-            self._bars[key] = self._progress.add_task(f"iter-{job.iteration} {job.stage}", total=job.shard_count,
-                                                      note="")
-        note = "cached" if result.cached else f"{result.table.rows} rows"
-        self._progress.update(self._bars[key], advance=1, note=note)
+    def _bar(self, label: str) -> int:
+        if label not in self._bars:
+            self._bars[label] = self._progress.add_task(label, total=0, unit="jobs", note="")
+            self._shards[label] = [0, 0]
+        return self._bars[label]
+
+    def requests(self, label: str, expected: int, done: int) -> None:
+        """Grow and advance the bar of the stage whose requests these are (a request listener); the first
+        request turns a bar of jobs into one of requests."""
+        bar = self._bar(label)
+        task = self._progress.tasks[bar]
+        if task.fields["unit"] == "jobs":
+            self._progress.update(bar, total=expected, completed=done, unit="requests")
+        else:
+            self._progress.update(bar, total=(task.total or 0) + expected, advance=done)
+
+    def job_finished(self, job: Job, result: JobResult) -> None:
+        """Count the job's shard as done (a job listener); a stage that made no request advances by its jobs."""
+        label = f"iter-{job.iteration} {job.stage}"
+        bar = self._bar(label)
+        shards = self._shards[label]
+        shards[0] += 1
+        shards[1] += result.cached
+        if self._progress.tasks[bar].fields["unit"] == "jobs":
+            self._progress.update(bar, total=job.shard_count, advance=1)
+        cached = f", {shards[1]} cached" if shards[1] else ""
+        self._progress.update(bar, note=f"{shards[0]}/{job.shard_count} shard(s){cached}")
 
 
 def print_summary(campaign: str, outcomes: list[dict]) -> None:

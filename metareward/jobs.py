@@ -21,6 +21,7 @@ from typing import Any
 
 import polars as pl
 
+from metareward import progress
 from metareward.config import CampaignConfig
 from metareward.context import ModelRef, StageContext
 from metareward.fingerprints import installed_index
@@ -223,7 +224,8 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         started = time.perf_counter()
         context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
                                job.model_key, store, config.inference)
-        table, stats = entry.runner(context, **settings)
+        with progress.labelled(f"iter-{job.iteration} {job.stage}"):
+            table, stats = entry.runner(context, **settings)
         # Everything the stage itself did (reading inputs, loading a model, calling it, building the table);
         # what a run takes beyond the sum of these is orchestration and artifact-store overhead.
         stats.counts["compute_seconds"] = time.perf_counter() - started

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
+from metareward import progress
 from metareward.config import SamplingConfig
 from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest, GenerationResult, Messages
 from metareward.parsing import parse_score, parse_winner
@@ -187,9 +188,10 @@ def _request(messages: Messages, n: int, sampling: SamplingConfig, seed: int, st
 
 
 def _generate(backend: Backend, requests: Sequence[GenerationRequest], stats: StageStats) -> list[GenerationResult]:
+    progress.expect(len(requests))
     started = time.perf_counter()
     results = backend.generate(requests)
-    stats.seconds += time.perf_counter() - started
+    stats.add_model_time(time.perf_counter() - started, backend.engines)
     stats.requests += len(requests)
     for result in results:
         stats.prompt_tokens += result.prompt_tokens
@@ -214,9 +216,10 @@ def _force(
                       temperature=sampling.temperature, seed=seed)
         for m, text, seed in zip(messages, justifications, seeds)
     ]
+    progress.expect(len(requests))
     started = time.perf_counter()
     answers = backend.choose(requests)
-    stats.seconds += time.perf_counter() - started
+    stats.add_model_time(time.perf_counter() - started, backend.engines)
     stats.requests += len(requests)
     stats.completion_tokens += len(answers)
     return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers)]

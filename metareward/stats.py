@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class StageStats:
-    """What one stage did. Model stages fill tokens and seconds; selection stages fill `counts`."""
+    """What one stage did. Model stages fill tokens and seconds (and engine_seconds: seconds times the engines
+    serving them); selection stages fill `counts`."""
 
     stage: str
     rows: int = 0
@@ -20,7 +21,14 @@ class StageStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    engine_seconds: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
+
+    def add_model_time(self, seconds: float, engines: int) -> None:
+        """Count time spent waiting on the model, served by `engines` engines at once: per-engine
+        throughput is completion_tokens / engine_seconds (what benchmarks/projection.py scales)."""
+        self.seconds += seconds
+        self.engine_seconds += seconds * engines
 
     @property
     def parse_failure_rate(self) -> float:

@@ -80,9 +80,10 @@ def train_dpo(
     """Train M_t (a saved model folder) with TRL's DPOTrainer on a dpo_dataset table and save M_{t+1}.
 
     Paper defaults come from `settings` (β, lr, cosine, epochs, global batch = per-device × accumulation ×
-    processes). A checkpoint is saved every epoch and `checkpoint_epoch` (default: the last) becomes the
-    result, saved with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its
-    digest written last. LoRA adapters are merged so the result loads without peft. With num_processes > 1
+    processes). Training stops after `checkpoint_epoch` (default: the last) with the learning-rate schedule
+    of all `num_epochs` — the weights the full run has at the end of that epoch — and that model is saved
+    with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its digest written
+    last; no other epoch is written. The summary counts epochs_trained and epochs_scheduled. LoRA adapters are merged so the result loads without peft. With num_processes > 1
     the training runs in that many processes under `accelerate launch` (settings.accelerate_config).
     chat_template (model.chat_template) replaces the tokenizer's own, as it does for inference.
     Raises EmptyPreferenceSetError when no pair is left after dropping over-long ones.
@@ -123,15 +124,60 @@ def _tokenizer(model_path, chat_template: str | None):
     return tokenizer
 
 
+def dpo_arguments(settings: DPOConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool):
+    """TRL's DPOConfig for our settings: the paper's β, learning rate, schedule and global batch over all
+    `num_epochs` (so that epoch e of a run stopped there is epoch e of the full run), logging every step, no
+    checkpoint writes (the kept model is saved once, at the end), bf16 on a GPU that has it."""
+    import torch
+    from trl import DPOConfig as TRLDPOConfig
+
+    return TRLDPOConfig(
+        output_dir=str(output_dir),
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        save_strategy="no",
+        logging_steps=1,
+        report_to=[],
+        bf16=on_gpu and torch_dtype in ("auto", torch.bfloat16) and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def stop_after_epoch(epoch: int):
+    """A TrainerCallback that ends training once `epoch` epochs are done: the learning-rate schedule is still
+    the one of the full run (its steps are counted from num_train_epochs), so the weights at that point are
+    those the full run would have saved at the end of `epoch` (paper A.3 keeps epoch 6, 4, 2, 2 of 10)."""
+    from transformers import TrainerCallback
+
+    class StopAfterEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch is not None and round(state.epoch) >= epoch:
+                control.should_training_stop = True
+            return control
+
+    return StopAfterEpoch()
+
+
 def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
                       chat_template: str | None) -> TrainingResult | None:
     """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank under
-    `accelerate launch` (then ranks other than 0 return None)."""
+    `accelerate launch` (then ranks other than 0 return None). Stops at the kept epoch."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import DPOConfig as TRLDPOConfig
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import DPOTrainer
+
+    disable_progress_bars()
 
     tokenizer = _tokenizer(model_path, chat_template)
     on_gpu = torch.cuda.is_available()
@@ -143,42 +189,30 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
 
         peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    runs = output_dir / "epochs"
-    arguments = TRLDPOConfig(
-        output_dir=str(runs),
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
-        num_train_epochs=settings.num_epochs,
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        max_length=settings.max_length,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-        save_strategy="epoch",
-        save_only_model=True,
-        logging_steps=1,
-        report_to=[],
-        bf16=on_gpu and torch_dtype in ("auto", torch.bfloat16) and torch.cuda.is_bf16_supported(),
-        use_cpu=not on_gpu,
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    kept_epoch = settings.checkpoint_epoch or settings.num_epochs
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
-    trainer = DPOTrainer(model=model, args=arguments, train_dataset=train_set, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = DPOTrainer(model=model, args=dpo_arguments(settings, output_dir / "trainer", seed, torch_dtype, on_gpu),
+                         train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[stop_after_epoch(kept_epoch)] if kept_epoch < settings.num_epochs else None)
+    # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
+    trained = output_dir / "trained"
+    trainer.save_model(str(trained))  # every rank: under FSDP the full state dict is gathered to rank 0
     if not trainer.is_world_process_zero():
         return None
-    kept = _epoch_checkpoint(runs, settings.checkpoint_epoch or settings.num_epochs)
-    final = _save_merged(kept, model_path, output_dir / "model", tokenizer, lora=bool(settings.lora_rank),
-                         torch_dtype=torch_dtype)
+    final = output_dir / "model"
+    if settings.lora_rank:
+        _save_merged(trained, model_path, final, tokenizer, torch_dtype)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        trained.rename(final)
     model_id = write_model_digest(final)
-    shutil.rmtree(runs, ignore_errors=True)
     history = [dict(entry) for entry in trainer.state.log_history]
+    summary = {**summarize_log(history), "epochs_trained": float(round(trainer.state.epoch or 0)),
+               "epochs_scheduled": float(settings.num_epochs)}
     return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
-                          seconds=0.0, summary=summarize_log(history))
+                          seconds=0.0, summary=summary)
 
 
 def _train_with_accelerate(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
@@ -229,25 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         (output / "result.json").write_text(json.dumps(report, default=float))
 
 
-def _epoch_checkpoint(runs: Path, epoch: int) -> Path:
-    """The checkpoint-STEP folder saved at the end of `epoch` (read from each folder's trainer_state.json)."""
-    for folder in sorted(runs.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if round(state["epoch"]) == epoch:
-            return folder
-    raise RuntimeError(f"no checkpoint for epoch {epoch} in {runs}: found {sorted(p.name for p in runs.glob('checkpoint-*'))}")
-
-
-def _save_merged(checkpoint: Path, base_path, target: Path, tokenizer, lora: bool, torch_dtype) -> Path:
+def _save_merged(adapter: Path, base_path, target: Path, tokenizer, torch_dtype) -> Path:
+    """The base model with the trained LoRA adapter merged in, saved as a plain checkpoint."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if lora:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
-        model = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype)
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -13,6 +13,7 @@ class ScriptedBackend:
     choose(assistant_prefix, choices) -> index. Records every request it receives."""
 
     name = "scripted"
+    engines = 1
 
     def __init__(self, respond: Callable[[str, int, int], list[str]],
                  choose: Callable[[str, tuple[str, ...]], int] | None = None):

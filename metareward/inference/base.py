@@ -71,6 +71,8 @@ class Backend(Protocol):
     """What the stage functions need from an engine. Implementations: transformers, vllm, openai."""
 
     name: str
+    engines: int
+    """How many engines (GPUs, servers) serve the requests of one call at once."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order. Raises InferenceError when the engine fails for good."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import httpx
 
+from metareward import progress
 from metareward.inference.base import (
     BackendUnavailableError,
     ChoiceRequest,
@@ -31,8 +32,8 @@ class OpenAIBackend:
     With a tokenizer (`tokenizer_path`), prompts are rendered once with the model's chat template and sent
     as token ids to /v1/completions — the way to drive a vLLM server without a second BOS; forced
     verdicts need this. Without one, messages go to /v1/chat/completions. Requests run on at most
-    `max_concurrency` threads; contiguous blocks of requests go to the same server so that requests
-    sharing a prefix meet in its cache. Timeouts, connection errors, 429 and 5xx are retried with
+    `max_concurrency` threads, spread over the servers; contiguous blocks of requests go to the same
+    server so that requests sharing a prefix meet in its cache. Timeouts, connection errors, 429 and 5xx are retried with
     exponential back-off and jitter; other 4xx fail at once with the server's message, except a
     context-length refusal, which skips the prompt. `extra_body` adds server-specific fields to every
     generation request (vLLM: return_token_ids, for exact token counts).
@@ -58,6 +59,7 @@ class OpenAIBackend:
         if not base_urls:
             raise InferenceError("openai backend needs at least one base URL (inference.base_url)")
         self.base_urls = [url.rstrip("/") for url in base_urls]
+        self.engines = len(self.base_urls)
         self.model = model
         self.renderer = ChatRenderer.from_pretrained(tokenizer_path, chat_template) if tokenizer_path else None
         self.max_concurrency = max_concurrency
@@ -94,10 +96,17 @@ class OpenAIBackend:
         if not requests:
             return []
         blocks = len(self.base_urls)
-        servers = [self.base_urls[index * blocks // len(requests)] for index in range(len(requests))]
+        block_of = [index * blocks // len(requests) for index in range(len(requests))]
+        starts = {block: block_of.index(block) for block in set(block_of)}
+        # Each server gets a contiguous block (shared prefixes meet in its cache), but the pool takes requests
+        # in submission order: submitting the blocks interleaved keeps every server busy, not the first few.
+        order = sorted(range(len(requests)), key=lambda index: (index - starts[block_of[index]], block_of[index]))
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = [pool.submit(function, request, server) for request, server in zip(requests, servers)]
-            return [future.result() for future in futures]
+            futures = {index: pool.submit(function, requests[index], self.base_urls[block_of[index]]) for index in order}
+            for future in as_completed(futures.values()):
+                future.result()
+                progress.finished()
+            return [futures[index].result() for index in range(len(requests))]
 
     def _generate_one(self, request: GenerationRequest, server: str) -> GenerationResult:
         body = {

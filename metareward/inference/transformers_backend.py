@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metareward import progress
 from metareward.inference.base import (
     ChoiceRequest,
     Completion,
@@ -26,6 +27,7 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    engines = 1
 
     def __init__(
         self,
@@ -34,7 +36,7 @@ class TransformersBackend:
         chat_template: str | None = None,
         batch_size: int = 16,
         max_model_len: int | None = None,
-        torch_threads: int | None = 1,
+        torch_threads: int | None = None,
         device: str | None = None,
     ):
         import torch
@@ -42,8 +44,10 @@ class TransformersBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # torch's thread count is process-wide: set it while this model runs, give it back on close (training
+        # after the engine closes would otherwise run on the engine's threads).
+        self._threads_before = torch.get_num_threads()
         if torch_threads:
-            # One thread was 5-10x faster than two on the shared 2-core machines (PLATFORM.md).
             torch.set_num_threads(torch_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -71,9 +75,11 @@ class TransformersBackend:
                 runnable.append(index)
         # Requests keep their order: the stages issue them grouped by prompt/response, so a batch shares a
         # long prefix (see _generate_batch).
+        progress.finished(len(requests) - len(runnable))
         for batch in self._batches(runnable, requests):
             for index, result in zip(batch, self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])):
                 results[index] = result
+            progress.finished(len(batch))
         return results  # type: ignore[return-value]
 
     def _batches(self, indices: list[int], requests: Sequence[GenerationRequest]):
@@ -204,15 +210,17 @@ class TransformersBackend:
             for row, index in enumerate(group):
                 request, choice_ids = requests[index], prepared[index][1]
                 answers.append(_sample_choice(final[row, choice_ids], request.temperature, request.seed))
+            progress.finished(len(group))
         return answers
 
     def close(self) -> None:
-        """Drop the model and free accelerator memory."""
+        """Drop the model, give torch its thread count back and free accelerator memory."""
         import gc
 
         import torch
 
         self.model = None
+        torch.set_num_threads(self._threads_before)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

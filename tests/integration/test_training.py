@@ -1,5 +1,6 @@
-"""DPO with TRL on the tiny model: the loss falls, the kept epoch's checkpoint reloads and generates, LoRA is
-merged, over-long pairs are dropped and counted, and an empty preference set stops or carries M_t forward."""
+"""DPO with TRL on the tiny model: the loss falls, training stops at the kept epoch with the full run's weights of
+that epoch, the model reloads and generates, LoRA is merged, over-long pairs are dropped and counted, and an empty
+preference set stops or carries M_t forward."""
 
 from __future__ import annotations
 
@@ -33,17 +34,56 @@ def dataset(n: int = 16, prompt_words: int = 3) -> pl.DataFrame:
 FAST = dict(global_batch_size=8, per_device_batch_size=4, learning_rate=1e-3, max_length=256)
 
 
-def test_full_dpo_keeps_the_configured_epoch(tmp_path, tiny_model):
-    result = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=3, checkpoint_epoch=2, **FAST), tmp_path)
+def full_run_epoch_weights(model_path, data: pl.DataFrame, settings: DPOConfig, folder, epoch: int) -> dict:
+    """What DPO did before it stopped at the kept epoch: all num_epochs trained, a checkpoint saved every
+    epoch; the state dict of epoch `epoch`'s checkpoint."""
+    import dataclasses
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from metareward.training import dpo_arguments
+
+    data.select("prompt", "chosen", "rejected").write_parquet(folder / "pairs.parquet")
+    arguments = dataclasses.replace(dpo_arguments(settings, folder / "runs", 0, torch.float32, on_gpu=False),
+                                    save_strategy="epoch", save_only_model=True)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=arguments,
+                         train_dataset=Dataset.from_parquet(str(folder / "pairs.parquet")),
+                         processing_class=AutoTokenizer.from_pretrained(model_path))
+    trainer.train()
+    steps_per_epoch = trainer.state.global_step // settings.num_epochs
+    kept = folder / "runs" / f"checkpoint-{steps_per_epoch * epoch}"
+    return AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).state_dict()
+
+
+def test_dpo_stops_at_the_kept_epoch_with_the_weights_of_the_full_run(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    settings = DPOConfig(num_epochs=3, checkpoint_epoch=2, **FAST)
+    result = train_dpo(tiny_model, dataset(), settings, tmp_path / "stopped")
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert losses[-1] < losses[0] - 0.1
     assert result.summary["rewards_accuracies_last"] > 0.5
     assert result.model_id == (result.checkpoint / "model_id.txt").read_text().strip()
     assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
-    assert max(e["epoch"] for e in result.log_history if "loss" in e) == 3
-    # The kept checkpoint is epoch 2's, not the last: its weights differ from a 3-epoch model's end.
-    last = train_dpo(tiny_model, dataset(), DPOConfig(num_epochs=3, **FAST), tmp_path / "last")
-    assert last.model_id != result.model_id
+    # Two of three epochs trained, the learning rate still following the 3-epoch cosine, nothing else saved.
+    assert max(e["epoch"] for e in result.log_history if "loss" in e) == 2
+    assert (result.summary["epochs_trained"], result.summary["epochs_scheduled"]) == (2, 3)
+    rates = [e["learning_rate"] for e in result.log_history if "loss" in e]
+    assert rates[-1] > 0.2 * FAST["learning_rate"]  # a 2-epoch schedule would have decayed to ~0 here
+    assert not list((tmp_path / "stopped").rglob("checkpoint-*"))
+
+    expected = full_run_epoch_weights(tiny_model, dataset(), settings, tmp_path, epoch=2)
+    stopped = AutoModelForCausalLM.from_pretrained(result.checkpoint, dtype=torch.float32).state_dict()
+    assert stopped.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(stopped[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in expected.items())
+
     table = training_log_table(result.log_history)
     assert table.height == len(losses) and table["loss"].to_list() == losses
     backend = TransformersBackend(result.checkpoint, dtype="float32")

@@ -93,3 +93,22 @@ def test_free_verdicts_from_a_random_model_mostly_fail_to_parse(backend):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(InferenceError, match="cannot load model"):
         TransformersBackend(tmp_path / "nothing")
+
+
+def test_every_request_is_counted_as_it_finishes(backend):
+    from metareward import progress
+
+    events = []
+    listener = lambda label, expected, done: events.append((label, expected, done))  # noqa: E731
+    progress.add_request_listener(listener)
+    try:
+        prompts = load_prompts(PROMPT_FILE).table.head(5)
+        with progress.labelled("iter-1 responses"):
+            generate_responses(prompts, backend, 2, SamplingConfig(max_tokens=4), 0, 1, "m")
+        generate_responses(prompts, backend, 2, SamplingConfig(max_tokens=4), 0, 1, "m")  # outside a job: silent
+    finally:
+        progress.remove_request_listener(listener)
+    assert {label for label, _, _ in events} == {"iter-1 responses"}
+    assert sum(expected for _, expected, _ in events) == sum(done for _, _, done in events) == 5
+    # Batches of 8 sequences hold 4 requests of n = 2: the bar moves per batch, before the stage ends.
+    assert [done for _, _, done in events if done] == [4, 1]

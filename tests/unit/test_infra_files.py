@@ -20,11 +20,11 @@ def test_prefect_yaml_configs_are_the_shipped_config_files():
     demo = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "demo.yaml")
     for name in ("demo", "demo-iteration", "demo-evaluation"):
         assert CampaignConfig.from_dict(deployments[name]["parameters"]["config"]) == demo, name
-    paper = CampaignConfig.from_dict(deployments["paper-llama3-8b"]["parameters"]["config"])
-    assert paper.orchestration.shard_deployment == "metareward-shard/shard-gpu"
-    shipped = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "paper-llama3-8b.yaml")
-    assert paper.model_copy(update={"orchestration": shipped.orchestration}) == shipped
-    assert paper.orchestration.shard_deployment.split("/")[1] in deployments
+    for name, gpus in (("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1)):
+        paper = CampaignConfig.from_dict(deployments[name]["parameters"]["config"])
+        assert paper == CampaignConfig.from_yaml(REPO / "deployments" / "configs" / f"{name}.yaml"), name
+        # One GPU-pool job holds the GPUs that the config's engines and DPO processes use.
+        assert deployments[name]["work_pool"]["job_variables"]["gpu_count"] == gpus == paper.inference.gpus
 
 
 def _compose() -> list[str] | None:

@@ -1,0 +1,246 @@
+"""GPU memory a campaign needs, estimated per GPU from the model's architecture: DPO (weights, gradients, optimizer
+states, reference, activations) and inference (weights, KV cache), checked against the GPUs at hand.
+
+An estimate, not a measurement: it counts the tensors that must be resident and states its assumptions (see
+`ASSUMPTIONS`); allocator fragmentation, CUDA graphs and library workspaces are covered by a flat overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from metareward.config import CampaignConfig, ConfigError, DPOConfig
+
+GB = 1e9
+OVERHEAD_BYTES = 2 * GB
+"""CUDA context, allocator fragmentation and library workspaces, per GPU."""
+
+VLLM_MEMORY_SHARE = 0.9
+"""vLLM's default gpu_memory_utilization: the share of a GPU an engine takes for weights and KV cache."""
+
+ASSUMPTIONS = (
+    "training holds, per GPU: weights, gradients and two Adam states in the training dtype (no fp32 master "
+    "copy), divided by the number of processes under FSDP or DeepSpeed ZeRO-3, not under DDP",
+    "the reference model is a second copy of the weights (TRL reloads it to precompute or to run it), none "
+    "with LoRA (the base model with its adapter disabled is the reference)",
+    "activations: every micro-batch of p pairs is 2p sequences of max_length tokens, storing per token and "
+    "layer the norm inputs (and their fp32 upcast), q/k/v, the attention output (memory-efficient attention: "
+    "no score matrix) and the MLP's gate, up, activation and product; logits in the dtype plus fp32 "
+    "log-softmax and its gradient",
+    f"{OVERHEAD_BYTES / GB:.0f} GB per GPU for the CUDA context, fragmentation and workspaces",
+    f"vLLM engines take {VLLM_MEMORY_SHARE:.0%} of a GPU (gpu_memory_utilization); weights must leave room for "
+    "at least one sequence of max_model_len tokens in the KV cache",
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What memory depends on: parameters and the dense decoder's shapes."""
+
+    parameters: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int
+    source: str
+
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer (q, k, v, o, gate, up, down): LoRA's targets."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def architecture(model_path: str, model_config: str | None = None, dtype: str = "auto") -> Architecture:
+    """The architecture of model_path (a local folder, or a hub id with a config.json in the local Hugging Face
+    cache), or of the config.json given as model_config. Parameters are counted exactly from the safetensors
+    headers when the weights are there, otherwise from the shapes (a dense decoder: Llama, Mistral, Qwen).
+    Raises ConfigError saying how to point at a config.json when none is found offline."""
+    source = Path(model_config) if model_config else _config_file(model_path)
+    if source is None:
+        raise ConfigError(f"model.path {model_path}: no config.json found offline (not a local folder, not in the "
+                          "Hugging Face cache): pass --model-config PATH/TO/config.json")
+    try:
+        config = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{source}: not a readable config.json ({error})") from None
+    if config.get("num_local_experts") or config.get("num_experts"):
+        raise ConfigError(f"{source}: mixture-of-experts models are not estimated (only dense decoders)")
+    try:
+        hidden, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+        shapes = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
+                      head_dim=config.get("head_dim") or hidden // heads, intermediate=config["intermediate_size"],
+                      vocab=config["vocab_size"])
+    except KeyError as error:
+        raise ConfigError(f"{source}: config.json has no {error.args[0]!r}: not a decoder this estimate knows") from None
+    torch_dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    named = torch_dtype if dtype == "auto" else dtype
+    dtype_bytes = 4 if named == "float32" else 2
+    counted = _safetensors_parameters(source.parent)
+    if counted is None:
+        counted = _dense_parameters(shapes, bool(config.get("tie_word_embeddings", False)))
+    return Architecture(parameters=counted, dtype_bytes=dtype_bytes, source=str(source), **shapes)
+
+
+def _config_file(model_path: str) -> Path | None:
+    from metareward.models import BUILTIN_DEMO_MODEL, smollm2_model
+
+    if model_path == BUILTIN_DEMO_MODEL:
+        return smollm2_model() / "config.json"
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_path, "config.json")
+    except Exception:  # an id that is not a valid repo name
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in tensor["shape"]:
+                    count *= size
+                total += count
+    return total
+
+
+def _dense_parameters(shapes: dict, tied: bool) -> int:
+    h, i, v = shapes["hidden"], shapes["intermediate"], shapes["vocab"]
+    q, kv = shapes["heads"] * shapes["head_dim"], shapes["kv_heads"] * shapes["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    return shapes["layers"] * per_layer + v * h * (1 if tied else 2) + h
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU by component, for one use of the GPUs (training or inference)."""
+
+    title: str
+    gpus: int
+    parts: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """Bytes per GPU, all components."""
+        return sum(self.parts.values())
+
+
+def training_estimate(arch: Architecture, dpo: DPOConfig, label: str) -> Estimate:
+    """Per-GPU memory of DPO with these settings (see ASSUMPTIONS)."""
+    shards = dpo.num_processes if _shards_model(dpo) else 1
+    w = arch.dtype_bytes
+    estimate = Estimate(f"DPO {label}: {'LoRA r=' + str(dpo.lora_rank) if dpo.lora_rank else 'full fine-tuning'}, "
+                        f"{dpo.num_processes} process(es)" + (f", sharded over {shards}" if shards > 1 else ""),
+                        gpus=dpo.num_processes)
+    if dpo.lora_rank:
+        trainable = arch.layers * sum(dpo.lora_rank * (a + b) for a, b in arch.linear_shapes)
+        estimate.parts["weights (frozen)"] = arch.parameters * w / shards
+        estimate.parts["LoRA weights, gradients, Adam"] = trainable * w * 4
+    else:
+        estimate.parts["weights"] = arch.parameters * w / shards
+        estimate.parts["gradients"] = arch.parameters * w / shards
+        estimate.parts["Adam states"] = 2 * arch.parameters * w / shards
+        estimate.parts["reference model"] = arch.parameters * w / shards
+    tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
+    h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    per_token_layer = w * (2 * h) + 4 * (2 * h) + w * (h + q + 2 * kv + q) + w * (h + 4 * arch.intermediate)
+    estimate.parts["activations"] = tokens * arch.layers * per_token_layer
+    estimate.parts["logits"] = tokens * arch.vocab * (w + 4 + 4)
+    estimate.parts["overhead"] = OVERHEAD_BYTES
+    estimate.notes.append(f"micro-batch {dpo.per_device_batch_size} pair(s) = {tokens} tokens at max_length "
+                          f"{dpo.max_length}; {dpo.gradient_accumulation_steps} accumulation step(s)")
+    return estimate
+
+
+def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
+    """Per-GPU memory of the inference engine: weights and the KV cache of one full-length sequence (vllm:
+    one engine per GPU in its share of the GPU; transformers: one batch of full-length sequences)."""
+    inference = config.inference
+    context = inference.max_model_len or 8192
+    kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes
+    engines = inference.gpus if inference.backend == "vllm" else 1
+    estimate = Estimate(f"inference ({inference.backend}): {engines} engine(s), one per GPU", gpus=engines)
+    estimate.parts["weights"] = arch.parameters * arch.dtype_bytes
+    sequences = inference.batch_size if inference.backend == "transformers" else 1
+    estimate.parts["KV cache"] = sequences * context * kv_per_token
+    estimate.parts["overhead"] = OVERHEAD_BYTES
+    estimate.notes.append(f"KV cache {kv_per_token / 2**20:.2f} MiB per token; "
+                          + (f"{sequences} sequences" if sequences > 1 else "at least one sequence")
+                          + f" of {context} tokens" + ("; vLLM fills the rest of its share with more"
+                                                       if inference.backend == "vllm" else ""))
+    return estimate
+
+
+def _shards_model(dpo: DPOConfig) -> bool:
+    if dpo.num_processes < 2:
+        return False
+    try:
+        launch = yaml.safe_load(Path(dpo.accelerate_config).read_text()) or {}
+    except OSError:
+        raise ConfigError(f"dpo.accelerate_config {dpo.accelerate_config} does not exist "
+                          "(see deployments/accelerate/)") from None
+    if launch.get("distributed_type") == "FSDP":
+        return True
+    return launch.get("distributed_type") == "DEEPSPEED" and launch.get("deepspeed_config", {}).get("zero_stage") == 3
+
+
+def campaign_estimates(config: CampaignConfig, arch: Architecture) -> list[Estimate]:
+    """The inference engines' estimate and, per distinct DPO setting, the training's (largest first)."""
+    trainings = {}
+    for index, iteration in enumerate(config.iterations, start=1):
+        key = iteration.dpo.model_dump_json(exclude={"num_epochs", "checkpoint_epoch", "learning_rate", "beta"})
+        trainings.setdefault(key, (iteration.dpo, []))[1].append(index)
+    estimates = [training_estimate(arch, dpo, "iteration" + ("s " if len(its) > 1 else " ") + ", ".join(map(str, its)))
+                 for dpo, its in trainings.values()]
+    return [inference_estimate(arch, config)] + sorted(estimates, key=lambda e: -e.total)
+
+
+def visible_gpus() -> list[tuple[str, float]]:
+    """(name, memory in bytes) of each CUDA device this process sees; empty without one."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_name(i), float(torch.cuda.get_device_properties(i).total_memory))
+            for i in range(torch.cuda.device_count())]
+
+
+def problems(estimates: list[Estimate], gpus: list[tuple[str, float]]) -> list[str]:
+    """What does not fit on these GPUs: too few of them, or an estimate over a GPU's memory (an inference
+    engine's weights over its vLLM share)."""
+    found = []
+    for estimate in estimates:
+        if estimate.gpus > len(gpus):
+            found.append(f"{estimate.title}: needs {estimate.gpus} GPU(s), {len(gpus)} visible")
+        if not gpus:
+            continue
+        smallest = min(memory for _, memory in gpus)
+        budget = smallest * (VLLM_MEMORY_SHARE if estimate.title.startswith("inference (vllm)") else 1.0)
+        if estimate.total > budget:
+            found.append(f"{estimate.title}: ≈{estimate.total / GB:.1f} GB per GPU, over the "
+                         f"{budget / GB:.1f} GB available on each")
+    return found

@@ -1,0 +1,81 @@
+"""GPU memory estimates: parameters counted exactly, each component by hand, the shipped configs' headers true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cli import main
+from metareward.config import CampaignConfig, DPOConfig
+from metareward.resources import GB, OVERHEAD_BYTES, architecture, campaign_estimates, problems, training_estimate
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA = REPO / "deployments" / "architectures" / "Meta-Llama-3-8B-Instruct.json"
+
+
+def test_llama_3_8b_has_its_published_parameter_count():
+    arch = architecture("meta-llama/Meta-Llama-3-8B-Instruct", str(LLAMA))
+    assert arch.parameters == 8_030_261_248 and arch.dtype_bytes == 2
+
+
+def test_parameters_are_counted_from_the_safetensors_when_the_weights_are_there(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    arch = architecture(str(tiny_model))
+    assert arch.parameters == model.num_parameters()  # tied embeddings counted once, as stored
+    assert arch.dtype_bytes == 4
+
+
+def test_components_by_hand():
+    arch = architecture("x", str(LLAMA), "bfloat16")
+    p, w = arch.parameters, 2
+    single = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024), "one")
+    tokens = 2 * 1 * 1024
+    h, i = 4096, 14336
+    per_token_layer = w * 2 * h + 4 * 2 * h + w * (h + 4096 + 2 * 1024 + 4096) + w * (h + 4 * i)
+    assert single.parts == {"weights": p * w, "gradients": p * w, "Adam states": 2 * p * w, "reference model": p * w,
+                            "activations": tokens * 32 * per_token_layer, "logits": tokens * 128256 * (w + 8),
+                            "overhead": OVERHEAD_BYTES}
+    fsdp = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024, num_processes=8,
+                                             global_batch_size=32), "fsdp")
+    assert fsdp.parts["weights"] == p * w / 8 and fsdp.parts["activations"] == single.parts["activations"]
+    ddp = training_estimate(arch, DPOConfig(per_device_batch_size=1, num_processes=8, global_batch_size=32,
+                                            accelerate_config=str(REPO / "deployments/accelerate/ddp.yaml")), "ddp")
+    assert ddp.parts["weights"] == p * w
+    lora = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024, lora_rank=8), "lora")
+    assert "reference model" not in lora.parts and "gradients" not in lora.parts
+    assert lora.parts["LoRA weights, gradients, Adam"] == 32 * 8 * sum(a + b for a, b in arch.linear_shapes) * w * 4
+
+
+@pytest.mark.parametrize("name,gpus", [("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1)])
+def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(name, gpus, capsys):
+    path = REPO / "deployments" / "configs" / f"{name}.yaml"
+    assert main(["config", "check", str(path), "--model-config", str(LLAMA), "--gpus", str(gpus)]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out
+    dpo = float(re.search(r"DPO iterations 1, 2, 3, 4.*\n    per GPU ≈ ([\d.]+) GB", out).group(1))
+    needed = re.search(r"needs (\d+) GPU\(s\) with ≥ (\d+) GB each", out)
+    header = path.read_text().split("\nname:")[0]
+    assert f"≈ {dpo:.1f} GB" in header
+    assert f"needs {needed.group(1)} GPU" in header and f"≥ {needed.group(2)} GB" in header
+    assert int(needed.group(1)) == gpus
+    config = CampaignConfig.from_yaml(path)
+    assert config.health.action == "warn"
+    assert all(it.dpo.num_processes == gpus for it in config.iterations)
+
+
+def test_too_few_or_too_small_gpus_are_warned_about(capsys):
+    path = REPO / "deployments" / "configs" / "paper-llama3-8b.yaml"
+    assert main(["config", "check", str(path), "--model-config", str(LLAMA), "--gpus", "4"]) == 0
+    assert "warning: DPO iterations 1, 2, 3, 4: full fine-tuning, 8 process(es), sharded over 8: needs 8 GPU(s), " \
+           "4 visible" in capsys.readouterr().out
+    config = CampaignConfig.from_yaml(path)
+    estimates = campaign_estimates(config, architecture("x", str(LLAMA)))
+    small = problems(estimates, [("a", 24 * GB)] * 8)
+    assert any(problem.startswith("DPO") and "over the 24.0 GB available" in problem for problem in small)
+    assert not any(problem.startswith("inference") for problem in small)  # 19.1 GB fits 90 % of 24 GB
+    tiny = problems(estimates, [("a", 16 * GB)] * 8)
+    assert any(problem.startswith("inference (vllm)") and "over the 14.4 GB available" in problem for problem in tiny)
