@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +21,8 @@ from metareward.config import CampaignConfig, ConfigError
 from metareward.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
 from metareward.jobs import code_fingerprint, settings_digest
-from metareward.preflight import preflight
+from metareward.models import ModelNotFoundError
+from metareward.preflight import check_evaluation, preflight
 from metareward.report import HealthCheckError
 from metareward.stages import STAGES
 from metareward.store import StoreError, open_store
@@ -32,13 +34,17 @@ from metareward.training import EmptyPreferenceSetError
 
 def _run(arguments: argparse.Namespace) -> int:
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
-    preflight(config)
+    model = preflight(config, arguments.start_iteration, arguments.start_model)
+    if arguments.start_iteration > 1 and not arguments.start_model:
+        print(f"iteration {arguments.start_iteration} starts from M_{arguments.start_iteration} = {model} "
+              f"(iteration {arguments.start_iteration - 1}'s checkpoint in the artifact store)", file=sys.stderr)
+    _check_prefect_api()
     _prefect_defaults()
     # Prefect reads its settings when it is first imported: after the defaults above.
     from flows.campaign import campaign_flow
 
     with StageProgress():
-        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=arguments.start_model)
+        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=model)
     print_summary(config.name, outcomes)
     return 0
 
@@ -57,6 +63,7 @@ def _evaluate_agreement(arguments: argparse.Namespace) -> int:
     from metareward.evaluation import evaluate_judge_agreement
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    check_evaluation(config, arguments.model, arguments.output)
     estimates, evaluation = evaluate_judge_agreement(config, arguments.rankings, arguments.model,
                                                      arguments.num_judgments, arguments.bootstrap)
     log_evaluation(config, evaluation)
@@ -76,6 +83,8 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
     from metareward.evaluation import export_alpaca_eval
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    check_evaluation(config, arguments.model, arguments.output)
+    load_prompts(arguments.prompts, arguments.column)
     evaluation = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
                                     arguments.column)
     log_evaluation(config, evaluation)
@@ -83,6 +92,19 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
     print(f"{arguments.output}: {len(outputs)} answers in AlpacaEval's format (generator {outputs[0]['generator']!r})"
           if outputs else f"{arguments.output}: no prompts")
     return 0
+
+
+def _check_prefect_api() -> None:
+    """A Prefect server named by PREFECT_API_URL must answer /health in seconds (else the run would hang in
+    Prefect's retries); without one, Prefect's local ephemeral API is started."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        raise ConfigError(f"PREFECT_API_URL {url} does not answer /health ({type(error).__name__}: {error}): start "
+                          "the server (prefect server start), fix the URL, or unset it to use the local ephemeral API")
 
 
 def _prefect_defaults() -> None:
@@ -165,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="campaign YAML file")
     run.add_argument("--start-iteration", type=int, default=1, help="first iteration to run (default 1)")
     run.add_argument("--start-model", default=None,
-                     help="checkpoint URI to start from (default: model.path), e.g. a previous iteration's")
+                     help="model folder or checkpoint URI to start from (default: model.path for iteration 1, the "
+                     "previous iteration's checkpoint in the artifact store for a later one)")
     run.set_defaults(handler=_run)
 
     show = commands.add_parser("show", help="a campaign's iterations, from the artifact store")
@@ -242,6 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return arguments.handler(arguments)
     except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError,
-            HealthCheckError, TrackingError, EvaluationInputError) as error:
+            HealthCheckError, TrackingError, EvaluationInputError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from metareward.config import CampaignConfig
+from metareward.preflight import check_evaluation
 from tasks.evaluate import alpaca_eval_export, judge_agreement
 
 
@@ -17,6 +18,7 @@ def evaluation_flow(config: CampaignConfig, model: str | None = None, rankings: 
     evaluation run. Returns the agreement estimates and the export's URI."""
     if not rankings and not alpaca_eval_prompts:
         raise ValueError("nothing to evaluate: give rankings (labelled rankings file) and/or alpaca_eval_prompts")
+    check_evaluation(config, model)
     outcome: dict = {"model": model or config.model.path}
     lines = [f"## {config.name}: evaluation of `{outcome['model']}`", ""]
     if rankings:

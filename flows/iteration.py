@@ -9,8 +9,8 @@ from metareward.config import CampaignConfig
 from metareward.context import ModelRef
 from metareward.inference import close_shared_backends
 from metareward.jobs import JobResult
-from metareward.models import model_id_of
-from tasks.common import result_storage
+from metareward.models import check_model, model_id_of
+from tasks.common import result_storage, retried
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run
 
@@ -19,8 +19,9 @@ from tasks.track import iteration_run
 def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> dict:
     """M_t (model_path) → tables → DPO → M_{t+1}. Every stage is a cached task: re-running the flow recomputes
     only what is missing or changed. Returns the stage summaries and M_{t+1}'s URI and model_id."""
-    # M_t's digest from its model_id.txt (an s3:// checkpoint's weights are not downloaded). Not a task: Prefect
-    # links a task's returned strings to it by identity, and the model's URI is also inside `config`.
+    # M_t, checked, and its digest from its model_id.txt (an s3:// checkpoint's weights are not downloaded). Not
+    # a task: Prefect links a task's returned strings to it by identity, and the model's URI is inside `config`.
+    check_model(model_path, config.model.chat_template)
     model = ModelRef(model_path, model_id_of(model_path))
     with iteration_run(config, iteration, model) as stages:
         prompts = stages.run("prompts")
@@ -52,7 +53,7 @@ def shard_flow(config: CampaignConfig, stage: str, iteration: int, shard: int, m
     """One shard of a model stage on a (GPU) worker: the same cached, retried task the iteration flow runs
     in-process, its table written to the artifact store; returns the shard's statistics."""
     try:
-        result = run_stage.with_options(name=stage, result_storage=result_storage(config))(
+        result = run_stage.with_options(name=stage, result_storage=result_storage(config), **retried(config))(
             config, stage, iteration, shard, model, upstream)
     finally:
         close_shared_backends()

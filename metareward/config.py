@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,16 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 class ConfigError(ValueError):
     """A campaign configuration that cannot be used; the message names the file, the field and the fix."""
+
+
+_URL_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
+
+
+def _no_password(value: str | None, where: str, instead: str) -> str | None:
+    """Refuse a URL with a user:password in it: a config travels to Prefect, MLflow and the artifact store."""
+    if value is not None and _URL_PASSWORD.match(value):
+        raise ValueError(f"{where} holds a password, and a config is stored with every run: {instead}")
+    return value
 
 
 class _Strict(BaseModel):
@@ -210,6 +221,13 @@ class InferenceConfig(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0, description="openai/vllm: seconds per request.")
     startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds to wait for readiness.")
 
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        value = _no_password(value, "inference.base_url", "give the key in the variable api_key_env names")
+        # Clients add /v1 themselves: "http://host:8000/v1" would become .../v1/v1/completions.
+        return value.rstrip("/").removesuffix("/v1") if value else value
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> InferenceConfig:
         if self.backend == "openai" and not self.base_url:
@@ -242,7 +260,8 @@ class TrackingConfig(_Strict):
     enabled: bool = Field(default=True, description="Log the campaign to MLflow; false logs nothing.")
     uri: str | None = Field(
         default=None,
-        description="MLflow tracking URI (MLFLOW_TRACKING_URI overrides it); default: a sqlite store "
+        description="MLflow tracking URI without credentials (MLFLOW_TRACKING_URI, read where it is used, overrides "
+        "it; MLFLOW_TRACKING_USERNAME/PASSWORD authenticate); default: a sqlite store "
         "{artifact_root}/_mlflow/mlflow.db for a local artifact root, ./mlflow/mlflow.db for an s3:// one.",
     )
     experiment: str | None = Field(default=None, description="Experiment name; default: the campaign name.")
@@ -255,10 +274,17 @@ class TrackingConfig(_Strict):
         default=None, description="Registered model of the trained checkpoints; default: the campaign name."
     )
 
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_password(cls, value: str | None) -> str | None:
+        return _no_password(value, "tracking.uri", "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                            "the whole URI in MLFLOW_TRACKING_URI (read where it is used, never stored)")
+
 
 class OrchestrationConfig(_Strict):
-    """Where the model stages' shards run: in the iteration flow's own process (default), or each as a flow
-    run of a Prefect `shard` deployment on a GPU work pool, one engine per worker (deployments/prefect.yaml)."""
+    """How stage jobs run: where the model stages' shards run — in the iteration flow's own process (default),
+    or each as a flow run of a Prefect `shard` deployment on a GPU work pool, one engine per worker
+    (deployments/prefect.yaml) — and how failed jobs are retried."""
 
     shard_deployment: str | None = Field(
         default=None,
@@ -266,6 +292,13 @@ class OrchestrationConfig(_Strict):
         "meta-judgments shards as separate flow runs; None runs them in-process.",
     )
     shard_poll_interval_s: float = Field(default=5.0, gt=0, description="Seconds between checks of shard flow runs.")
+    retries: int = Field(
+        default=3, ge=0, description="Retries of a stage job that failed for a reason that can heal (network, "
+        "server errors, timeouts, an engine that died); bad input or a missing file is never retried."
+    )
+    retry_backoff_s: float = Field(
+        default=5.0, ge=0, description="Seconds before the first retry; each next one waits twice as long."
+    )
 
 
 class CampaignConfig(_Strict):
@@ -283,7 +316,8 @@ class CampaignConfig(_Strict):
     prompts: PromptsConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="Engine and verdict mode.")
     artifact_root: str = Field(
-        default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet."
+        default="./artifacts", description="Local folder or s3://bucket/prefix for every stage's Parquet "
+        "(credentials in the AWS_* variables, never here)."
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow lineage.")
     orchestration: OrchestrationConfig = Field(
@@ -300,6 +334,11 @@ class CampaignConfig(_Strict):
     iterations: list[IterationConfig] = Field(
         min_length=1, description="The iterations, in order (paper: 4, see A.3)."
     )
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _root_without_password(cls, value: str) -> str:
+        return _no_password(value, "artifact_root", "put S3 credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
     @model_validator(mode="after")
     def _judge_training_follows_mode(self) -> CampaignConfig:
@@ -321,6 +360,8 @@ class CampaignConfig(_Strict):
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a folder, not a config file (give the campaign's YAML file)") from None
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         try:
@@ -340,16 +381,15 @@ class CampaignConfig(_Strict):
             raise ConfigError(_describe(error, source)) from None
 
     def with_environment(self, environ: dict[str, str] | None = None) -> CampaignConfig:
-        """A copy with deployment settings from the environment: METAREWARD_ARTIFACT_ROOT overrides
-        artifact_root and MLFLOW_TRACKING_URI tracking.uri. (S3 endpoint and credentials are read from the
-        standard AWS_* variables where they are used, and PREFECT_API_URL by Prefect itself.)"""
+        """A copy with METAREWARD_ARTIFACT_ROOT (when set) as artifact_root, validated like the config's own.
+        Settings that may carry credentials are not copied: MLFLOW_TRACKING_URI, the AWS_* variables and the
+        openai backend's key are read from the environment where they are used, and PREFECT_API_URL by Prefect,
+        so they never reach Prefect's parameters, MLflow or the artifact store. Raises ConfigError."""
         environ = os.environ if environ is None else environ
-        updates = {}
-        if environ.get("METAREWARD_ARTIFACT_ROOT"):
-            updates["artifact_root"] = environ["METAREWARD_ARTIFACT_ROOT"]
-        if environ.get("MLFLOW_TRACKING_URI"):
-            updates["tracking"] = self.tracking.model_copy(update={"uri": environ["MLFLOW_TRACKING_URI"]})
-        return self.model_copy(update=updates)
+        if not environ.get("METAREWARD_ARTIFACT_ROOT"):
+            return self
+        return CampaignConfig.from_dict({**self.model_dump(), "artifact_root": environ["METAREWARD_ARTIFACT_ROOT"]},
+                                        source="METAREWARD_ARTIFACT_ROOT")
 
     def to_yaml(self) -> str:
         """The config as YAML that from_yaml reads back to an equal object (every default written out)."""

@@ -8,7 +8,7 @@ import polars as pl
 
 from metareward.config import InferenceConfig
 from metareward.models import resolve_model
-from metareward.store import ArtifactStore
+from metareward.store import ArtifactStore, TableRef
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ModelRef:
 @dataclass
 class StageContext:
     """One job's view for its runner: which stage, iteration and shard, the model it runs (model stages) or the
-    model behind its inputs (model_id), the URIs of its input tables by stage, where a model it trains goes
+    model behind its inputs (model_id), its input tables by stage, where a model it trains goes
     (model_key), the store, and where engines run (`inference`: no field of it that changes outputs is read
     from here — those come hashed, as the runner's `engine` setting)."""
 
@@ -32,7 +32,7 @@ class StageContext:
     shard: int | None
     runs_model: ModelRef | None
     model_id: str | None
-    inputs: dict[str, list[str]]
+    inputs: dict[str, list[TableRef]]
     model_key: str
     store: ArtifactStore
     inference: InferenceConfig
@@ -57,7 +57,8 @@ class StageContext:
         return input_stage in self.inputs
 
     def table(self, input_stage: str, columns: list[str] | None = None) -> pl.DataFrame:
-        """The job's input table of input_stage: its shards concatenated in order."""
+        """The job's input table of input_stage: its shards concatenated in order, each checked against the
+        digest its producer recorded (CorruptArtifactError names the one that does not match)."""
         return self.store.read_tables(self.inputs[input_stage], columns)
 
     def local_model(self) -> str:

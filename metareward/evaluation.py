@@ -3,6 +3,7 @@ with bootstrap confidence intervals, and answers in AlpacaEval's format."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,22 +20,47 @@ class EvaluationInputError(ValueError):
 
 def load_labelled_rankings(path: str | Path) -> pl.DataFrame:
     """A labelled-ranking file (JSONL, Parquet or CSV): one row per response with columns `prompt`,
-    `response` and `rank` (1 = best; equal ranks are ties), OASST-style. Raises EvaluationInputError naming the file
-    and the missing column or the bad row."""
+    `response` and `rank` (1 = best; equal ranks are ties), OASST-style. Raises EvaluationInputError naming the
+    file and the line, the missing column or the bad row, and when no prompt has two responses of different
+    ranks (nothing to compare)."""
     path = Path(path)
-    readers = {".jsonl": pl.read_ndjson, ".parquet": pl.read_parquet, ".csv": pl.read_csv}
     if not path.is_file():
         raise EvaluationInputError(f"{path}: no such labelled-rankings file")
+    readers = {".jsonl": _read_jsonl, ".parquet": pl.read_parquet, ".csv": pl.read_csv}
     if path.suffix not in readers:
         raise EvaluationInputError(f"{path}: use .jsonl, .parquet or .csv for labelled rankings")
-    table = readers[path.suffix](path)
+    try:
+        table = readers[path.suffix](path)
+    except EvaluationInputError:
+        raise
+    except Exception as error:  # polars raises several types for a damaged file
+        raise EvaluationInputError(f"{path}: not a readable {path.suffix[1:]} file ({error})") from None
     missing = [column for column in ("prompt", "response", "rank") if column not in table.columns]
     if missing:
         raise EvaluationInputError(f"{path}: missing column(s) {missing}; expected prompt, response, rank (1 = best)")
     bad = table.with_row_index("row", offset=1).filter(pl.col("rank").cast(pl.Float64, strict=False).is_null())
     if bad.height:
         raise EvaluationInputError(f"{path}: row {bad['row'][0]}: rank must be a number, got {bad['rank'][0]!r}")
-    return table.with_columns(pl.col("rank").cast(pl.Float64))
+    table = table.with_columns(pl.col("rank").cast(pl.Float64))
+    if not table.group_by("prompt").agg(pl.col("rank").n_unique() > 1)["rank"].any():
+        raise EvaluationInputError(f"{path}: nothing to compare: no prompt has two responses of different ranks "
+                                   "(agreement compares a judge's order of a prompt's responses with the reference's)")
+    return table
+
+
+def _read_jsonl(path: Path) -> pl.DataFrame:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvaluationInputError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise EvaluationInputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 @dataclass(frozen=True)
@@ -195,8 +221,6 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
     outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
     iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
-    import json
-
     from metareward.tables import load_prompts
 
     prompts = load_prompts(prompts_path, column).table["prompt"].to_list()

@@ -28,7 +28,7 @@ from metareward.fingerprints import installed_index
 from metareward.models import MODEL_DIGEST_FILE
 from metareward.stages import stage
 from metareward.stats import StageStats
-from metareward.store import ArtifactStore, TableRef, open_store
+from metareward.store import ArtifactStore, CorruptArtifactError, TableRef, open_store
 from metareward.tables import validate_table
 
 
@@ -45,7 +45,7 @@ class Job:
     key: str
     settings_digest: str
     code: str
-    inputs: dict[str, list[str]]
+    inputs: dict[str, list[TableRef]]
     model: ModelRef | None = None
     model_id: str | None = None
     shard_index: int | None = None
@@ -75,12 +75,14 @@ class Job:
 @dataclass
 class JobResult:
     """What a finished job produced: the job, its table and its statistics (stored with it); `cached` when
-    it was found in the store rather than computed by this call."""
+    it was found in the store rather than computed by this call, `recomputed` why a stored result was not
+    trusted and computed again (its table damaged, its model folder incomplete)."""
 
     job: Job
     table: TableRef
     stats: dict[str, Any]
     cached: bool = False
+    recomputed: str | None = None
 
     @property
     def model_id(self) -> str | None:
@@ -164,7 +166,9 @@ def plan_job(config: CampaignConfig, stage_name: str, iteration: int, inputs: Ma
     return Job(
         stage=stage_name, iteration=iteration, shard=shard, cache_key=cache_key,
         key=f"{config.name}/iter-{iteration}/{stage_name}/{shard}-{cache_key}", settings_digest=settings, code=code,
-        inputs={name: [result.table.uri for result in results] for name, results in given.items()},
+        # Copies: Prefect links a task's returned objects to it by identity, and an upstream result's table held
+        # inside this job would draw an edge from every stage upstream of it.
+        inputs={name: [dataclasses.replace(result.table) for result in results] for name, results in given.items()},
         model=model if entry.uses_model else None, model_id=model_id, shard_index=shard_index,
         shard_count=sharding(config, given) if entry.sharded else 1,
     )
@@ -192,8 +196,9 @@ def remove_job_listener(listener: JobListener) -> None:
 
 
 FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
-"""Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process
-fail after its inputs are read, to exercise retries. Never set in production."""
+"""Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process fail,
+to exercise retries; "STAGE:SHARD:while=PATH" makes every attempt fail while the file PATH exists, to exercise
+a job that fails past its retries and a retry of the whole run. Never set in production."""
 _faults_raised: set[str] = set()
 
 
@@ -206,16 +211,14 @@ class SettingsChangedError(RuntimeError):
 
 
 def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None) -> JobResult:
-    """The job's result: read from the store when its table and marker are there (no model is loaded),
-    otherwise computed by the stage's runner with the stage's settings, checked against the stage's schema,
-    written atomically and marked complete."""
+    """The job's result: read from the store when its table and marker are there and agree (no model is
+    loaded), otherwise computed by the stage's runner with the stage's settings, checked against the stage's
+    schema, written atomically and marked complete. An input table that is not what its producer recorded
+    raises CorruptArtifactError and loses its marker, so that the next run computes it again."""
     store = store or open_store(config.artifact_root)
-    result = finished(store, job)
-    target = f"{job.stage}:{job.shard}"
-    if result is None and os.environ.get(FAULT_ENVIRONMENT) == target and target not in _faults_raised:
-        _faults_raised.add(target)
-        raise InjectedFault(f"{FAULT_ENVIRONMENT}={target}: first attempt of {job.run_name} fails on purpose")
+    result, distrust = stored(store, job)
     if result is None:
+        _inject_fault(job)
         entry = stage(job.stage)
         settings = entry.settings(config, job.iteration)
         if settings_digest(settings) != job.settings_digest:
@@ -224,28 +227,67 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         started = time.perf_counter()
         context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
                                job.model_key, store, config.inference)
-        with progress.labelled(f"iter-{job.iteration} {job.stage}"):
-            table, stats = entry.runner(context, **settings)
+        try:
+            with progress.labelled(f"iter-{job.iteration} {job.stage}"):
+                table, stats = entry.runner(context, **settings)
+        except CorruptArtifactError as error:
+            raise CorruptArtifactError(f"{job.run_name}: {error}; {_forget(store, job, str(error))}") from None
         # Everything the stage itself did (reading inputs, loading a model, calling it, building the table);
         # what a run takes beyond the sum of these is orchestration and artifact-store overhead.
         stats.counts["compute_seconds"] = time.perf_counter() - started
         result = complete(store, job, validate_table(table, entry.schema, job.stage), stats)
+        result.recomputed = distrust
     for listener in list(_listeners):
         listener(job, result)
     return result
 
 
-def finished(store: ArtifactStore, job: Job) -> JobResult | None:
-    """The job's result when its marker and its table (and, for a trained checkpoint, its model folder's
-    model_id.txt) are in the store; None otherwise: a deleted artifact means the job runs again, never a
-    silently missing one."""
-    if not (store.exists(job.marker_key) and store.exists(job.table_key)):
-        return None
-    marker = store.read_json(job.marker_key)
+def _inject_fault(job: Job) -> None:
+    target, _, condition = os.environ.get(FAULT_ENVIRONMENT, "").partition(":while=")
+    if target != f"{job.stage}:{job.shard}":
+        return
+    if condition and os.path.exists(condition):
+        raise InjectedFault(f"{FAULT_ENVIRONMENT}: {job.run_name} fails on purpose while {condition} exists")
+    if not condition and target not in _faults_raised:
+        _faults_raised.add(target)
+        raise InjectedFault(f"{FAULT_ENVIRONMENT}: the first attempt of {job.run_name} fails on purpose")
+
+
+def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None]:
+    """The job's stored result and None when its marker and table are there and agree (ArtifactStore.mismatch:
+    size, and the digest of a local table or the ETag of an S3 one) and, for a trained model, its folder's
+    model_id.txt is there; else None and why a stored result is not trusted (None when there is none): a
+    deleted, truncated or replaced artifact means the job runs again, never a silently missing or damaged one."""
+    if not store.exists(job.marker_key):
+        return None, None
+    try:
+        marker = store.read_json(job.marker_key)
+        # Where the job's table is now (an artifact root that was moved still serves its tables).
+        table = dataclasses.replace(TableRef.from_dict(marker["table"]), uri=store.uri(job.table_key))
+    except (ValueError, KeyError, TypeError) as error:
+        return None, f"its marker {store.uri(job.marker_key)} is damaged ({type(error).__name__})"
+    problem = store.mismatch(table)
+    if problem:
+        return None, problem
     trained = stage(job.stage).writes_model and not marker["stats"].get("kept_previous_model")
     if trained and not store.exists(f"{job.model_key}/{MODEL_DIGEST_FILE}"):
-        return None
-    return JobResult(job, TableRef(**marker["table"]), marker["stats"], cached=True)
+        return None, f"its model folder {store.uri(job.model_key)} has no {MODEL_DIGEST_FILE}"
+    return JobResult(job, table, marker["stats"], cached=True), None
+
+
+def finished(store: ArtifactStore, job: Job) -> JobResult | None:
+    """The job's stored result when it can be trusted (see stored), else None."""
+    return stored(store, job)[0]
+
+
+def _forget(store: ArtifactStore, job: Job, problem: str) -> str:
+    """Remove the marker of the input table named in `problem`, so the job that wrote it runs again."""
+    for tables in job.inputs.values():
+        for table in tables:
+            if table.uri in problem:
+                store.delete(store.key_of(table.uri).removesuffix(".parquet") + ".json")
+                return "its marker is removed: run the iteration again to compute it anew"
+    return "delete it and run the iteration again"
 
 
 def complete(store: ArtifactStore, job: Job, table: pl.DataFrame, stats: StageStats) -> JobResult:

@@ -9,7 +9,7 @@ from metareward.jobs import Job, JobResult
 from metareward.prompts import JUDGE_TEMPLATE_HASH, META_JUDGE_TEMPLATE_HASH
 from metareward.stages import STAGE
 from metareward.stats import combine
-from metareward.store import ArtifactStore
+from metareward.store import ArtifactStore, StoreError, TableRef
 
 
 def manifest_key(campaign: str, iteration: int, stage_name: str) -> str:
@@ -27,7 +27,8 @@ def write_manifest(store: ArtifactStore, campaign: str, jobs: list[Job], results
         "iteration": first.iteration,
         "model_id": first.model_id,
         "rows": sum(result.table.rows for result in results),
-        "shards": {job.shard: {**result.table.as_dict(), "cache_key": job.cache_key, "cached": result.cached}
+        "shards": {job.shard: {**result.table.as_dict(), "cache_key": job.cache_key, "cached": result.cached,
+                               **({"recomputed": result.recomputed} if result.recomputed else {})}
                    for job, result in zip(jobs, results)},
         "stats": combined,
         "code": first.code,
@@ -45,8 +46,12 @@ def stage_manifests(store: ArtifactStore, campaign: str) -> dict[int, dict[str, 
         parts = key.split("/")
         if len(parts) != 4 or parts[3] != "manifest.json" or not parts[1].startswith("iter-"):
             continue
-        manifest = store.read_json(key)
-        found.setdefault(manifest["iteration"], {})[manifest["stage"]] = {**manifest, "key": key}
+        try:
+            manifest = store.read_json(key)
+            found.setdefault(manifest["iteration"], {})[manifest["stage"]] = {**manifest, "key": key}
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(f"stage manifest {store.uri(key)} is damaged ({type(error).__name__}: {error}): delete it "
+                             "and run the campaign again to rewrite it from the finished shards") from None
     return {
         iteration: {name: stages[name] for name in STAGE if name in stages}
         for iteration, stages in sorted(found.items())
@@ -56,4 +61,4 @@ def stage_manifests(store: ArtifactStore, campaign: str) -> dict[int, dict[str, 
 def read_stage_table(store: ArtifactStore, manifest: dict, columns: list[str] | None = None) -> pl.DataFrame:
     """A stage's whole table (only `columns`, when given): its shards, as its manifest lists them,
     concatenated in shard order."""
-    return store.read_tables([shard["uri"] for _, shard in sorted(manifest["shards"].items())], columns)
+    return store.read_tables([TableRef.from_dict(shard) for _, shard in sorted(manifest["shards"].items())], columns)

@@ -1,4 +1,5 @@
-"""Models without a hub: the tiny random test model, the embedded SmolLM2 demo model, and checkpoint digests."""
+"""Models without a hub: the tiny random test model, the embedded SmolLM2 demo model, checkpoint digests, and the
+check that a model can be used before any model work."""
 
 from __future__ import annotations
 
@@ -228,6 +229,68 @@ def model_digest(path: str | Path, cache_dir: str | Path | None = None) -> str:
 
 def _model_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MODEL_DIGEST_FILE)
+
+
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.gguf")
+_TOKENIZERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.gguf")
+
+
+def check_model(path: str, chat_template: str | None = None, cache_dir: str | Path | None = None) -> None:
+    """Fail in seconds, before any model work, when `path` cannot serve as a model: the builtin demo model
+    must be installed; an s3:// checkpoint must be complete (model_id.txt, config.json); a local folder must
+    hold config.json, weights, a tokenizer and a chat template (or model.chat_template must give one); a hub id
+    must be in the local Hugging Face cache or its config.json fetchable. Raises ModelNotFoundError saying
+    which file is missing and what to do."""
+    if path == BUILTIN_DEMO_MODEL:
+        smollm2_gguf_path()
+        return
+    if path.startswith("s3://"):
+        from metareward.store import ArtifactStore
+
+        store = ArtifactStore(path)
+        for required in (MODEL_DIGEST_FILE, "config.json"):
+            if not store.exists(required):
+                raise ModelNotFoundError(f"{path}: no {required}: not a finished checkpoint (its upload may have "
+                                         "been cut off); give another checkpoint or run its iteration again")
+        return
+    folder = Path(path).expanduser()
+    if folder.exists() or path.startswith((".", "/", "~")):
+        _check_folder(folder, chat_template)
+        return
+    _check_hub_id(path, cache_dir)
+
+
+def _check_folder(folder: Path, chat_template: str | None) -> None:
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder}: no such model folder" if not folder.exists() else
+                                 f"{folder}: a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder}: no config.json: not a Hugging Face model folder")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHTS):
+        raise ModelNotFoundError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin): the download or copy "
+                                 "is incomplete")
+    if not any(any(folder.glob(pattern)) for pattern in _TOKENIZERS):
+        raise ModelNotFoundError(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    settings = folder / "tokenizer_config.json"
+    has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (
+        settings.is_file() and "chat_template" in json.loads(settings.read_text() or "{}"))
+    if chat_template is None and not has_template:
+        raise ModelNotFoundError(f"{folder}: its tokenizer has no chat template (a base model?): use an instruction-"
+                                 "tuned model or set model.chat_template")
+
+
+def _check_hub_id(repo_id: str, cache_dir: str | Path | None) -> None:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+        hf_hub_download(repo_id, "config.json", etag_timeout=10)
+    except Exception as error:  # offline mode, no network, a gated or missing repository
+        raise ModelNotFoundError(
+            f"model {repo_id}: not a local folder, not in the Hugging Face cache, and its config.json cannot be "
+            f"fetched from the hub ({type(error).__name__}: {str(error).splitlines()[0][:200]}); give a local "
+            "folder, or log in (HF_TOKEN) for a gated model") from None
 
 
 def read_model_config(path: str | Path) -> dict:

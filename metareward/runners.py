@@ -36,10 +36,13 @@ Result = tuple[pl.DataFrame, StageStats]
 
 def prompts(context: StageContext, *, prompt_file: ContentFile, column: str, seed: int,
             block_sizes: list[int | None]) -> Result:
-    """The iteration's block of the prompt file (see select_iteration_prompts)."""
-    table = load_prompts(prompt_file.path, column).table
-    picked = select_iteration_prompts(table, seed, block_sizes)
-    return picked, StageStats("prompts", rows=picked.height)
+    """The iteration's block of the prompt file (see select_iteration_prompts); the file's empty and duplicate
+    prompts, which no iteration gets, are counted."""
+    prompt_set = load_prompts(prompt_file.path, column)
+    picked = select_iteration_prompts(prompt_set.table, seed, block_sizes)
+    return picked, StageStats("prompts", rows=picked.height, counts={
+        "file_prompts": prompt_set.table.height, "empty_prompts": len(prompt_set.empty_rows),
+        "duplicate_prompts": len(prompt_set.duplicate_rows)})
 
 
 def responses(context: StageContext, *, num_responses: int, sampling: SamplingConfig, seed: int, shard_size: int,

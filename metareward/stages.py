@@ -205,6 +205,8 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "tracking.registered_model": "MLflow logging reads finished tables; it writes none",
     "orchestration.shard_deployment": "where a shard runs, not what it computes",
     "orchestration.shard_poll_interval_s": "how often shard flow runs are polled",
+    "orchestration.retries": "how often a failed job is tried again",
+    "orchestration.retry_backoff_s": "how long before a failed job is tried again",
     "health.max_top_score_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.max_position_a_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.min_parse_rate": "decides whether the checkpoint stage runs, not what any stage computes",

@@ -21,17 +21,34 @@ class StoreError(RuntimeError):
     """The artifact store cannot be used (missing bucket, unreachable endpoint, denied); says which and why."""
 
 
+class CorruptArtifactError(StoreError):
+    """An artifact that is not what its marker recorded (other bytes, another size) or that is not readable
+    Parquet; the message names its URI."""
+
+
 @dataclass(frozen=True)
 class TableRef:
-    """A table written to the store: where, how many rows, and the blake2b digest of its Parquet bytes."""
+    """A table written to the store: where, how many rows, the blake2b digest of its Parquet bytes, their size,
+    and on S3 the object's ETag (size and ETag are None in markers written before they were kept)."""
 
     uri: str
     rows: int
     digest: str
+    size: int | None = None
+    etag: str | None = None
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> TableRef:
+        """The reference in a marker's or manifest's entry (other keys of the entry are ignored)."""
+        return cls(fields["uri"], fields["rows"], fields["digest"], fields.get("size"), fields.get("etag"))
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain fields, for manifests."""
+        """Plain fields, for markers and manifests."""
         return asdict(self)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def s3_storage_options() -> dict[str, Any]:
@@ -40,6 +57,10 @@ def s3_storage_options() -> dict[str, Any]:
     into options, logs, Prefect parameters or MLflow params."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options: dict[str, Any] = {}
+    if endpoint and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
+        # These options are saved in a Prefect block (result storage): the endpoint must carry no credentials.
+        raise StoreError("AWS_ENDPOINT_URL_S3 holds credentials (user:password@): give the endpoint alone and the "
+                         "credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options
@@ -120,21 +141,59 @@ class ArtifactStore:
             raise FileNotFoundError(f"artifact {self.uri(key)} does not exist") from None
 
     def write_table(self, key: str, table: pl.DataFrame) -> TableRef:
-        """Write a table as Parquet (zstd) atomically; return its reference with row count and digest."""
+        """Write a table as Parquet (zstd) atomically; return its reference with row count, digest and size."""
         buffer = io.BytesIO()
         table.write_parquet(buffer, compression="zstd")
         data = buffer.getvalue()
         self.write_bytes(key, data)
-        return TableRef(uri=self.uri(key), rows=table.height, digest=hashlib.blake2b(data, digest_size=8).hexdigest())
+        etag = self.fs.info(self.uri(key)).get("ETag") if self.protocol == "s3" else None
+        return TableRef(self.uri(key), table.height, _digest(data), len(data), etag)
 
-    def read_table(self, key_or_uri: str, columns: list[str] | None = None) -> pl.DataFrame:
-        """Read a Parquet table (only `columns`, when given) by key or by the URI a TableRef holds."""
-        key = self.key_of(key_or_uri)
-        return pl.read_parquet(io.BytesIO(self.read_bytes(key)), columns=columns)
+    def read_table(self, table: TableRef | str, columns: list[str] | None = None) -> pl.DataFrame:
+        """Read a Parquet table (only `columns`, when given) by key, by URI, or by reference — then its bytes must
+        have the reference's digest. Raises CorruptArtifactError naming the URI when they do not or when they are
+        not readable Parquet, FileNotFoundError when the table is missing."""
+        uri = table.uri if isinstance(table, TableRef) else self.uri(self.key_of(table))
+        data = self.read_bytes(self.key_of(uri))
+        if isinstance(table, TableRef) and _digest(data) != table.digest:
+            raise CorruptArtifactError(f"artifact {uri} is not the table its marker recorded: digest {_digest(data)}, "
+                                       f"{len(data)} bytes; recorded {table.digest}, {table.size} bytes")
+        try:
+            return pl.read_parquet(io.BytesIO(data), columns=columns)
+        except Exception as error:  # polars raises several types for a damaged file
+            raise CorruptArtifactError(f"artifact {uri} is not a readable Parquet table ({error})") from None
 
-    def read_tables(self, keys_or_uris: list[str], columns: list[str] | None = None) -> pl.DataFrame:
-        """The concatenation of tables given by key or URI, in order (only `columns`, when given)."""
-        return pl.concat([self.read_table(item, columns) for item in keys_or_uris], how="vertical")
+    def read_tables(self, tables: list[TableRef], columns: list[str] | None = None) -> pl.DataFrame:
+        """The concatenation of the referenced tables, in order (only `columns`, when given), each checked
+        against its digest (see read_table)."""
+        return pl.concat([self.read_table(table, columns) for table in tables], how="vertical")
+
+    def delete(self, key: str) -> None:
+        """Remove the object at key (nothing when there is none)."""
+        if self.exists(key):
+            self.fs.rm(self.uri(key))
+
+    def mismatch(self, table: TableRef) -> str | None:
+        """Why the stored object is not the table `table` records — missing, another size, other bytes (local:
+        its digest, read from disk; S3: its ETag, from one HEAD request) — or None when it is."""
+        self.fs.invalidate_cache()
+        try:
+            info = self.fs.info(table.uri)
+        except FileNotFoundError:
+            return f"its table {table.uri} is missing"
+        if table.size is not None and int(info["size"]) != table.size:
+            return f"its table {table.uri} is {info['size']} bytes, its marker recorded {table.size}"
+        if self.protocol == "s3":
+            if table.etag is not None and info.get("ETag") != table.etag:
+                return f"its table {table.uri} was replaced (ETag {info.get('ETag')}, its marker recorded {table.etag})"
+            return None
+        digest = hashlib.blake2b(digest_size=8)
+        with open(table.uri, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != table.digest:
+            return f"its table {table.uri} has digest {digest.hexdigest()}, its marker recorded {table.digest}"
+        return None
 
     def write_json(self, key: str, value: Any) -> None:
         """Write a JSON document atomically."""

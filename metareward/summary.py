@@ -9,7 +9,25 @@ from metareward.manifests import stage_manifests
 from metareward.stages import stage
 from metareward.store import ArtifactStore
 
-SUMMARY_HEADER = ("stage", "shards", "rows", "parse fail", "mean score", "mean chars", "tok/s", "seconds")
+SUMMARY_HEADER = ("stage", "shards", "rows", "parse fail", "mean score", "mean chars", "tok/s", "seconds",
+                  "dropped or skipped")
+
+DROPPED = (
+    ("empty_prompts", "empty in the file"),
+    ("duplicate_prompts", "duplicates in the file"),
+    ("skipped_prompts", "too long for the context"),
+    ("dropped_duplicates", "identical responses"),
+    ("prompts_without_scored_response", "prompts without a valid score"),
+    ("no_pair", "without a pair"),
+    ("chosen_too_long", "chosen too long"),
+    ("pairs_too_long", "over max_length"),
+)
+"""The counts a stage keeps of rows it dropped or skipped, and how the summary names them."""
+
+
+def dropped(stats: dict[str, Any]) -> str:
+    """'2 empty in the file, 1 too long for the context': every nonzero count of DROPPED."""
+    return ", ".join(f"{stats[key]} {label}" for key, label in DROPPED if stats.get(key))
 
 
 def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -25,6 +43,7 @@ def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
             f"{stats['mean_chars']:.0f}" if "mean_chars" in stats else "",
             f"{stats['tokens_per_second']:.1f}" if stats.get("completion_tokens") else "",
             f"{stats.get('seconds', 0.0):.1f}",
+            dropped(stats),
         ))
     return rows
 

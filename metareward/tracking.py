@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -43,11 +44,13 @@ class TrackingError(RuntimeError):
 
 
 def tracking_target(config: CampaignConfig) -> tuple[str, str | None]:
-    """The tracking URI and the artifact location of a new experiment. Unset, the URI is a sqlite store in
+    """The tracking URI and the artifact location of a new experiment. The URI is MLFLOW_TRACKING_URI when set
+    (read here, where it is used: it may hold credentials, so it is never copied into the config), else
+    tracking.uri; unset, it is a sqlite store in
     `{artifact_root}/_mlflow` (local artifact root) or `./mlflow` (s3:// root), with artifacts beside it;
     for a sqlite URI the artifacts go beside its database; an http(s) server keeps its own location."""
     settings = config.tracking
-    uri = settings.uri
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.uri
     if uri is None:
         store = open_store(config.artifact_root)
         folder = Path(store.root) / "_mlflow" if store.protocol == "file" else Path("mlflow").resolve()
@@ -79,9 +82,19 @@ class Tracker:
         self.config = config
         self.store = open_store(config.artifact_root)
         self.uri, self._artifact_location = tracking_target(config)
-        # Registering a version from "models:/<id>" resolves the logged model through the fluent URIs.
+        # MLflow prints "View run … at: URL" with the tracking URI, credentials included; runs are linked
+        # from the iteration's log and summary instead, redacted.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        # Registering a version from "models:/<id>" resolves the logged model through the fluent URIs. Setting
+        # them also exports MLFLOW_TRACKING_URI to this process's environment, where engines and training
+        # subprocesses would inherit it (credentials included) and later configs would read it: put it back.
+        exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
         self.client = MlflowClient(self.uri, self.uri)
         self.experiment_id = self._experiment()
         self.lineage = ModelLineage(self.client, self.experiment_id, config.name,

@@ -7,23 +7,35 @@ from pathlib import Path
 from prefect.tasks import exponential_backoff
 
 from metareward.config import CampaignConfig
+from metareward.faults import transient
 from metareward.store import open_store, s3_storage_options
 
-RETRIES = 3
-RETRY_DELAYS = exponential_backoff(backoff_factor=5)
 GPU_TAG = "gpu"
 """Tag of every task that holds a model: a Prefect concurrency limit on it caps them at the GPU count."""
 
 
 def worth_retrying(task, task_run, state) -> bool:
-    """Bad input and empty preference sets fail the same way every time; engines and stores may recover."""
+    """Retry only what can heal (metareward.faults.transient): an endpoint down for a while, a server error, a
+    timeout, an engine that died — never bad input, a missing file, a wrong setting or a corrupt artifact,
+    which would fail the same way after every back-off."""
     try:
         state.result()
-    except (ValueError, TypeError, KeyError):
-        return False
-    except Exception:
-        return True
+    except Exception as error:
+        return transient(error)
     return True
+
+
+RETRIED = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+           "retry_condition_fn": worth_retrying}
+"""Task options of everything that touches an engine, the store or MLflow: 3 retries after 5, 10, 20 s, only
+for failures that can heal."""
+
+
+def retried(config: CampaignConfig) -> dict:
+    """RETRIED with the config's orchestration.retries and retry_backoff_s (delays b, 2b, 4b, …)."""
+    backoff = config.orchestration.retry_backoff_s
+    return {**RETRIED, "retries": config.orchestration.retries,
+            "retry_delay_seconds": [backoff * 2**attempt for attempt in range(config.orchestration.retries)]}
 
 
 def result_storage(config: CampaignConfig):

@@ -12,9 +12,9 @@ from metareward.config import CampaignConfig
 from metareward.evaluation import evaluate_judge_agreement, export_alpaca_eval
 from metareward.store import open_store
 from metareward.tracking import log_evaluation
-from tasks.common import GPU_TAG, RETRIES, RETRY_DELAYS
+from tasks.common import GPU_TAG, RETRIED
 
-_OPTIONS = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAYS, "cache_policy": NO_CACHE, "tags": [GPU_TAG]}
+_OPTIONS = {**RETRIED, "cache_policy": NO_CACHE, "tags": [GPU_TAG]}
 
 
 @task(name="judge-agreement", **_OPTIONS)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
@@ -21,7 +21,7 @@ from metareward.report import HealthCheckError, health_problems
 from metareward.stages import stage
 from metareward.stats import combine
 from metareward.store import open_store
-from tasks.common import GPU_TAG, RETRIES, RETRY_DELAYS, result_storage, worth_retrying
+from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers
 
 Upstream = dict[str, list[JobResult]]
@@ -52,21 +52,22 @@ def _task_run_name(parameters: dict[str, Any]) -> str:
     return run_name(parameters["stage"], parameters["iteration"], parameters["shard"])
 
 
-@task(name="stage", task_run_name=_task_run_name, cache_policy=ArtifactCache(), retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=worth_retrying, persist_result=True)
+@task(name="stage", task_run_name=_task_run_name, cache_policy=ArtifactCache(), persist_result=True, **RETRIED)
 def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | None, model: ModelRef | None,
               upstream: Upstream) -> JobResult:
     """One job of a stage: its table from the store when finished, else computed and stored. A stage that is
     not sharded has one job, which also writes the stage's manifest."""
     job = plan_job(config, stage, iteration, upstream, model, shard)
     result = run_job(config, job)
+    if result.recomputed:
+        get_run_logger().warning("%s: its stored result was not trusted and is computed again: %s", job.run_name,
+                                 result.recomputed)
     if shard is None:
         write_manifest(open_store(config.artifact_root), config.name, [job], [result])
     return result
 
 
-@task(name="manifest", task_run_name="{stage} iter-{iteration} manifest", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=RETRY_DELAYS)
+@task(name="manifest", task_run_name="{stage} iter-{iteration} manifest", cache_policy=NO_CACHE, **RETRIED)
 def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, shards: list[JobResult]) -> None:
     """The manifest of a sharded stage, from its shards' results."""
     # Returns nothing: Prefect links a task's returned values (and their parts) to it by identity, and the
@@ -78,8 +79,6 @@ def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, sha
 def check_health(config: CampaignConfig, iteration: int, stages: dict[str, dict]) -> list[str]:
     """The health checks of config.health on the iteration's stage statistics before it trains: raises
     HealthCheckError when one fails and health.action is stop; otherwise returns (and logs) the problems."""
-    from prefect import get_run_logger
-
     problems = health_problems(config.health, stages)
     if problems and config.health.action == "stop":
         raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: " + "; ".join(problems))
@@ -106,7 +105,8 @@ class IterationStages:
         entry = stage(name)
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
         model = self.model if entry.uses_model else None
-        options = {"name": name, "tags": [GPU_TAG] if entry.uses_model else [], "result_storage": self._storage}
+        options = {"name": name, "tags": [GPU_TAG] if entry.uses_model else [], "result_storage": self._storage,
+                   **retried(self.config)}
         if not entry.sharded:
             result = run_stage.with_options(**options)(self.config, name, self.iteration, None, model, given,
                                                        wait_for=wait_for)

@@ -14,17 +14,17 @@ from metareward import tracking
 from metareward.config import CampaignConfig
 from metareward.context import ModelRef
 from metareward.summary import summary_markdown
-from tasks.common import RETRIES, RETRY_DELAYS
+from tasks.common import RETRIED
 from tasks.stages import IterationStages
 
 
-@task(name="start-tracking", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="start-tracking", cache_policy=NO_CACHE, **RETRIED)
 def start_tracking(config: CampaignConfig, iteration: int, model_digest: str, model_uri: str) -> dict | None:
     """The campaign run and iteration t's run ids in MLflow (reopened on a re-run); None with tracking off."""
     return tracking.start_iteration(config, iteration, model_digest, model_uri)
 
 
-@task(name="track-iteration", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="track-iteration", cache_policy=NO_CACHE, **RETRIED)
 def track_iteration(config: CampaignConfig, iteration: int, runs: dict, stages: list[str],
                     error: str | None = None) -> None:
     """Log the stages this flow run finished of iteration t (metrics, datasets, curves, figures, models) to

@@ -31,7 +31,9 @@ def prefect_stack(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
-               MLFLOW_DISABLE_TELEMETRY="true")
+               MLFLOW_DISABLE_TELEMETRY="true",
+               # Every flow run on the worker (shard flow runs too) fails judgments shard 1 while this file exists.
+               METAREWARD_INJECT_FAULT=f"judgments:shard-0001:while={home / 'judgments-shard-1-fails'}")
     processes = []
     logs = []
 
@@ -247,3 +249,45 @@ def test_evaluation_deployment_scores_agreement_and_stores_the_alpaca_eval_expor
     task_runs = {run.name.rsplit("-", 1)[0]: run for run in _task_runs(url, [flow_run.id])}
     assert set(task_runs) == {"judge-agreement", "alpaca-eval-export"}
     assert all(run.state.is_completed() for run in task_runs.values())
+
+
+def test_a_shard_failing_past_its_retries_fails_the_iteration_and_its_retry_runs_only_what_is_missing(
+        prefect_stack, tmp_path, tiny_model):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Scheduled
+
+    url, env = prefect_stack
+    switch = Path(env["METAREWARD_INJECT_FAULT"].split(":while=")[1])
+    switch.write_text("while this file exists")
+    config = yaml.safe_load(write_config(
+        tmp_path, tiny_model, str(tmp_path / "artifacts"), name="retried", iteration_overrides={"num_prompts": 4},
+        orchestration={"shard_deployment": "metareward-shard/shard-process", "shard_poll_interval_s": 1,
+                       "retries": 1, "retry_backoff_s": 0.5}).read_text())
+    try:
+        flow_run = _run_and_wait(url, "metareward-iteration/demo-iteration",
+                                 {"config": config, "iteration": 1, "model_path": str(tiny_model)})
+    finally:
+        switch.unlink()
+    assert flow_run.state.is_failed(), flow_run.state
+    assert "judgments iter-1 shard-0001: flow run" in flow_run.state.message
+    first = {run.name: run for run in _children(url, flow_run.id)}
+    failed = first["retried judgments iter-1 shard-0001"]
+    assert failed.state.is_failed() and all(run.state.is_completed() for name, run in first.items() if run is not failed)
+    [task_run] = _task_runs(url, [failed.id])
+    assert task_run.run_count == 2 and task_run.state.is_failed()  # tried, retried once, failed for good
+
+    # The fault is gone; the iteration is retried as the UI's Retry button does it.
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Scheduled(name="AwaitingRetry"), force=True)
+        deadline = time.monotonic() + 600
+        while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+            assert time.monotonic() < deadline, flow_run.state
+            time.sleep(2)
+    assert flow_run.state.is_completed(), flow_run.state
+    after = _children(url, flow_run.id)
+    started_again = sorted(run.name for run in after if run.id not in {r.id for r in first.values()})
+    # Only the failed shard ran again, then the stage that had not started; finished shards were not touched.
+    assert started_again == ["retried judgments iter-1 shard-0001", "retried meta_judgments iter-1 shard-0000",
+                             "retried meta_judgments iter-1 shard-0001"]
+    assert all(run.state.is_completed() for run in after if run.id != failed.id)

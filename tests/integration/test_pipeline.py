@@ -54,7 +54,10 @@ def test_two_iteration_campaign_lineage_caching_and_deleted_artifact(tmp_path, t
 
     root = tmp_path / "artifacts"
     config = write_config(tmp_path, tiny_model, str(root), iterations=2, tracking={})
-    env = cli_environment(tmp_path / "prefect", MLFLOW_TRACKING_URI=mlflow_server)
+    # The tracking URI carries a password, given only in the environment: it must never be written anywhere.
+    secret = "s3cret-pass-9b2e"
+    env = cli_environment(tmp_path / "prefect",
+                          MLFLOW_TRACKING_URI=mlflow_server.replace("http://", f"http://metareward:{secret}@"))
     first = run_cli(["run", str(config)], env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "tiny — iteration 2" in first.stdout and "final model:" in first.stdout
@@ -114,6 +117,40 @@ def test_two_iteration_campaign_lineage_caching_and_deleted_artifact(tmp_path, t
     assert changed == {str(deleted.relative_to(root)).removesuffix(".parquet") + ".json"}
     assert after[next(iter(changed))]["digest"] == before[next(iter(changed))]["digest"]
     assert logged_ids() == logged
+
+    # A truncated table and a table with other bytes of the same size are not trusted: both are computed again,
+    # the log says why, and what reads them stays cached (the same rows come back).
+    truncated = next((root / "tiny/iter-1/responses").glob("shard-0000-*.parquet"))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    garbled = next((root / "tiny/iter-2/judgments").glob("shard-0002-*.parquet"))
+    data = bytearray(garbled.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    garbled.write_bytes(bytes(data))
+    before = markers(root, "tiny")
+    fourth = run_cli(["run", str(config)], env)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    output = fourth.stdout + fourth.stderr
+    assert f"its table {truncated} is 100 bytes, its marker recorded" in output
+    assert f"its table {garbled} has digest" in output
+    after = markers(root, "tiny")
+    changed = {key for key in after if after[key]["finished_at"] != before[key]["finished_at"]}
+    assert changed == {str(path.relative_to(root)).removesuffix(".parquet") + ".json" for path in (truncated, garbled)}
+    assert all(after[key]["digest"] == before[key]["digest"] for key in changed)
+    manifest = json.loads((root / "tiny/iter-1/responses/manifest.json").read_text())
+    assert "is 100 bytes" in manifest["shards"]["shard-0000"]["recomputed"]
+
+    # Starting at iteration 2 without a model takes M_2 from the store: iteration 1's checkpoint.
+    resumed = run_cli(["run", str(config), "--start-iteration", "2"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"iteration 2 starts from M_2 = {iteration_1_model['stats']['model_uri']}" in resumed.stderr
+    assert "tiny — iteration 1" not in resumed.stdout and markers(root, "tiny") == after
+
+    # The password was used (the runs are there) and written nowhere: not in any output, not in Prefect's
+    # database (flow-run parameters, logs), MLflow's store and artifacts, or the artifact store.
+    outputs = [first, second, third, fourth, resumed, shown]
+    assert not any(secret in run.stdout + run.stderr for run in outputs)
+    leaks = [str(path) for path in tmp_path.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+    assert not leaks, f"the tracking password was written to {leaks}"
 
 
 def test_sigkill_during_judging_then_resume_equals_uninterrupted(tmp_path, tiny_model):
@@ -193,7 +230,7 @@ def test_bad_input_fails_fast_before_any_model_work(tmp_path, tiny_model, proble
     result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
     assert result.returncode == 2
     expected = {"prompt column": "row 1 has no 'prompt' field", "config": "shard_size",
-                "model": "no Hugging Face model folder"}[problem]
+                "model": "no such model folder"}[problem]
     assert expected in result.stderr
     assert "Beginning flow run" not in result.stdout + result.stderr
     assert time.monotonic() - started < 60
