@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
 
 from flows.iteration import iteration_flow
 from metareward.config import CampaignConfig
 from metareward.preflight import check_start_iteration, starting_model
+from metareward.summary import campaign_markdown
+from tasks.track import artifact_key
 
 
 @flow(name="metareward-campaign", flow_run_name="{config.name}", persist_result=True)
-def campaign_flow(config: CampaignConfig, start_iteration: int = 1, start_model: str | None = None) -> list[dict]:
+def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(ge=1)] = 1,
+                  start_model: str = "") -> list[dict]:
     """Run iterations start_iteration..end; iteration t+1 generates with the M_{t+1} that iteration t
-    trained. start_model (a model folder or checkpoint URI) starts iteration start_iteration from it; without
-    one, iteration 1 starts from config.model.path and a later one from the previous iteration's checkpoint in
-    the artifact store (an error says how to pass it when there is none). Re-running resumes: finished stages
-    come from the store."""
+    trained. Re-running resumes: finished stages come from the store.
+
+    Args:
+        config: The whole campaign (`metareward config show FILE` prints one with every default): the seed model,
+            the prompt file, the engine, where artifacts and MLflow runs go, and each iteration's settings.
+        start_iteration: The first iteration to run (1 = from the seed model).
+        start_model: The model the first iteration runs (a model folder or a checkpoint URI such as
+            s3://…/iter-1/checkpoint/all-…/model). Empty: config.model.path for iteration 1, the previous
+            iteration's checkpoint in the artifact store for a later one.
+    """
     check_start_iteration(config, start_iteration)
     model = start_model or starting_model(config, start_iteration)
     outcomes = []
@@ -23,4 +36,6 @@ def campaign_flow(config: CampaignConfig, start_iteration: int = 1, start_model:
         outcome = iteration_flow(config, iteration, model)
         outcomes.append(outcome)
         model = outcome["next_model"]
+        create_markdown_artifact(key=artifact_key(config.name, "campaign"), markdown=campaign_markdown(
+            config.name, outcomes), description=f"{config.name}: its iterations so far, with their MLflow runs")
     return outcomes

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
 
 from metareward.config import CampaignConfig
 from metareward.preflight import check_evaluation
@@ -11,13 +14,22 @@ from tasks.evaluate import alpaca_eval_export, judge_agreement
 
 
 @flow(name="metareward-evaluation", flow_run_name="{config.name} evaluation", persist_result=True)
-def evaluation_flow(config: CampaignConfig, model: str | None = None, rankings: str | None = None,
-                    alpaca_eval_prompts: str | None = None, num_judgments: int | None = None) -> dict:
-    """Evaluate `model` (a checkpoint URI; default the campaign's seed model): judge agreement with a
-    labelled-rankings file and/or an AlpacaEval export of a prompt file, each logged to MLflow as an
-    evaluation run. Returns the agreement estimates and the export's URI."""
+def evaluation_flow(config: CampaignConfig, model: str = "", rankings: str = "", alpaca_eval_prompts: str = "",
+                    num_judgments: Annotated[int, Field(ge=0)] = 0) -> dict:
+    """Evaluate a model: judge agreement with a labelled-rankings file and/or an AlpacaEval export of a prompt
+    file, each logged to MLflow as an evaluation run. Returns the agreement estimates and the export's URI.
+
+    Args:
+        config: The campaign whose engine, judge sampling and MLflow experiment are used.
+        model: The model to evaluate (a model folder or checkpoint URI); empty: config.model.path.
+        rankings: A labelled-rankings file (JSONL/Parquet/CSV of prompt, response, rank; 1 = best) for judge
+            agreement (paper sec. 3.4).
+        alpaca_eval_prompts: A prompt file whose answers are exported in AlpacaEval's format.
+        num_judgments: N for agreement; 0: the last iteration's.
+    """
     if not rankings and not alpaca_eval_prompts:
         raise ValueError("nothing to evaluate: give rankings (labelled rankings file) and/or alpaca_eval_prompts")
+    model, num_judgments = model or None, num_judgments or None
     check_evaluation(config, model)
     outcome: dict = {"model": model or config.model.path}
     lines = [f"## {config.name}: evaluation of `{outcome['model']}`", ""]

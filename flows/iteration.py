@@ -18,7 +18,14 @@ from tasks.track import iteration_run
 @flow(name="metareward-iteration", flow_run_name="{config.name} iter-{iteration}", persist_result=True)
 def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> dict:
     """M_t (model_path) → tables → DPO → M_{t+1}. Every stage is a cached task: re-running the flow recomputes
-    only what is missing or changed. Returns the stage summaries and M_{t+1}'s URI and model_id."""
+    only what is missing or changed. Returns the stage summaries and M_{t+1}'s URI and model_id.
+
+    Args:
+        config: The whole campaign (see the campaign flow).
+        iteration: Which of config's iterations to run (1-based): its prompts and settings.
+        model_path: M_t: a model folder, a checkpoint URI (e.g. the previous iteration's), a hub id, or
+            builtin:smollm2-135m-instruct.
+    """
     # M_t, checked, and its digest from its model_id.txt (an s3:// checkpoint's weights are not downloaded). Not
     # a task: Prefect links a task's returned strings to it by identity, and the model's URI is inside `config`.
     check_model(model_path, config.model.chat_template)
@@ -51,7 +58,17 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
 def shard_flow(config: CampaignConfig, stage: str, iteration: int, shard: int, model: ModelRef,
                upstream: dict[str, list[JobResult]]) -> dict:
     """One shard of a model stage on a (GPU) worker: the same cached, retried task the iteration flow runs
-    in-process, its table written to the artifact store; returns the shard's statistics."""
+    in-process, its table written to the artifact store; returns the shard's statistics. Started by iteration
+    flows whose config sets orchestration.shard_deployment, not by hand.
+
+    Args:
+        config: The campaign.
+        stage: responses, judgments or meta_judgments.
+        iteration: The iteration the shard belongs to.
+        shard: The shard's index.
+        model: M_t (URI and content digest).
+        upstream: The tables the shard reads, by stage (results of the stages before it).
+    """
     try:
         result = run_stage.with_options(name=stage, result_storage=result_storage(config), **retried(config))(
             config, stage, iteration, shard, model, upstream)

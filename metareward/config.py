@@ -3,37 +3,28 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metareward.config_sections import (
+    ConfigError,
+    HealthConfig,
+    InferenceConfig,
+    OrchestrationConfig,
+    Strict,
+    TrackingConfig,
+    form_schema,
+    no_password,
+)
 
 Mode = Literal["meta_rewarding", "self_rewarding"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ConfigError(ValueError):
-    """A campaign configuration that cannot be used; the message names the file, the field and the fix."""
-
-
-_URL_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
-
-
-def _no_password(value: str | None, where: str, instead: str) -> str | None:
-    """Refuse a URL with a user:password in it: a config travels to Prefect, MLflow and the artifact store."""
-    if value is not None and _URL_PASSWORD.match(value):
-        raise ValueError(f"{where} holds a password, and a config is stored with every run: {instead}")
-    return value
-
-
-class _Strict(BaseModel):
-    # A misspelt field is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """The seed model M_1 (or the checkpoint a campaign starts from)."""
 
     path: str = Field(
@@ -56,14 +47,14 @@ class ModelConfig(_Strict):
         return value
 
 
-class PromptsConfig(_Strict):
+class PromptsConfig(Strict):
     """Where the instruction prompts x come from (paper sec. 3.1: 20,000 generated prompts)."""
 
     path: str = Field(description="JSONL, Parquet or CSV file with one prompt per row.")
     column: str = Field(default="prompt", description="Name of the column that holds the prompt text.")
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     """Sampling parameters of one role (paper sec. 3.1: temperature 0.8, top_p 0.95)."""
 
     temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature (paper: 0.8).")
@@ -73,7 +64,7 @@ class SamplingConfig(_Strict):
     )
 
 
-class DPOConfig(_Strict):
+class DPOConfig(Strict):
     """DPO training of M_t into M_{t+1} (paper A.3)."""
 
     beta: float = Field(default=0.1, gt=0.0, description="β, DPO's KL strength (paper A.3: 0.1).")
@@ -132,7 +123,7 @@ class DPOConfig(_Strict):
         return self
 
 
-class IterationConfig(_Strict):
+class IterationConfig(Strict):
     """One Meta-Rewarding iteration: data creation with M_t, then DPO into M_{t+1} (paper sec. 2, A.3)."""
 
     num_prompts: int | None = Field(
@@ -151,7 +142,10 @@ class IterationConfig(_Strict):
     )
     rho: float = Field(
         default=0.0,
-        description="ρ, quality-tier parameter of length control (paper sec. 2.1); 0 disables it.",
+        description="ρ, quality-tier parameter of length control (paper sec. 2.1), in [0, 0.5); 0 disables it.",
+        # In the schema too, so that Prefect's run form refuses 0.6 before a run starts; the validator below
+        # gives the same rule its explanation.
+        json_schema_extra={"minimum": 0, "exclusiveMaximum": 0.5},
     )
     max_chosen_response_chars: int | None = Field(
         default=None,
@@ -180,129 +174,18 @@ class IterationConfig(_Strict):
         return value
 
 
-class InferenceConfig(_Strict):
-    """Which engine plays the three roles, and how (DESIGN.md, Inference)."""
-
-    backend: Literal["transformers", "vllm", "openai"] = Field(
-        default="transformers",
-        description="transformers (in-process), vllm (servers from vLLM's own venv), openai (any compatible server).",
-    )
-    verdict_mode: Literal["free", "forced"] = Field(
-        default="free",
-        description="free: the paper's (parse the judge's own text); forced: justify, then sample the verdict "
-        "from the allowed answers, so every judgment parses (small models).",
-    )
-    max_model_len: int | None = Field(
-        default=None, ge=16, description="Context length; prompts that do not fit are skipped and counted."
-    )
-    batch_size: int = Field(default=16, ge=1, description="transformers: sequences per generate call.")
-    torch_threads: int | None = Field(
-        default=None, ge=1,
-        description="transformers on CPU: torch threads while the model runs; None: torch's default, one per core "
-        "(on the 2-core machine 2 threads were 1.8x faster than 1 when nothing else ran; 1 may win on a busy one).",
-    )
-    base_url: str | None = Field(
-        default=None, description="openai: the server's URL (required); vllm: use this running server."
-    )
-    api_model: str | None = Field(default=None, description="openai: model name on the server; default model.path.")
-    tokenizer: str | None = Field(
-        default=None,
-        description="openai: local tokenizer for token-id prompts and forced verdicts; default model.path "
-        "when it is a local folder, else chat messages are sent.",
-    )
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="openai: environment variable with the key.")
-    vllm_python: str | None = Field(
-        default=None, description="vllm: interpreter of vLLM's venv; default $METAREWARD_VLLM_PYTHON or .venv-vllm."
-    )
-    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra server arguments.")
-    gpus: int = Field(default=1, ge=1, description="vllm: servers, one per GPU (one on CPU).")
-    max_concurrency: int = Field(default=16, ge=1, description="openai/vllm: requests in flight.")
-    max_retries: int = Field(default=5, ge=0, description="openai/vllm: retries on 429/5xx/timeouts.")
-    request_timeout_s: float = Field(default=600.0, gt=0, description="openai/vllm: seconds per request.")
-    startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds to wait for readiness.")
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        value = _no_password(value, "inference.base_url", "give the key in the variable api_key_env names")
-        # Clients add /v1 themselves: "http://host:8000/v1" would become .../v1/v1/completions.
-        return value.rstrip("/").removesuffix("/v1") if value else value
-
-    @model_validator(mode="after")
-    def _openai_needs_url(self) -> InferenceConfig:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("backend openai needs base_url, e.g. http://127.0.0.1:8000")
-        return self
+def _campaign_schema(schema: dict) -> None:
+    form_schema(schema)
+    # The cross-field rule a JSON schema can state, so Prefect refuses it before a run starts: the baseline
+    # (self_rewarding) has no meta-judge, so no iteration trains the judge.
+    schema["if"] = {"properties": {"mode": {"const": "self_rewarding"}}, "required": ["mode"]}
+    schema["then"] = {"properties": {"iterations": {"items": {"properties": {"train_judge": {"not": {"const": True}}}}}}}
 
 
-class HealthConfig(_Strict):
-    """Checks on an iteration's data before it trains (paper sec. 3.5, 5: score saturation, positional
-    bias). A threshold of None disables its check. An empty preference set is on_empty_preferences' case."""
-
-    max_top_score_share: float | None = Field(
-        default=0.9, ge=0, le=1, description="Problem when at least this share of valid judge scores is 5."
-    )
-    max_position_a_share: float | None = Field(
-        default=0.9, ge=0, le=1, description="Problem when the meta-judge picks position A at least this often."
-    )
-    min_parse_rate: float | None = Field(
-        default=0.2, ge=0, le=1, description="Problem when fewer judgments than this share have a valid score."
-    )
-    action: Literal["stop", "warn"] = Field(
-        default="stop", description="stop: end the campaign before training; warn: log and go on."
-    )
-
-
-class TrackingConfig(_Strict):
-    """MLflow lineage: an experiment per campaign, a run per campaign with a nested run per iteration,
-    datasets, figures and the registered checkpoints (metareward/tracking.py)."""
-
-    enabled: bool = Field(default=True, description="Log the campaign to MLflow; false logs nothing.")
-    uri: str | None = Field(
-        default=None,
-        description="MLflow tracking URI without credentials (MLFLOW_TRACKING_URI, read where it is used, overrides "
-        "it; MLFLOW_TRACKING_USERNAME/PASSWORD authenticate); default: a sqlite store "
-        "{artifact_root}/_mlflow/mlflow.db for a local artifact root, ./mlflow/mlflow.db for an s3:// one.",
-    )
-    experiment: str | None = Field(default=None, description="Experiment name; default: the campaign name.")
-    artifact_location: str | None = Field(
-        default=None,
-        description="Artifact location of a new experiment; default: beside a local sqlite store, the "
-        "server's own for an http(s) tracking URI.",
-    )
-    registered_model: str | None = Field(
-        default=None, description="Registered model of the trained checkpoints; default: the campaign name."
-    )
-
-    @field_validator("uri")
-    @classmethod
-    def _uri_without_password(cls, value: str | None) -> str | None:
-        return _no_password(value, "tracking.uri", "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-                            "the whole URI in MLFLOW_TRACKING_URI (read where it is used, never stored)")
-
-
-class OrchestrationConfig(_Strict):
-    """How stage jobs run: where the model stages' shards run — in the iteration flow's own process (default),
-    or each as a flow run of a Prefect `shard` deployment on a GPU work pool, one engine per worker
-    (deployments/prefect.yaml) — and how failed jobs are retried."""
-
-    shard_deployment: str | None = Field(
-        default=None,
-        description="'FLOW/DEPLOYMENT' (e.g. metareward-shard/shard-gpu) that runs responses, judgments and "
-        "meta-judgments shards as separate flow runs; None runs them in-process.",
-    )
-    shard_poll_interval_s: float = Field(default=5.0, gt=0, description="Seconds between checks of shard flow runs.")
-    retries: int = Field(
-        default=3, ge=0, description="Retries of a stage job that failed for a reason that can heal (network, "
-        "server errors, timeouts, an engine that died); bad input or a missing file is never retried."
-    )
-    retry_backoff_s: float = Field(
-        default=5.0, ge=0, description="Seconds before the first retry; each next one waits twice as long."
-    )
-
-
-class CampaignConfig(_Strict):
+class CampaignConfig(Strict):
     """A whole Meta-Rewarding campaign: seed model, prompts, where artifacts go, and the iterations."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_campaign_schema)
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -338,7 +221,7 @@ class CampaignConfig(_Strict):
     @field_validator("artifact_root")
     @classmethod
     def _root_without_password(cls, value: str) -> str:
-        return _no_password(value, "artifact_root", "put S3 credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return no_password(value, "artifact_root", "put S3 credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
     @model_validator(mode="after")
     def _judge_training_follows_mode(self) -> CampaignConfig:

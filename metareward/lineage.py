@@ -1,5 +1,6 @@
-"""MLflow model lineage: logged models M_1, M_2, … of a campaign, each naming its parent and training datasets, and
-a registered-model version per trained checkpoint; plus the redaction every MLflow write goes through."""
+"""MLflow model lineage: logged models M_1, M_2, … of a campaign — each describing its parent (a link) and its
+training sets — and a registered-model version per model, version t = M_t (alias m{t}), linked both ways the way
+mlflow.register_model links them; plus the redaction every MLflow write goes through."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from metareward.stages import STAGES
 
 TAG = "metareward"
 """Prefix of every MLflow tag this project sets."""
+
+NOTE = "mlflow.note.content"
+"""The tag MLflow renders (markdown) as a run's, a logged model's or an experiment's description."""
 
 _SECRET_KEY = re.compile(r"(password|secret|token|credential)", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -57,40 +59,45 @@ class ModelLineage:
         self.registered_model = registered_model
 
     def log_models(self, run_id: str, iteration: int, checkpoint: dict, datasets: dict[str, dict[str, Any]],
-                   curves: pl.DataFrame, parent_uri: str, dpo: dict[str, Any]) -> None:
-        """M_t as the iteration run's input model; unless the iteration kept M_t, M_{t+1} (from the checkpoint
-        stage's manifest) as its output model with its parent, training datasets and DPO settings, its final
-        training metrics linked to it and the DPO dataset, and a registered version."""
+                   parent_uri: str, dpo: dict[str, Any]):
+        """M_t as the iteration run's input model (registered as version t when it is not yet, as the seed
+        M_1 is on the first iteration), and — unless the iteration kept M_t — M_{t+1} from the checkpoint
+        stage's manifest as the run's output model: its parent, training datasets and DPO settings, a
+        description linking them, and its registered version. Returns M_{t+1}'s logged model, or None."""
         from mlflow.entities import LoggedModelInput, LoggedModelOutput
 
         stats = checkpoint["stats"]
         parent_digest = checkpoint["model_id"]
-        parent = self.logged_model(parent_digest, parent_uri, f"{self.campaign}-M{iteration}")
+        parent = self.logged_model(parent_digest, parent_uri, f"{self.campaign}-M{iteration}", description=(
+            f"**M_{iteration}** of the Meta-Rewarding campaign {self.campaign}: `{redact(parent_uri)}` (content "
+            f"digest `{parent_digest}`)" + (", the seed model." if iteration == 1 else ".")))
+        parent_version = self.register(parent, iteration, run_id=None)
         self.client.log_inputs(run_id, models=[LoggedModelInput(parent.model_id)])
         if stats.get("kept_previous_model"):
             self.client.set_tag(run_id, f"{TAG}.kept_previous_model", "true")
-            return
-        lineage = [{key: datasets[name][key] for key in ("name", "digest", "source")}
+            return None
+        lineage = [{key: datasets[name][key] for key in ("name", "digest", "source", "rows")}
                    for name in TRAINING_STAGES if name in datasets]
+        trained_on = "; ".join(f"`{d['name']}` ({d['rows']} rows)" for d in lineage)
         child = self.logged_model(
             stats["model_id"], stats["model_uri"], f"{self.campaign}-M{iteration + 1}", source_run_id=run_id,
             params=flatten_params(dpo, "dpo."),
             tags={f"{TAG}.parent_model_id": parent.model_id, f"{TAG}.parent_model_digest": parent_digest,
-                  f"{TAG}.parent_model_uri": redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)})
+                  f"{TAG}.parent_model_uri": redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)},
+            description=(
+                f"**M_{iteration + 1}** of the Meta-Rewarding campaign {self.campaign}, trained by DPO in "
+                f"[iteration {iteration}](#/experiments/{self.experiment_id}/runs/{run_id}) from "
+                f"[{parent.name}](#/experiments/{self.experiment_id}/models/{parent.model_id}) (registered version "
+                f"{parent_version}) on {trained_on}. Weights: `{redact(stats['model_uri'])}`."))
         self.client.log_outputs(run_id, [LoggedModelOutput(child.model_id, step=iteration)])
-        if curves.height and "dpo_dataset" in datasets:
-            last = curves.sort("step").row(-1, named=True)
-            for column, value in last.items():
-                if column != "step" and value is not None:
-                    self.client.log_metric(run_id, f"final/{column}", float(value), step=iteration,
-                                           model_id=child.model_id, dataset_name=datasets["dpo_dataset"]["name"],
-                                           dataset_digest=datasets["dpo_dataset"]["digest"])
-        self._register(run_id, child, parent_digest, parent_uri, lineage)
+        self.register(child, iteration + 1, run_id=run_id, parent_version=parent_version)
+        return child
 
     def logged_model(self, digest: str, uri: str, name: str, source_run_id: str | None = None,
-                     params: dict[str, str] | None = None, tags: dict[str, str] | None = None):
-        """The experiment's logged model of the checkpoint with this content digest, created (with a
-        `checkpoint.json` artifact pointing at the artifact store) when there is none yet."""
+                     params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
+                     description: str | None = None):
+        """The experiment's logged model of the checkpoint with this content digest, created (with its
+        description and a `checkpoint.json` artifact pointing at the artifact store) when there is none yet."""
         from mlflow.entities import LoggedModelStatus
 
         found = self.client.search_logged_models(
@@ -99,7 +106,8 @@ class ModelLineage:
             return found[0]
         model = self.client.create_logged_model(
             self.experiment_id, name=name, source_run_id=source_run_id, params=params, model_type="causal-lm",
-            tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": redact(uri), **(tags or {})})
+            tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": redact(uri), **(tags or {}),
+                  **({NOTE: description} if description else {})})
         with tempfile.TemporaryDirectory() as folder:
             pointer = {"model_uri": redact(uri), "model_digest": digest, "campaign": self.campaign,
                        "load": "metareward.models.resolve_model(model_uri) gives a local Hugging Face folder"}
@@ -108,26 +116,35 @@ class ModelLineage:
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         return model
 
-    def _register(self, run_id: str, model, parent_digest: str, parent_uri: str, lineage: list[dict]) -> None:
+    def register(self, model, index: int, run_id: str | None, parent_version: str | None = None) -> str:
+        """The registered version of a logged model M_index, created when there is none (alias m{index}, tags
+        naming its parent version, the logged model's mlflow.modelVersions tag pointing back as
+        mlflow.register_model sets it). Returns its version."""
         from mlflow.exceptions import MlflowException
 
         name = self.registered_model
-        if self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
-            return
+        digest = model.tags[f"{TAG}.model_digest"]
+        existing = self.client.search_model_versions(f"name = '{name}' AND tags.`{TAG}.model_digest` = '{digest}'")
+        if existing:
+            return str(existing[0].version)
         try:
-            self.client.create_registered_model(name, description=f"Checkpoints of the Meta-Rewarding campaign "
-                                                                  f"{self.campaign}, one version per iteration")
+            self.client.create_registered_model(name, description=(
+                f"Checkpoints of the Meta-Rewarding campaign {self.campaign}: version t is M_t (alias m{{t}}), "
+                "version 1 the seed model."))
         except MlflowException as error:
             if "already exists" not in str(error):
                 raise
-        parent_versions = self.client.search_model_versions(
-            f"name = '{name}' AND tags.`{TAG}.model_digest` = '{parent_digest}'")
-        parent_version = parent_versions[0].version if parent_versions else ""
-        self.client.create_model_version(
+        origin = (f"trained in iteration {index - 1} from version {parent_version}" if parent_version
+                  else "the model the campaign started from")
+        version = self.client.create_model_version(
             name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id,
-            description=f"Trained from {'version ' + str(parent_version) if parent_version else redact(parent_uri)} "
-                        f"on {', '.join(d['name'] for d in lineage)}",
-            tags={f"{TAG}.model_digest": model.tags[f"{TAG}.model_digest"],
-                  f"{TAG}.model_uri": model.tags[f"{TAG}.model_uri"],
-                  f"{TAG}.parent_model_version": str(parent_version),
-                  f"{TAG}.parent_model_uri": redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)})
+            description=f"M_{index} of {self.campaign}, {origin}.",
+            tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": model.tags[f"{TAG}.model_uri"],
+                  f"{TAG}.iteration_model": f"M_{index}", f"{TAG}.parent_model_version": parent_version or "",
+                  **({f"{TAG}.training_datasets": model.tags[f"{TAG}.training_datasets"]}
+                     if f"{TAG}.training_datasets" in model.tags else {})})
+        self.client.set_registered_model_alias(name, f"m{index}", version.version)
+        linked = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
+        self.client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
+            linked + [{"name": name, "version": str(version.version)}])})
+        return str(version.version)

@@ -1,11 +1,10 @@
 """What the paper reports per iteration — judge score distribution, meta-judge biases (Table 5), lengths, pairs,
-Elo spread — its Fig. 5-like figure, and the health checks that stop a campaign before it trains on collapsed data."""
+Elo spread — and the health checks that stop a campaign before it trains on collapsed data."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 
 
@@ -95,61 +94,56 @@ def iteration_report(tables: dict[str, pl.DataFrame]) -> dict[str, float]:
     return report
 
 
-def score_distribution_figure(scores: dict[str, Sequence[float]], title: str = "Judge score distribution"):
-    """A matplotlib figure of judge scores like the paper's Fig. 5: per label (e.g. an iteration), a
-    histogram of valid scores and their Gaussian kernel density estimate on [0, 5]. Labels with fewer than
-    two distinct scores get a histogram only (a KDE needs spread)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from scipy.stats import gaussian_kde
-
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
-    grid = np.linspace(0, 5, 501)
-    bins = np.arange(-0.125, 5.25, 0.25)
-    for index, (label, values) in enumerate(scores.items()):
-        values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-        if not values.size:
-            continue
-        color = f"C{index}"
-        axes.hist(values, bins=bins, density=True, alpha=0.25, color=color)
-        if np.unique(values).size > 1:
-            axes.plot(grid, gaussian_kde(values)(grid), color=color, label=f"{label} (mean {values.mean():.2f})")
-        else:
-            axes.plot([], [], color=color, label=f"{label} (all {values[0]:g})")
-    axes.set(xlabel="judge score", ylabel="density", xlim=(0, 5), title=title)
-    axes.legend(loc="upper left")
-    figure.tight_layout()
-    return figure
-
-
 class HealthCheckError(RuntimeError):
     """An iteration's data failed a health check whose action is "stop"."""
 
 
-def health_problems(health, stages: dict[str, dict]) -> list[str]:
-    """The failed checks of config.health (HealthConfig) on an iteration's combined stage statistics
-    (manifests.write_manifest), each naming the metric, its value, the threshold and the setting."""
-    problems = []
+@dataclass(frozen=True)
+class HealthCheck:
+    """One health check on an iteration's data: its measured value, the threshold and whether it failed."""
+
+    metric: str
+    value: float
+    threshold: float
+    setting: str
+    failed: bool
+    problem: str
+
+    def __str__(self) -> str:
+        bound = "minimum" if self.setting == "min_parse_rate" else "maximum"
+        return f"{self.metric} {self.value:.1%} ({bound} {self.threshold:.1%}){': FAILED' if self.failed else ''}"
+
+
+def health_checks(health, stages: dict[str, dict]) -> list[HealthCheck]:
+    """The checks of config.health (HealthConfig) that apply to an iteration's combined stage statistics
+    (manifests.write_manifest): those with a threshold and data to measure."""
+    checks = []
     judgments = stages.get("judgments", {})
     valid, rows = judgments.get("valid_scores", 0), judgments.get("rows", 0)
     if health.max_top_score_share is not None and valid:
         share = judgments.get("top_scores", 0) / valid
-        if share >= health.max_top_score_share:
-            problems.append(f"top-score share {share:.1%} of valid judge scores is 5, threshold "
-                            f"{health.max_top_score_share:.1%} (health.max_top_score_share)")
+        checks.append(HealthCheck(
+            "judge top-score share", share, health.max_top_score_share, "max_top_score_share",
+            share >= health.max_top_score_share,
+            f"top-score share {share:.1%} of valid judge scores is 5, threshold {health.max_top_score_share:.1%} "
+            "(health.max_top_score_share)"))
     if health.min_parse_rate is not None and rows:
         rate = valid / rows
-        if rate < health.min_parse_rate:
-            problems.append(f"judge parse rate {rate:.1%} is below {health.min_parse_rate:.1%} "
-                            "(health.min_parse_rate)")
+        checks.append(HealthCheck(
+            "judge parse rate", rate, health.min_parse_rate, "min_parse_rate", rate < health.min_parse_rate,
+            f"judge parse rate {rate:.1%} is below {health.min_parse_rate:.1%} (health.min_parse_rate)"))
     meta = stages.get("meta_judgments", {})
     decided = meta.get("winner_a", 0) + meta.get("winner_b", 0)
     if health.max_position_a_share is not None and decided:
         share = meta["winner_a"] / decided
-        if share >= health.max_position_a_share:
-            problems.append(f"meta-judge position-A share {share:.1%}, threshold {health.max_position_a_share:.1%} "
-                            "(health.max_position_a_share)")
-    return problems
+        checks.append(HealthCheck(
+            "meta-judge position-A share", share, health.max_position_a_share, "max_position_a_share",
+            share >= health.max_position_a_share,
+            f"meta-judge position-A share {share:.1%}, threshold {health.max_position_a_share:.1%} "
+            "(health.max_position_a_share)"))
+    return checks
+
+
+def health_problems(health, stages: dict[str, dict]) -> list[str]:
+    """The failed checks of health_checks, each naming the metric, its value, the threshold and the setting."""
+    return [check.problem for check in health_checks(health, stages) if check.failed]

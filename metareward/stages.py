@@ -118,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
             "num_judgments": _settings(config, t).num_judgments, "sampling": _settings(config, t).judge_sampling,
             "seed": config.seed, "verdict_mode": config.inference.verdict_mode, "engine": engine_settings(config)},
         schema=JUDGMENTS, runner=runners.judgments, sharded=True, uses_model=True, dataset_context="evaluation",
-        report_columns=("judgment_id", "score", "n_chars"), parses_verdicts=True,
+        report_columns=("judgment_id", "response_id", "score", "n_chars"), parses_verdicts=True,
     ),
     Stage(
         name="actor_pairs",

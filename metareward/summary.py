@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from metareward.jobs import JobResult
 from metareward.manifests import stage_manifests
 from metareward.stages import stage
 from metareward.store import ArtifactStore
@@ -48,12 +49,66 @@ def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
-def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]]) -> str:
+def job_line(result: JobResult) -> str:
+    """One line on a finished job for the run's log: rows, computed (and in how long, how fast) or found in the
+    store, the stage's key figures, what was dropped, and where the table is."""
+    job, stats = result.job, result.stats
+    how = (f"found in the store (computed {stats.get('compute_seconds', 0.0):.1f} s)" if result.cached else
+           f"computed in {stats.get('compute_seconds', 0.0):.1f} s")
+    figures = [how]
+    if stats.get("completion_tokens") and stats.get("seconds"):
+        figures.append(f"{stats['completion_tokens'] / stats['seconds']:.1f} tok/s")
+    if stage(job.stage).parses_verdicts and stats.get("rows"):
+        figures.append(f"parse failures {stats.get('parse_failures', 0) / stats['rows']:.1%}")
+    if stats.get("valid_scores"):
+        figures.append(f"mean score {stats['score_sum'] / stats['valid_scores']:.2f}")
+    decided = stats.get("winner_a", 0) + stats.get("winner_b", 0)
+    if decided:
+        figures.append(f"winner A {stats['winner_a'] / decided:.1%}")
+    if "loss_last" in stats:
+        figures.append(f"DPO loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f} over "
+                       f"{stats.get('epochs_trained', 0):g} epoch(s)")
+    if "loss_after" in stats:
+        figures.append(f"on its pairs after training: loss {stats['loss_after']:.4f}, reward accuracy "
+                       f"{stats.get('rewards_accuracies_after', 0):.0%}")
+    if lost := dropped(stats):
+        figures.append(lost)
+    if result.recomputed:
+        figures.append(f"computed again: {result.recomputed}")
+    return f"{job.run_name}: {result.table.rows} rows, {'; '.join(figures)} → {result.table.uri} (key {job.cache_key})"
+
+
+def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]],
+                     mlflow_link: str | None = None) -> str:
     """A markdown table of an iteration's stages, for the Prefect artifact of the iteration."""
-    lines = [f"# {campaign} — iteration {iteration}", "", f"Model M_{iteration}: `{model_id}`", "",
-             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines = [f"# {campaign} — iteration {iteration}", "", f"Model M_{iteration}: `{model_id}`", ""]
+    if mlflow_link:
+        lines += [f"MLflow: {_markdown_link(mlflow_link)}", ""]
+    lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(stages)]
     return "\n".join(lines) + "\n"
+
+
+def campaign_markdown(campaign: str, outcomes: list[dict]) -> str:
+    """A markdown table of a campaign's iterations so far: M_t → M_{t+1}, the judge's mean score, pairs, DPO's
+    loss, and the iteration's MLflow run, for the campaign's Prefect artifact."""
+    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | DPO loss | MLflow |",
+             "|---|---|---|---|---|---|"]
+    for outcome in outcomes:
+        stages = outcome["stages"]
+        judgments, checkpoint = stages.get("judgments", {}), stages.get("checkpoint", {})
+        score = f"{judgments['mean_score']:.2f}" if "mean_score" in judgments else ""
+        pairs = f"{stages.get('actor_pairs', {}).get('rows', 0)} / {stages.get('judge_pairs', {}).get('rows', '—')}"
+        loss = (f"{checkpoint['loss_first']:.4f} → {checkpoint['loss_last']:.4f}" if "loss_last" in checkpoint
+                else "kept M_t" if checkpoint.get("kept_previous_model") else "")
+        link = _markdown_link(outcome["mlflow"]) if outcome.get("mlflow") else ""
+        lines.append(f"| {outcome['iteration']} | `{outcome['model_id']}` → `{outcome['next_model_id']}` | {score} | "
+                     f"{pairs} | {loss} | {link} |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_link(link: str) -> str:
+    return f"[run]({link})" if link.startswith("http") else link
 
 
 def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:

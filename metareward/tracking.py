@@ -24,19 +24,19 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from metareward.config import CampaignConfig
-from metareward.lineage import TAG, ModelLineage, flatten_params, redact
+from metareward.figures import BIASES, bias_figure, score_figure
+from metareward.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
 from metareward.manifests import read_stage_table, stage_manifests
-from metareward.report import iteration_report, score_distribution_figure
+from metareward.metrics import iteration_metrics, paper_metrics
 from metareward.stages import stage
 from metareward.store import open_store
 from metareward.tables import file_digest
+from metareward.tracked_datasets import log_datasets, stage_dataset
 
 
 class TrackingError(RuntimeError):
@@ -97,8 +97,7 @@ class Tracker:
             os.environ["MLFLOW_TRACKING_URI"] = exported
         self.client = MlflowClient(self.uri, self.uri)
         self.experiment_id = self._experiment()
-        self.lineage = ModelLineage(self.client, self.experiment_id, config.name,
-                                    config.tracking.registered_model or config.name)
+        self.lineage = ModelLineage(self.client, self.experiment_id, config.name, self.lineage_name())
 
     def _experiment(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -111,12 +110,29 @@ class Tracker:
                     raise TrackingError(f"MLflow experiment {name!r} at {redact(self.uri)} is deleted: restore it "
                                         "(mlflow experiments restore) or set tracking.experiment")
                 return existing.experiment_id
-            return self.client.create_experiment(name, artifact_location=self._artifact_location,
-                                                 tags={f"{TAG}.campaign": self.config.name})
+            return self.client.create_experiment(name, artifact_location=self._artifact_location, tags={
+                f"{TAG}.campaign": self.config.name,
+                # Runs, models and charts, not the GenAI (traces) overview, are what a campaign logs.
+                "mlflow.experimentKind": "custom_model_development",
+                NOTE: f"Meta-Rewarding campaign {self.config.name}: a run per campaign with a nested run per "
+                      "iteration; models M_1, M_2, … under Models and in the registered model "
+                      f"{self.lineage_name()}. Switch the UI to *Model training* to see them."})
         except MlflowException as error:
             if "already exists" in str(error):
                 return self.client.get_experiment_by_name(name).experiment_id
             raise TrackingError(f"MLflow at {redact(self.uri)} (tracking.uri / MLFLOW_TRACKING_URI): {error}") from None
+
+    def lineage_name(self) -> str:
+        """The registered model of the campaign's checkpoints."""
+        return self.config.tracking.registered_model or self.config.name
+
+    def run_link(self, run_id: str) -> str:
+        """Where to see the run: its page in the MLflow UI, in the Model training view (credentials removed);
+        for a local store, the command that serves it and the page's path."""
+        page = f"#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        if self.uri.startswith(("http://", "https://")):
+            return f"{redact(self.uri).rstrip('/')}/{page}"
+        return f"`mlflow ui --backend-store-uri {self.uri}`, then /{page}"
 
     # Runs ------------------------------------------------------------------------------------------------
 
@@ -185,12 +201,13 @@ class Tracker:
     # One iteration ---------------------------------------------------------------------------------------
 
     def log_iteration(self, parent_run_id: str, run_id: str, iteration: int, stages: list[str]) -> None:
-        """Log what the store holds of iteration t: stage statistics and the evaluation report as metrics
-        (iteration run, and campaign run at step t), stage tables as dataset inputs, TRL's curves, the
-        score-distribution figures, and — once trained — M_{t+1} as a logged and registered model with its
-        lineage. Only `stages` are read (those this run finished: another config of the same campaign may
-        have left manifests of later stages). An iteration whose checkpoint was already logged is skipped;
-        a partial one (e.g. stopped by a health check) is logged as far as it got."""
+        """Log what the store holds of iteration t: its metrics (metareward/metrics.py) on the iteration run and
+        the paper's on the campaign run at step t, stage tables as dataset inputs, TRL's curves by step, the
+        figures, and — once trained — M_t and M_{t+1} as logged and registered models, the pair counts and
+        training curves linked to M_{t+1} and the tables it was trained on. Only `stages` are read (those this
+        run finished: another config of the same campaign may have left manifests of later stages). An
+        iteration whose checkpoint was already logged is skipped; a partial one (e.g. stopped by a health
+        check) is logged as far as it got."""
         campaign = stage_manifests(self.store, self.config.name)
         manifests = {stage: manifest for stage, manifest in campaign.get(iteration, {}).items() if stage in stages}
         if not manifests:
@@ -202,20 +219,41 @@ class Tracker:
             return
         tables = {name: read_stage_table(self.store, manifest, list(stage(name).report_columns))
                   for name, manifest in manifests.items() if stage(name).report_columns}
-        metrics = {**_stage_metrics(manifests), **iteration_report(tables)}
-        self._log_metrics(run_id, metrics, step=iteration)
-        self._log_metrics(parent_run_id, metrics, step=iteration)
-        datasets = {name: self._dataset(manifest) for name, manifest in manifests.items()
+        metrics = iteration_metrics({name: manifest["stats"] for name, manifest in manifests.items()}, tables,
+                                    {name: stage(name).uses_model for name in manifests})
+        datasets = {name: stage_dataset(self.config.name, self.store, manifest) for name, manifest in manifests.items()
                     if stage(name).dataset_context}
-        self._log_datasets(run_id, datasets)
-        if "judgments" in tables:
-            self._log_score_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
+        log_datasets(self.client, run_id, datasets)
+        model = None
         if checkpoint:
-            curves = read_stage_table(self.store, checkpoint)
-            self._log_training_curves(run_id, curves)
-            self.lineage.log_models(run_id, iteration, checkpoint, datasets, curves, run_tags.get(f"{TAG}.model_uri", ""),
-                                    self.config.iterations[iteration - 1].dpo.model_dump(mode="json"))
+            model = self.lineage.log_models(run_id, iteration, checkpoint, datasets,
+                                            run_tags.get(f"{TAG}.model_uri", ""),
+                                            self.config.iterations[iteration - 1].dpo.model_dump(mode="json"))
+        items = [self._metric(name, value, iteration, model, datasets.get(_LINKED_DATASETS.get(name, "")))
+                 for name, value in metrics.items()]
+        if checkpoint:
+            items += self._training_curves(read_stage_table(self.store, checkpoint), model, datasets.get("dpo_dataset"))
+        self._log_metric_items(run_id, items)
+        self._log_metrics(parent_run_id, paper_metrics(metrics), step=iteration)
+        if "judgments" in tables:
+            self._log_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
+        if logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", logged_key)
+
+    def _metric(self, name: str, value: float, step: int, model, dataset: dict | None):
+        from mlflow.entities import Metric
+
+        linked = model is not None and dataset is not None
+        return Metric(name, value, _millis(), step, model_id=model.model_id if linked else None,
+                      dataset_name=dataset["name"] if linked else None, dataset_digest=dataset["digest"] if linked else None)
+
+    def _training_curves(self, curves: pl.DataFrame, model, dataset: dict | None) -> list:
+        """TRL's log as train/… curves by step; the last step's points linked to M_{t+1} and its DPO dataset."""
+        rows = curves.sort("step").iter_rows(named=True) if curves.height else []
+        last = curves["step"].max() if curves.height else None
+        return [self._metric(f"train/{column}", float(value), int(row["step"]), model if row["step"] == last else None,
+                             dataset)
+                for row in rows for column, value in row.items() if column != "step" and value is not None]
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -223,59 +261,26 @@ class Tracker:
         now = _millis()
         self._log_metric_items(run_id, [Metric(key, value, now, step) for key, value in metrics.items()])
 
-    def _dataset(self, manifest: dict) -> dict[str, Any]:
-        shards = [shard for _, shard in sorted(manifest["shards"].items())]
-        if len(shards) == 1:
-            source, digest = shards[0]["uri"], shards[0]["digest"]
-        else:
-            source = self.store.uri(manifest["key"])
-            digest = hashlib.blake2b("".join(s["digest"] for s in shards).encode(), digest_size=8).hexdigest()
-        return {"name": f"{self.config.name}/iter-{manifest['iteration']}/{manifest['stage']}", "digest": digest,
-                "source": source, "rows": manifest["rows"], "shards": len(shards),
-                "context": stage(manifest["stage"]).dataset_context, "schema": stage(manifest["stage"]).schema}
-
-    def _log_datasets(self, run_id: str, datasets: dict[str, dict[str, Any]]) -> None:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        inputs = []
-        for dataset in datasets.values():
-            with warnings.catch_warnings():  # local paths match MLflow's local source twice; it picks either
-                warnings.simplefilter("ignore", UserWarning)
-                source = resolve_dataset_source(dataset["source"])
-            meta = MetaDataset(source, name=dataset["name"], digest=dataset["digest"],
-                               schema=_mlflow_schema(dataset["schema"]))
-            fields = meta.to_dict()
-            fields["profile"] = json.dumps({"num_rows": dataset["rows"], "shards": dataset["shards"]})
-            inputs.append(DatasetInput(Dataset(**fields), tags=[
-                InputTag("mlflow.data.context", dataset["context"])]))
-        self.client.log_inputs(run_id, datasets=inputs)
-
-    def _log_score_figures(self, parent_run_id: str, run_id: str, iteration: int, judgments: pl.DataFrame,
-                           campaign: dict[int, dict[str, dict]]) -> None:
-        """The iteration's score figure, and the campaign run's overlay of iterations 1..t (earlier
-        iterations' judgments read from the store's manifests in `campaign`)."""
-        scores = judgments["score"].to_list()
-        self.client.log_figure(run_id, score_distribution_figure(
-            {f"iteration {iteration}": scores},
-            title=f"{self.config.name}: judge scores, iteration {iteration}"), "figures/score_distribution.png")
-        by_iteration = {
-            f"iteration {earlier}": read_stage_table(self.store, manifests["judgments"], ["score"])["score"].to_list()
-            for earlier, manifests in campaign.items() if earlier < iteration and "judgments" in manifests}
-        by_iteration[f"iteration {iteration}"] = scores
-        self.client.log_figure(parent_run_id, score_distribution_figure(
-            by_iteration, title=f"{self.config.name}: judge scores by iteration (cf. paper Fig. 5)"),
-            "figures/score_distribution_by_iteration.png")
-
-    def _log_training_curves(self, run_id: str, curves: pl.DataFrame) -> None:
-        from mlflow.entities import Metric
-
-        now = _millis()
-        self._log_metric_items(run_id, [
-            Metric(f"train/{column}", float(value), now, int(step))
-            for row in curves.iter_rows(named=True) for column, value in row.items()
-            if column != "step" and (step := row["step"]) is not None and value is not None])
+    def _log_figures(self, parent_run_id: str, run_id: str, iteration: int, judgments: pl.DataFrame,
+                     campaign: dict[int, dict[str, dict]]) -> None:
+        """score_shares.png on the iteration run (iteration t) and on the campaign run (iterations 1..t, earlier
+        judgments read from the store's manifests in `campaign`), and meta_judge_bias.png on the campaign run
+        from its Table 5 metrics. At each run's artifact root, so MLflow's compare view shows them side by
+        side."""
+        name = self.config.name
+        self.client.log_figure(run_id, score_figure({f"iteration {iteration}": judgments},
+                                                    f"{name}: judge scores, iteration {iteration}"), "score_shares.png")
+        by_iteration = {f"iteration {earlier}": read_stage_table(self.store, manifests["judgments"],
+                                                                 ["response_id", "score"])
+                        for earlier, manifests in campaign.items() if earlier < iteration and "judgments" in manifests}
+        by_iteration[f"iteration {iteration}"] = judgments
+        self.client.log_figure(parent_run_id, score_figure(by_iteration, f"{name}: judge scores by iteration "
+                                                                         "(cf. paper Fig. 5)"), "score_shares.png")
+        history = {bias: [(m.step, m.value) for m in self.client.get_metric_history(parent_run_id, f"meta_judge/{bias}")]
+                   for bias in BIASES}
+        if any(history.values()):
+            self.client.log_figure(parent_run_id, bias_figure(history, f"{name}: meta-judge biases by iteration "
+                                                                       "(cf. paper Table 5)"), "meta_judge_bias.png")
 
     # Evaluations -----------------------------------------------------------------------------------------
 
@@ -294,7 +299,7 @@ class Tracker:
         run_id = self.client.create_run(self.experiment_id, run_name=f"{kind} {model_digest[:8]}", tags=tags).info.run_id
         self._log_metrics(run_id, metrics, step=0)
         path = Path(input_path).resolve()
-        self._log_datasets(run_id, {"evaluation": {
+        log_datasets(self.client, run_id, {"evaluation": {
             "name": f"{self.config.name}/evaluation/{path.name}", "digest": file_digest(path), "source": str(path),
             "rows": results.height, "shards": 1, "context": "evaluation", "schema": results.schema}})
         model = self.lineage.logged_model(model_digest, model_uri, f"{self.config.name}-{model_digest[:8]}")
@@ -333,13 +338,15 @@ def log_evaluation(config: CampaignConfig, evaluation) -> str | None:
 
 
 def start_iteration(config: CampaignConfig, iteration: int, model_digest: str, model_uri: str) -> dict[str, str] | None:
-    """Open (or reopen, on a re-run) the campaign run and iteration t's nested run; their ids, or None when
-    tracking is off."""
+    """Open (or reopen, on a re-run) the campaign run and iteration t's nested run; their ids and where to see
+    them (run_link), or None when tracking is off."""
     if not config.tracking.enabled:
         return None
     tracker = Tracker(config)
     parent = tracker.campaign_run()
-    return {"campaign": parent, "iteration": tracker.iteration_run(parent, iteration, model_digest, model_uri)}
+    run = tracker.iteration_run(parent, iteration, model_digest, model_uri)
+    return {"campaign": parent, "iteration": run, "campaign_link": tracker.run_link(parent),
+            "iteration_link": tracker.run_link(run)}
 
 
 def finish_iteration(config: CampaignConfig, iteration: int, runs: dict[str, str], stages: list[str],
@@ -355,46 +362,12 @@ def finish_iteration(config: CampaignConfig, iteration: int, runs: dict[str, str
         tracker.end_run(runs["campaign"], failure)
 
 
-def _stage_metrics(manifests: dict[str, dict]) -> dict[str, float]:
-    """The numeric statistics of every stage manifest, as "{stage}/{statistic}"; the model-call counters
-    (requests, tokens, parse failures, …) only for the stages that call the model."""
-    metrics = {}
-    for name, manifest in manifests.items():
-        for key, value in manifest["stats"].items():
-            if key in _MODEL_CALL_STATS and not stage(name).uses_model:
-                continue
-            if isinstance(value, (int, float)):
-                metrics[f"{name}/{key}"] = float(value)
-    return metrics
-
-
-_MODEL_CALL_STATS = {"requests", "skipped_prompts", "dropped_duplicates", "parse_failures", "parse_failure_rate",
-                     "prompt_tokens", "completion_tokens", "tokens_per_second"}
-
-
-def _mlflow_schema(schema: pl.Schema):
-    from mlflow.types import ColSpec, Schema
-
-    return Schema([ColSpec(_mlflow_type(dtype), name) for name, dtype in schema.items()])
-
-
-def _mlflow_type(dtype: pl.DataType):
-    from mlflow.types import DataType
-    from mlflow.types.schema import Array, Object, Property
-
-    if isinstance(dtype, pl.List):
-        return Array(_mlflow_type(dtype.inner))
-    if isinstance(dtype, pl.Struct):
-        return Object([Property(field.name, _mlflow_type(field.dtype)) for field in dtype.fields])
-    if dtype in (pl.Int32, pl.Int16, pl.Int8):
-        return DataType.integer
-    if dtype in (pl.Int64, pl.UInt32, pl.UInt64):
-        return DataType.long
-    if dtype in (pl.Float32, pl.Float64):
-        return DataType.double
-    if dtype == pl.Boolean:
-        return DataType.boolean
-    return DataType.string
+_LINKED_DATASETS = {"pairs/actor": "actor_pairs", "pairs/judge": "judge_pairs", "pairs/dpo": "dpo_dataset",
+                    "train/pairs_trained": "dpo_dataset", "train/pairs_too_long": "dpo_dataset",
+                    "train/epochs_trained": "dpo_dataset", "train/epochs_scheduled": "dpo_dataset",
+                    "train/loss_after_training": "dpo_dataset", "train/rewards_accuracies_after_training": "dpo_dataset",
+                    "train/rewards_margins_after_training": "dpo_dataset"}
+"""Metrics linked to M_{t+1} and the training table they describe: the model page lists those tables."""
 
 
 def _millis() -> int:

@@ -22,6 +22,9 @@ TRAINING_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accur
                     "learning_rate", "grad_norm", "epoch")
 
 
+AFTER_TRAINING = ("loss", "rewards/accuracies", "rewards/margins")
+"""What the trained policy scores on its own training pairs, kept as {name}_after in the stage's statistics."""
+
 TRAINING_LOG = pl.Schema({"step": pl.Int64, **{name.replace("/", "_"): pl.Float64 for name in TRAINING_METRICS}})
 """The checkpoint stage's table: one row per logged training step (TRL's loss, rewards/…, learning rate)."""
 
@@ -139,6 +142,7 @@ def dpo_arguments(settings: DPOConfig, output_dir: Path, seed: int, torch_dtype,
         warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
         num_train_epochs=settings.num_epochs,
         per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length,
         precompute_ref_log_probs=settings.precompute_ref_log_probs,
@@ -197,6 +201,10 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
     # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+    # How the kept policy does on its own pairs, against the reference log-probs computed before training: a
+    # step's logged loss is the one it starts from, so a one-step run logs only ln 2 (policy = reference).
+    trainer.eval_dataset = trainer.train_dataset
+    after = trainer.evaluate()
     trained = output_dir / "trained"
     trainer.save_model(str(trained))  # every rank: under FSDP the full state dict is gathered to rank 0
     if not trainer.is_world_process_zero():
@@ -210,7 +218,9 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
     model_id = write_model_digest(final)
     history = [dict(entry) for entry in trainer.state.log_history]
     summary = {**summarize_log(history), "epochs_trained": float(round(trainer.state.epoch or 0)),
-               "epochs_scheduled": float(settings.num_epochs)}
+               "epochs_scheduled": float(settings.num_epochs),
+               **{f"{name.replace('/', '_')}_after": float(after[f"eval_{name}"]) for name in AFTER_TRAINING
+                  if f"eval_{name}" in after}}
     return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
                           seconds=0.0, summary=summary)
 

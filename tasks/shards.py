@@ -40,8 +40,10 @@ def run_shards_on_workers(config: CampaignConfig, stage: str, iteration: int, mo
         if results[job.key] is None:
             flow_run = run_deployment(
                 config.orchestration.shard_deployment, timeout=0,
-                parameters={"config": config, "stage": stage, "iteration": iteration, "shard": job.shard_index,
-                            "model": model, "upstream": inputs},
+                # Unset optional settings are left out: the deployment's schema has them as plain, omittable
+                # fields (config_sections.form_schema), which refuse an explicit null.
+                parameters={"config": config.model_dump(mode="json", exclude_none=True), "stage": stage,
+                            "iteration": iteration, "shard": job.shard_index, "model": model, "upstream": inputs},
                 flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{attempt}:{job.key}",
                 tags=[config.name, stage, f"iter-{iteration}"],
             )

@@ -17,10 +17,11 @@ from metareward.config import CampaignConfig
 from metareward.context import ModelRef
 from metareward.jobs import JobResult, finished, plan_job, run_job, run_name, shard_inputs, sharding
 from metareward.manifests import manifest_key, write_manifest
-from metareward.report import HealthCheckError, health_problems
+from metareward.report import HealthCheckError, health_checks
 from metareward.stages import stage
 from metareward.stats import combine
 from metareward.store import open_store
+from metareward.summary import job_line
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers
 
@@ -41,10 +42,14 @@ class ArtifactCache(CachePolicy):
                        inputs["shard"])
         key = f"{config.name}-{job.stage}-{job.iteration}-{job.shard}-{job.cache_key}"
         store = open_store(config.artifact_root)
-        missing = finished(store, job) is None or (
+        result = finished(store, job)
+        missing = result is None or (
             not stage(job.stage).sharded and not store.exists(manifest_key(config.name, job.iteration, job.stage)))
-        if missing and task_ctx.result_store is not None and task_ctx.result_store.exists(key):
+        recorded = task_ctx.result_store is not None and task_ctx.result_store.exists(key)
+        if missing and recorded:
             return f"{key}-rerun-{uuid.uuid4().hex}"
+        if recorded:  # Prefect returns the cached result without running the task: its log line is written here
+            get_run_logger().info(job_line(result))
         return key
 
 
@@ -59,9 +64,8 @@ def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | N
     not sharded has one job, which also writes the stage's manifest."""
     job = plan_job(config, stage, iteration, upstream, model, shard)
     result = run_job(config, job)
-    if result.recomputed:
-        get_run_logger().warning("%s: its stored result was not trusted and is computed again: %s", job.run_name,
-                                 result.recomputed)
+    logger = get_run_logger()
+    (logger.warning if result.recomputed else logger.info)(job_line(result))
     if shard is None:
         write_manifest(open_store(config.artifact_root), config.name, [job], [result])
     return result
@@ -77,23 +81,30 @@ def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, sha
 
 @task(name="health", task_run_name="health iter-{iteration}", cache_policy=NO_CACHE)
 def check_health(config: CampaignConfig, iteration: int, stages: dict[str, dict]) -> list[str]:
-    """The health checks of config.health on the iteration's stage statistics before it trains: raises
-    HealthCheckError when one fails and health.action is stop; otherwise returns (and logs) the problems."""
-    problems = health_problems(config.health, stages)
+    """The health checks of config.health on the iteration's stage statistics before it trains, each value
+    logged with its threshold: raises HealthCheckError when one fails and health.action is stop; otherwise
+    returns (and logs) the problems."""
+    checks = health_checks(config.health, stages)
+    logger = get_run_logger()
+    logger.info("health before training iteration %d: %s", iteration,
+                "; ".join(map(str, checks)) or "no check applies (no judgments or verdicts)")
+    problems = [check.problem for check in checks if check.failed]
     if problems and config.health.action == "stop":
         raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: " + "; ".join(problems))
     for problem in problems:
-        get_run_logger().warning("health check: %s", problem)
+        logger.warning("health check: %s", problem)
     return problems
 
 
 class IterationStages:
     """Runs the stages of one iteration flow run as Prefect tasks and remembers what each finished with."""
 
-    def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef):
+    def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef, mlflow_link: str | None = None):
         self.config = config
         self.iteration = iteration
         self.model = model
+        self.mlflow_link = mlflow_link
+        """Where the iteration's MLflow run is seen (None with tracking off)."""
         self.finished: dict[str, dict] = {}
         """Combined statistics of each stage this flow run finished, in the order they ran."""
         self._storage = result_storage(config)
@@ -105,26 +116,32 @@ class IterationStages:
         entry = stage(name)
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
         model = self.model if entry.uses_model else None
-        options = {"name": name, "tags": [GPU_TAG] if entry.uses_model else [], "result_storage": self._storage,
-                   **retried(self.config)}
+        options = {"name": name, "result_storage": self._storage, **retried(self.config)}
         if not entry.sharded:
-            result = run_stage.with_options(**options)(self.config, name, self.iteration, None, model, given,
-                                                       wait_for=wait_for)
+            result = run_stage.with_options(**options, tags=self._tags(name, given, model, None))(
+                self.config, name, self.iteration, None, model, given, wait_for=wait_for)
             self.finished[name] = combine(name, [result.stats])
             return [result]
         per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
         if self.config.orchestration.shard_deployment:
             results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
         else:
-            results = [run_stage.with_options(**options)(self.config, name, self.iteration, index, model, inputs,
-                                                         wait_for=wait_for)
-                       for index, inputs in enumerate(per_shard)]
+            results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
+                self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
+                for index, inputs in enumerate(per_shard)]
         write_stage_manifest(self.config, name, self.iteration, results)
         self.finished[name] = combine(name, [result.stats for result in results])
         return results
 
+    def _tags(self, name: str, inputs: Upstream, model: ModelRef | None, shard: int | None) -> list[str]:
+        """The job's tags: the `gpu` tag of model stages (for concurrency limits) and its artifact key, so that
+        the task run that wrote a table is found by its key (Prefect 3 shows no cache key of its own)."""
+        job = plan_job(self.config, name, self.iteration, inputs, model, shard)
+        return ([GPU_TAG] if stage(name).uses_model else []) + [f"key:{job.cache_key}"]
+
     def outcome(self, checkpoint: JobResult) -> dict:
         """What the iteration flow returns: the stage summaries, and M_{t+1}'s URI and model_id."""
         return {"iteration": self.iteration, "model_id": self.model.model_id, "stages": self.finished,
-                "next_model": checkpoint.stats["model_uri"], "next_model_id": checkpoint.stats["model_id"]}
+                "next_model": checkpoint.stats["model_uri"], "next_model_id": checkpoint.stats["model_id"],
+                "mlflow": self.mlflow_link}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,11 @@ from metareward.context import ModelRef
 from metareward.summary import summary_markdown
 from tasks.common import RETRIED
 from tasks.stages import IterationStages
+
+
+def artifact_key(campaign: str, name: str) -> str:
+    """A Prefect artifact key for the campaign (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]", "-", f"{campaign}-{name}".lower())
 
 
 @task(name="start-tracking", cache_policy=NO_CACHE, **RETRIED)
@@ -38,7 +44,11 @@ def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> It
     logged (FAILED with the error when the block raised) and the iteration's summary published as a markdown
     artifact."""
     runs = start_tracking(config, iteration, model.model_id, model.uri)
-    stages = IterationStages(config, iteration, model)
+    logger = get_run_logger()
+    if runs:
+        logger.info("MLflow: iteration %d is logged to %s (campaign run: %s)", iteration, runs["iteration_link"],
+                    runs["campaign_link"])
+    stages = IterationStages(config, iteration, model, runs["iteration_link"] if runs else None)
     try:
         yield stages
     except Exception as error:
@@ -46,12 +56,12 @@ def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> It
             try:
                 track_iteration(config, iteration, runs, list(stages.finished), error=f"{type(error).__name__}: {error}")
             except Exception as tracking_error:  # the stage's error is the one to report
-                get_run_logger().warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
+                logger.warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
         raise
     finally:
         create_markdown_artifact(
-            key=f"{config.name}-iter-{iteration}".lower().replace("_", "-").replace(".", "-"),
-            markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished),
+            key=artifact_key(config.name, f"iter-{iteration}"),
+            markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link),
             description=f"{config.name}: iteration {iteration} stage summary",
         )
     if runs:

@@ -135,11 +135,19 @@ def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
         assert logged[f"tiny/iter-{iteration}/judgments"].tags[0].value == "evaluation"
         assert json.loads(logged[f"tiny/iter-{iteration}/judgments"].dataset.source)["uri"] == str(
             root / "tiny" / f"iter-{iteration}" / "judgments" / "manifest.json")
-        assert {f.path for f in client.list_artifacts(run.info.run_id, "figures")} == {"figures/score_distribution.png"}
+        # Figures at the run's root, where MLflow's compare view finds them side by side.
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"score_shares.png"}
         assert client.get_metric_history(run.info.run_id, "train/loss"), "TRL's curve is missing"
-        assert 0 <= run.data.metrics["meta_judge/position_a_all"] <= 1
+        metrics = run.data.metrics
+        assert 0 <= metrics["meta_judge/position_a_all"] <= 1
+        # One name per quantity, grouped by meaning; bookkeeping under stage/ (model calls only where made).
+        assert {name.split("/")[0] for name in metrics} <= {"actor", "judge", "meta_judge", "pairs", "train", "stage"}
+        assert "stage/judgments/tokens_per_second" in metrics and "stage/checkpoint/requests" not in metrics
+        assert "judgments/mean_score" not in metrics and not any(name.startswith("final/") for name in metrics)
 
-    # Models: M1 (seed) → M2 (iteration 1's output) → M3, each naming its parent and training datasets.
+    # Models: M1 (seed) → M2 (iteration 1's output) → M3; registered as versions 1, 2, 3 (aliases m1…m3), each
+    # version and logged model pointing at the other as mlflow.register_model links them, each model describing
+    # its parent (a link) and training tables, its pair counts and curves linked to them.
     models = {m.name: m for m in state["models"]}
     assert set(models) == {"tiny-M1", "tiny-M2", "tiny-M3"}
     assert models["tiny-M2"].source_run_id == state["iterations"][0].info.run_id
@@ -149,14 +157,28 @@ def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
     second = client.get_run(state["iterations"][1].info.run_id)
     assert [m.model_id for m in second.inputs.model_inputs] == [models["tiny-M2"].model_id]
     assert [m.model_id for m in second.outputs.model_outputs] == [models["tiny-M3"].model_id]
-    assert [v.tags["metareward.parent_model_version"] for v in state["versions"]] == ["", "1"]
-    assert [v.run_id for v in state["versions"]] == [r.info.run_id for r in state["iterations"]]
-    assert state["versions"][1].tags["metareward.model_uri"] == manifests[2]["checkpoint"]["stats"]["model_uri"]
+    versions = state["versions"]
+    assert [v.source for v in versions] == [f"models:/{models[f'tiny-M{index}'].model_id}" for index in (1, 2, 3)]
+    assert [v.tags["metareward.parent_model_version"] for v in versions] == ["", "1", "2"]
+    assert [v.run_id for v in versions[1:]] == [r.info.run_id for r in state["iterations"]]
+    assert versions[2].tags["metareward.model_uri"] == manifests[2]["checkpoint"]["stats"]["model_uri"]
+    for index in (1, 2, 3):
+        model = client.get_logged_model(models[f"tiny-M{index}"].model_id)
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": str(index)}]
+        assert client.get_model_version_by_alias("tiny", f"m{index}").version == str(index)
+    description = client.get_logged_model(models["tiny-M2"].model_id).tags["mlflow.note.content"]
+    assert f"[tiny-M1](#/experiments/{experiment.experiment_id}/models/{models['tiny-M1'].model_id})" in description
+    assert "tiny/iter-1/actor_pairs" in description and "tiny/iter-1/judge_pairs" in description
+    linked = {metric.key: metric.dataset_name for metric in client.get_logged_model(models["tiny-M2"].model_id).metrics}
+    assert linked["pairs/actor"] == "tiny/iter-1/actor_pairs" and linked["pairs/judge"] == "tiny/iter-1/judge_pairs"
+    assert linked["train/loss"] == "tiny/iter-1/dpo_dataset"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # The campaign run compares iterations: metrics at step = iteration, and the Fig. 5-like overlay.
+    # The campaign run compares iterations: the paper's metrics at step = iteration, and its figures.
     assert [m.step for m in client.get_metric_history(campaign.info.run_id, "judge/score_mean")] == [1, 2]
-    figure = client.download_artifacts(campaign.info.run_id, "figures/score_distribution_by_iteration.png",
-                                       str(download_to))
-    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not any(name.startswith("stage/") for name in client.get_run(campaign.info.run_id).data.metrics)
+    for name in ("score_shares.png", "meta_judge_bias.png"):
+        figure = client.download_artifacts(campaign.info.run_id, name, str(download_to))
+        assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     return state

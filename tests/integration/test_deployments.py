@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ def prefect_stack(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
                MLFLOW_DISABLE_TELEMETRY="true",
                # Every flow run on the worker (shard flow runs too) fails judgments shard 1 while this file exists.
@@ -291,3 +292,81 @@ def test_a_shard_failing_past_its_retries_fails_the_iteration_and_its_retry_runs
     assert started_again == ["retried judgments iter-1 shard-0001", "retried meta_judgments iter-1 shard-0000",
                              "retried meta_judgments iter-1 shard-0001"]
     assert all(run.state.is_completed() for run in after if run.id != failed.id)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"iterations": [{"rho": 0.6}]}, "config.iterations[0].rho"),
+    ({"mode": "self_rewarding", "iterations": [{"train_judge": True}]}, "config.iterations[0].train_judge"),
+    ({"inference": {"backend": "openai"}}, "base_url"),
+])
+def test_the_run_form_refuses_what_its_schema_states_before_a_run_is_created(prefect_stack, tmp_path, tiny_model,
+                                                                             change, field):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, _ = prefect_stack
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(tmp_path / "artifacts")).read_text())
+    for key, value in change.items():
+        config[key] = [{**config[key][0], **value[0]}] if key == "iterations" else (
+            {**config[key], **value} if isinstance(value, dict) else value)
+    with temporary_settings({PREFECT_API_URL: url}), pytest.raises(Exception) as refused:
+        run_deployment("metareward-campaign/demo", parameters={"config": config}, timeout=0, as_subflow=False)
+    assert "Validation failed" in str(refused.value) and field in str(refused.value)
+
+
+def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack, tmp_path, tiny_model, mlflow_server):
+    """What a user sees in a real browser after a campaign run by a worker: MLflow's page of M_2 names its
+    registered version and links its parent; Prefect's iteration run shows one log line per stage job."""
+    from mlflow import MlflowClient
+
+    url, _ = prefect_stack
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(tmp_path / "artifacts"), name="seen",
+                                         tracking={}).read_text())
+    flow_run = _run_and_wait(url, "metareward-campaign/demo", {"config": config},
+                             job_variables={"env": {"MLFLOW_TRACKING_URI": mlflow_server}})
+    assert flow_run.state.is_completed(), flow_run.state
+    [iteration] = _children(url, flow_run.id)
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("seen").experiment_id
+    models = {model.name: model.model_id for model in client.search_logged_models([experiment])}
+    page = browser_page()  # after Prefect's client calls: Playwright's sync API runs an event loop in this thread
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/models/{models['seen-M2']}?workflowType=machine_learning")
+    page.get_by_text("Model versions").wait_for()
+    page.get_by_role("link", name="seen-M1").wait_for()
+    text = page.inner_text("body")
+    screenshot(page, "mlflow-model-M2.png")
+    assert "Not registered" not in text and "v2" in text and "trained by DPO in" in text
+    assert "seen/iter-1/actor_pairs" in text
+
+    page.goto(f"{url.removesuffix('/api')}/runs/flow-run/{iteration.id}")
+    page.get_by_text("judgments iter-1 shard-0001: 18 rows").wait_for()
+    text = page.inner_text("body")
+    screenshot(page, "prefect-iteration-logs.png")
+    assert "health before training iteration 1" in text and "MLflow: iteration 1 is logged to" in text
+    page.context.browser.close()
+
+
+def browser_page():
+    """A page of headless Chromium (Debian's, driven by Playwright); the test is skipped without one, and fails
+    where METAREWARD_REQUIRE_BROWSER=1 (CI installs it). Call it after the last Prefect client call of the
+    test: Playwright's sync API runs an event loop in the thread, and Prefect's client then turns async."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("METAREWARD_REQUIRE_BROWSER") == "1":
+            pytest.fail("no chromium on PATH (apt-get install chromium)")
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    browser = sync_playwright().start().chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.set_default_timeout(60_000)
+    return page
+
+
+def screenshot(page, name: str) -> None:
+    """Keep what the browser showed as a test artifact (.test-artifacts/ui/, printed with pytest -s)."""
+    folder = REPO / ".test-artifacts" / "ui"
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), full_page=True)
+    print(f"screenshot: {folder / name}")

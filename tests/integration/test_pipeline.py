@@ -211,7 +211,7 @@ def test_health_checks_warn_or_stop_before_training(tmp_path, tiny_model):
                               filter_string="tags.`metareward.kind` = 'iteration'", order_by=["attributes.start_time"])
     assert [run.info.status for run in runs] == ["FINISHED", "FAILED"]
     assert "failed its health checks" in runs[1].data.tags["metareward.error"]
-    assert runs[1].data.metrics["meta_judgments/winner_a"] > 0 and "checkpoint/loss_last" not in runs[1].data.metrics
+    assert runs[1].data.metrics["meta_judge/battles"] > 0 and "train/loss" not in runs[1].data.metrics
 
 
 @pytest.mark.parametrize("problem", ["prompt column", "config", "model"])

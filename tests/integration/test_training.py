@@ -72,6 +72,9 @@ def test_dpo_stops_at_the_kept_epoch_with_the_weights_of_the_full_run(tmp_path, 
     # Two of three epochs trained, the learning rate still following the 3-epoch cosine, nothing else saved.
     assert max(e["epoch"] for e in result.log_history if "loss" in e) == 2
     assert (result.summary["epochs_trained"], result.summary["epochs_scheduled"]) == (2, 3)
+    # The kept policy evaluated on its own pairs: below ln 2 (the reference's loss), mostly preferring chosen.
+    assert result.summary["loss_after"] < 0.6931 - 0.1 and result.summary["rewards_accuracies_after"] > 0.5
+    assert result.summary["rewards_margins_after"] > 0
     rates = [e["learning_rate"] for e in result.log_history if "loss" in e]
     assert rates[-1] > 0.2 * FAST["learning_rate"]  # a 2-epoch schedule would have decayed to ~0 here
     assert not list((tmp_path / "stopped").rglob("checkpoint-*"))

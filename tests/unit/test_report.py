@@ -4,15 +4,11 @@ import math
 
 import polars as pl
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from metareward.config import HealthConfig, SamplingConfig
-from metareward.report import (
-    health_problems,
-    iteration_report,
-    meta_judge_bias,
-    score_distribution,
-    score_distribution_figure,
-)
+from metareward.figures import bias_figure, score_figure
+from metareward.report import health_problems, iteration_report, meta_judge_bias, score_distribution
 from metareward.roles import judge_responses
 from metareward.stats import combine
 from metareward.tables import PROMPTS, RESPONSES
@@ -85,10 +81,29 @@ def test_iteration_report_by_hand():
     assert report["pairs/actor"] == 1 and "pairs/judge" not in report
 
 
-def test_score_distribution_figure_draws_a_kde_per_iteration(tmp_path):
-    figure = score_distribution_figure({"iteration 1": [3, 4, 4, 5, None], "iteration 2": [5, 5, 5]})
-    [axes] = figure.axes
-    labels = [line.get_label() for line in axes.get_lines()]
-    assert labels == ["iteration 1 (mean 4.00)", "iteration 2 (all 5)"]
+def test_score_figure_groups_whole_bars_and_draws_the_reward_density(tmp_path):
+    first = pl.DataFrame({"response_id": ["a", "a", "b", "b", "c"], "score": [5.0, 3.0, 0.0, 1.0, float("nan")]})
+    second = pl.DataFrame({"response_id": ["a", "b"], "score": [5.0, None]})
+    figure = score_figure({"iteration 1": first, "iteration 2": second}, "scores")
+    bars, rewards = figure.axes
+    assert bars.get_xlim() == (-0.5, 5.5)  # the bars at 0 and 5 are whole
+    patches = bars.patches
+    assert len(patches) == 12  # 6 scores x 2 iterations, side by side
+    heights = {(round(p.get_x() + p.get_width() / 2, 2)): p.get_height() for p in patches}
+    assert heights[-0.2] == 0.25 and heights[4.8] == 0.25 and heights[5.2] == 1.0  # NaN and null are not valid
+    assert all(abs(p.get_width() - 0.4) < 1e-9 for p in patches)
+    [density] = rewards.get_lines()  # iteration 2 has one scored response: no spread, no density
+    assert density.get_label() == "iteration 1: density of response rewards"
+    [legend] = figure.legends
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    assert legend.get_window_extent(renderer).y0 > bars.get_window_extent(renderer).y1  # above the bars
     figure.savefig(tmp_path / "scores.png")
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bias_figure_plots_table_5_over_iterations():
+    figure = bias_figure({"higher_win": [(2, 0.7), (1, 0.6)], "position_a_all": [(1, 0.9)]}, "biases")
+    [axes] = figure.axes
+    [line] = axes.get_lines()[:1]
+    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [0.6, 0.7]
+    assert axes.get_ylim() == (0, 1) and "higher score won" in [t.get_text() for t in figure.legends[0].get_texts()]

@@ -1,0 +1,73 @@
+"""The figures MLflow shows: judge scores per iteration (cf. the paper's Fig. 5) and the meta-judge's biases over
+iterations (cf. Table 5), as matplotlib figures (Agg, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+SCORES = tuple(range(6))
+BIASES = {"higher_win": "higher score won", "lower_win": "lower score won",
+          "position_a_same_score": "position A won (same scores)",
+          "position_a_diff_score": "position A won (different scores)"}
+"""Table 5's quantities (meta_judge/… metrics) and how the bias figure labels them."""
+
+
+def score_figure(judgments: Mapping[str, pl.DataFrame], title: str):
+    """Per label (an iteration): side-by-side bars of the share of valid judge scores at each score 0…5 (x from
+    −0.5 to 5.5, so the end bars are whole), and on a second axis the density of each response's mean score —
+    the reward DPO pairs are chosen by — as a line of the same colour. `judgments` has columns response_id and
+    score; null and NaN scores are not valid. The legend sits above the plot, off the bars."""
+    from matplotlib.figure import Figure
+    from scipy.stats import gaussian_kde
+
+    figure = Figure(figsize=(8, 4.6), dpi=110)
+    bars = figure.subplots()
+    rewards = bars.twinx()
+    width = 0.8 / max(len(judgments), 1)
+    grid = np.linspace(-0.5, 5.5, 601)
+    for index, (label, table) in enumerate(judgments.items()):
+        valid = table.filter(pl.col("score").is_not_null() & pl.col("score").is_not_nan())
+        color = f"C{index}"
+        scores = valid["score"].to_numpy()
+        shares = [float(np.mean(scores == value)) if scores.size else 0.0 for value in SCORES]
+        offset = (index - (len(judgments) - 1) / 2) * width
+        bars.bar(np.asarray(SCORES) + offset, shares, width=width, color=color, alpha=0.85,
+                 label=f"{label}: share of scores (mean {scores.mean():.2f})" if scores.size else f"{label}: no score")
+        means = valid.group_by("response_id").agg(pl.col("score").mean())["score"].to_numpy()
+        if np.unique(means).size > 1:
+            rewards.plot(grid, gaussian_kde(means)(grid), color=color, linestyle="--",
+                         label=f"{label}: density of response rewards")
+    bars.set(xlim=(-0.5, 5.5), xticks=SCORES, xlabel="judge score", ylabel="share of valid judge scores",
+             ylim=(0, 1))
+    rewards.set(ylabel="density of a response's mean score", ylim=(0, None))
+    handles = bars.get_legend_handles_labels()[0] + rewards.get_legend_handles_labels()[0]
+    labels = bars.get_legend_handles_labels()[1] + rewards.get_legend_handles_labels()[1]
+    figure.suptitle(title)
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=2, fontsize=8, frameon=False)
+    figure.subplots_adjust(top=0.72, bottom=0.12, left=0.09, right=0.9)
+    return figure
+
+
+def bias_figure(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
+    """The meta-judge's biases over iterations: one line per quantity of BIASES (keyed by its name, each a list
+    of (iteration, share)), shares from 0 to 1 with ½ — no bias — marked."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.2), dpi=110)
+    axes = figure.subplots()
+    iterations: set[int] = set()
+    for index, (name, label) in enumerate(BIASES.items()):
+        points = sorted(history.get(name, []))
+        if points:
+            iterations |= {step for step, _ in points}
+            axes.plot([step for step, _ in points], [value for _, value in points], marker="o", color=f"C{index}",
+                      label=label)
+    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlabel="iteration", ylabel="share of battles", ylim=(0, 1), xticks=sorted(iterations))
+    figure.suptitle(title)
+    figure.legend(loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2, fontsize=8, frameon=False)
+    figure.subplots_adjust(top=0.75, bottom=0.13)
+    return figure

@@ -1,0 +1,72 @@
+"""An iteration's metrics as MLflow shows them: one name per quantity, grouped by what it means in the paper —
+actor/, judge/, meta_judge/, pairs/, train/, eval/ — and each stage's bookkeeping under stage/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from metareward.report import iteration_report
+
+PAPER_GROUPS = ("actor/", "judge/", "meta_judge/", "pairs/", "train/", "eval/")
+"""The groups a campaign run also gets, at step = iteration, so that iterations compare as curves."""
+
+STATISTICS: dict[tuple[str, str], str] = {
+    ("prompts", "rows"): "actor/prompts",
+    ("prompts", "empty_prompts"): "actor/prompts_empty_in_file",
+    ("prompts", "duplicate_prompts"): "actor/prompts_duplicated_in_file",
+    ("responses", "dropped_duplicates"): "actor/identical_responses_dropped",
+    ("responses", "skipped_prompts"): "actor/prompts_too_long",
+    ("judgments", "skipped_prompts"): "judge/prompts_too_long",
+    ("meta_judgments", "skipped_prompts"): "meta_judge/prompts_too_long",
+    ("judgment_elo", "rows"): "meta_judge/ranked_judgments",
+    ("judgment_elo", "win_first"): "meta_judge/wins_first",
+    ("judgment_elo", "win_second"): "meta_judge/wins_second",
+    ("judgment_elo", "w1"): "meta_judge/positional_weight_first",
+    ("judgment_elo", "w2"): "meta_judge/positional_weight_second",
+    ("actor_pairs", "no_pair"): "pairs/actor_prompts_without_pair",
+    ("actor_pairs", "chosen_too_long"): "pairs/actor_chosen_too_long",
+    ("actor_pairs", "prompts_without_scored_response"): "pairs/actor_prompts_without_valid_score",
+    ("judge_pairs", "no_pair"): "pairs/judge_responses_without_pair",
+    ("judge_pairs", "chosen_too_long"): "pairs/judge_chosen_too_long",
+    ("checkpoint", "pairs_trained"): "train/pairs_trained",
+    ("checkpoint", "pairs_too_long"): "train/pairs_too_long",
+    ("checkpoint", "epochs_trained"): "train/epochs_trained",
+    ("checkpoint", "epochs_scheduled"): "train/epochs_scheduled",
+    ("checkpoint", "loss_after"): "train/loss_after_training",
+    ("checkpoint", "rewards_accuracies_after"): "train/rewards_accuracies_after_training",
+    ("checkpoint", "rewards_margins_after"): "train/rewards_margins_after_training",
+}
+"""Stage statistics that mean something in the paper's terms, and their metric names."""
+
+BOOKKEEPING = {"compute_seconds": "seconds", "shards": "shards", "requests": "requests",
+               "prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
+               "tokens_per_second": "tokens_per_second"}
+"""Statistics logged for every stage as stage/{stage}/{name} (the model-call ones for stages that call it)."""
+
+_MODEL_CALLS = {"requests", "prompt_tokens", "completion_tokens", "tokens_per_second"}
+
+
+def iteration_metrics(stages: dict[str, dict[str, Any]], tables: dict[str, pl.DataFrame],
+                      uses_model: dict[str, bool]) -> dict[str, float]:
+    """Every metric of an iteration from its stages' combined statistics and its report tables (see
+    report.iteration_report): the paper's quantities under their groups, then stage/{stage}/… bookkeeping.
+    `uses_model` says which stages call the model (the others have no requests or tokens)."""
+    metrics = dict(iteration_report(tables))
+    for (name, statistic), metric in STATISTICS.items():
+        value = stages.get(name, {}).get(statistic)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[metric] = float(value)
+    for name, stats in stages.items():
+        for statistic, label in BOOKKEEPING.items():
+            if statistic in _MODEL_CALLS and not (uses_model.get(name) and stats.get("requests")):
+                continue
+            if isinstance(stats.get(statistic), (int, float)):
+                metrics[f"stage/{name}/{label}"] = float(stats[statistic])
+    return metrics
+
+
+def paper_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics of PAPER_GROUPS: what the campaign run plots over iterations."""
+    return {name: value for name, value in metrics.items() if name.startswith(PAPER_GROUPS)}
