@@ -20,16 +20,16 @@ from cli.progress import StageProgress, print_summary
 from metareward.config import CampaignConfig, ConfigError
 from metareward.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
+from metareward.input_files import InputFileError, load_prompts
 from metareward.jobs import code_fingerprint, settings_digest
 from metareward.models import ModelNotFoundError
 from metareward.preflight import check_evaluation, preflight
 from metareward.report import HealthCheckError
-from metareward.stages import STAGES
+from metareward.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
 from metareward.store import StoreError, open_store
 from metareward.summary import stored_outcomes
-from metareward.tables import PromptFileError, load_prompts
 from metareward.tracking import TrackingError, log_evaluation
-from metareward.training import EmptyPreferenceSetError
+from metareward.training import EmptyTrainingSetError
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -43,8 +43,11 @@ def _run(arguments: argparse.Namespace) -> int:
     # Prefect reads its settings when it is first imported: after the defaults above.
     from flows.campaign import campaign_flow
 
+    # Iteration 1 without --start-model starts from the flow's own choice: the seed model, or the seed SFT's
+    # output when config has an sft section (preflight returned the base model it checked).
+    from_model = model if arguments.start_model or arguments.start_iteration > 1 else ""
     with StageProgress():
-        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=model)
+        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=from_model)
     print_summary(config.name, outcomes)
     return 0
 
@@ -157,11 +160,16 @@ def _stages(arguments: argparse.Namespace) -> int:
     if config:
         print(f"{config.name}, iteration {arguments.iteration}: each stage's settings as hashed into its cache key\n")
     for entry in STAGES:
-        runs = ("per shard" if entry.sharded else "once") + (", runs M_t" if entry.uses_model else "")
-        print(f"{entry.name}  <- {', '.join(entry.inputs) or '(prompt file)'}  ({runs})  code {code_fingerprint(entry.name)}")
+        runs = ("per shard" if entry.sharded else "once") + (f", runs {MODEL_ROLES[entry.model]}" if entry.model else "")
+        print(f"{entry.name}  <- {', '.join(entry.inputs) or '(a file)'}  ({runs})  code {code_fingerprint(entry.name)}")
         print(f"    {entry.summary}")
         if config:
-            settings = entry.settings(config, arguments.iteration)
+            iteration = 0 if entry in SEED_STAGES else arguments.iteration
+            reason = why_not_run(config, entry.name, iteration)
+            if reason:
+                print(f"    not run: {reason}")
+                continue
+            settings = entry.settings(config, iteration)
             shown = " ".join(f"{name}={json.dumps(value, default=_shown)}" for name, value in settings.items())
             print(f"    settings {settings_digest(settings)}: {shown or '(none)'}")
     return 0
@@ -171,6 +179,17 @@ def _shown(value):
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
     return f"{value.path} (content {value.digest})"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     agreement.add_argument("--rankings", required=True, help="labelled rankings file")
     agreement.add_argument("--model", default=None, help="model or checkpoint URI to judge with (default: model.path)")
     agreement.add_argument("--num-judgments", type=int, default=None, help="N (default: the last iteration's)")
-    agreement.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    agreement.add_argument("--bootstrap", type=_positive, default=1000,
+                           help="bootstrap resamples for the 95%% CIs, at least 1 (default 1000)")
     agreement.add_argument("--output", default=None, help="also write the estimates as JSON here")
     agreement.set_defaults(handler=_evaluate_agreement)
     alpaca = evaluate_commands.add_parser(
@@ -264,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from a pipeline's runs
     try:
         return arguments.handler(arguments)
-    except (ConfigError, PromptFileError, StoreError, InferenceError, EmptyPreferenceSetError,
+    except (ConfigError, InputFileError, StoreError, InferenceError, EmptyTrainingSetError,
             HealthCheckError, TrackingError, EvaluationInputError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

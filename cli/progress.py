@@ -8,7 +8,7 @@ from rich.table import Table
 
 from metareward.jobs import Job, JobResult, add_job_listener, remove_job_listener
 from metareward.progress import add_request_listener, remove_request_listener
-from metareward.summary import SUMMARY_HEADER, summary_rows
+from metareward.summary import SUMMARY_HEADER, iteration_title, summary_rows, win_rate_text
 
 console = Console(stderr=True)
 
@@ -69,8 +69,9 @@ def print_summary(campaign: str, outcomes: list[dict]) -> None:
     """A table per iteration of every stage's rows, parse failures, mean score, lengths and speed."""
     out = Console()
     for outcome in outcomes:
-        table = Table(title=f"{campaign} — iteration {outcome['iteration']}  (M_t {outcome['model_id']} → "
-                            f"M_t+1 {outcome['next_model_id']})")
+        models = ("base " if outcome["iteration"] == 0 else "M_t ") + f"{outcome['model_id']} → " + (
+            "M_1 " if outcome["iteration"] == 0 else "M_t+1 ") + str(outcome["next_model_id"])
+        table = Table(title=f"{campaign} — {iteration_title(outcome['iteration'])}  ({models})")
         for column in SUMMARY_HEADER:
             if column == "stage":
                 table.add_column(column, no_wrap=True, min_width=14)
@@ -79,5 +80,7 @@ def print_summary(campaign: str, outcomes: list[dict]) -> None:
         for row in summary_rows(outcome["stages"]):
             table.add_row(*row)
         out.print(table)
+        if "win_rate" in outcome["stages"].get("win_rate", {}):
+            out.print(f"M_t+1 against the reference: {win_rate_text(outcome['stages']['win_rate'])}")
     if outcomes:
         out.print(f"final model: {outcomes[-1]['next_model']}")

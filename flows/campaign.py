@@ -8,9 +8,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from flows.iteration import iteration_flow
+from flows.iteration import iteration_flow, seed_flow
 from metareward.config import CampaignConfig
-from metareward.preflight import check_start_iteration, starting_model
+from metareward.model_roles import starting_model
+from metareward.preflight import check_start_iteration
 from metareward.summary import campaign_markdown
 from tasks.track import artifact_key
 
@@ -18,20 +19,27 @@ from tasks.track import artifact_key
 @flow(name="metareward-campaign", flow_run_name="{config.name}", persist_result=True)
 def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(ge=1)] = 1,
                   start_model: str = "") -> list[dict]:
-    """Run iterations start_iteration..end; iteration t+1 generates with the M_{t+1} that iteration t
-    trained. Re-running resumes: finished stages come from the store.
+    """Run the seed's SFT (when config has an sft section and the campaign starts at iteration 1), then
+    iterations start_iteration..end; iteration t+1 generates with the M_{t+1} that iteration t trained.
+    Re-running resumes: finished stages come from the store.
 
     Args:
         config: The whole campaign (`metareward config show FILE` prints one with every default): the seed model,
             the prompt file, the engine, where artifacts and MLflow runs go, and each iteration's settings.
         start_iteration: The first iteration to run (1 = from the seed model).
         start_model: The model the first iteration runs (a model folder or a checkpoint URI such as
-            s3://…/iter-1/checkpoint/all-…/model). Empty: config.model.path for iteration 1, the previous
-            iteration's checkpoint in the artifact store for a later one.
+            s3://…/iter-1/checkpoint/all-…/model). Empty: M_1 for iteration 1 (config.model.path, or the seed
+            SFT's model when config has an sft section, trained first), the previous iteration's checkpoint in
+            the artifact store for a later one.
     """
     check_start_iteration(config, start_iteration)
-    model = start_model or starting_model(config, start_iteration)
     outcomes = []
+    if not start_model and config.sft and start_iteration == 1:
+        # Stage 0: the base model fine-tuned on judge data is M_1.
+        outcomes.append(seed_flow(config))
+        model = outcomes[0]["next_model"]
+    else:
+        model = start_model or starting_model(config, start_iteration)
     for iteration in range(start_iteration, len(config.iterations) + 1):
         outcome = iteration_flow(config, iteration, model)
         outcomes.append(outcome)

@@ -1,5 +1,6 @@
-"""One Meta-Rewarding iteration as a Prefect flow, read top to bottom as the paper's Figure 1, and the shard flow its
-model stages fan out to on a work pool (orchestration.shard_deployment)."""
+"""One Meta-Rewarding iteration as a Prefect flow, read top to bottom as the paper's Figure 1 (then, with an evaluation
+section, the win rate of the model it trained); the seed flow, stage 0, that fine-tunes the base model into M_1;
+and the shard flow model stages fan out to on a work pool (orchestration.shard_deployment)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from metareward.config import CampaignConfig
 from metareward.context import ModelRef
 from metareward.inference import close_shared_backends
 from metareward.jobs import JobResult
+from metareward.model_roles import check_evaluator, evaluator_model, reference_model
 from metareward.models import check_model, model_id_of
 from tasks.common import result_storage, retried
 from tasks.stages import check_health, run_stage
@@ -50,7 +52,36 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
         health = check_health(config, iteration, stages.finished, wait_for=dataset)
         # DPO (A.3): M_t → M_{t+1}.
         [checkpoint] = stages.run("checkpoint", dpo_dataset=dataset, wait_for=[health])
+        if config.evaluation:
+            # Did M_{t+1} improve? Its answers to held-out prompts against the reference's, by a fixed evaluator.
+            trained = ModelRef(checkpoint.stats["model_uri"], checkpoint.stats["model_id"])
+            held_out = stages.run("eval_prompts")
+            answers = stages.run("eval_answers", eval_prompts=held_out, model=trained, wait_for=[checkpoint])
+            reference = None
+            if config.evaluation.reference != "outputs":
+                reference = stages.run("reference_answers", eval_prompts=held_out,
+                                       model=reference_model(config, model))
+            evaluator = evaluator_model(config)
+            check_evaluator(config, evaluator, [model, trained])
+            stages.run("win_rate", eval_prompts=held_out, eval_answers=answers, reference_answers=reference,
+                       model=evaluator)
     return stages.outcome(checkpoint)
+
+
+@flow(name="metareward-seed", flow_run_name="{config.name} seed-sft", persist_result=True)
+def seed_flow(config: CampaignConfig) -> dict:
+    """Stage 0 (paper sec. 3.1, "SFT on EFT"): the base model (model.path) fine-tuned on the judge examples of
+    config.sft into M_1, cached like every stage. Returns the stage summaries, and M_1's URI and model_id.
+
+    Args:
+        config: The campaign; its sft section names the judge examples and the training settings.
+    """
+    check_model(config.model.path, config.model.chat_template)
+    base = ModelRef(config.model.path, model_id_of(config.model.path))
+    with iteration_run(config, 0, base) as stages:
+        examples = stages.run("sft_data")
+        [sft] = stages.run("sft", sft_data=examples)
+    return stages.outcome(sft)
 
 
 @flow(name="metareward-shard", flow_run_name="{config.name} {stage} iter-{iteration} shard-{shard:04d}",

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from metareward.config_sections import (
+from metareward.config_sections import (  # noqa: F401 (ConfigError is imported from here)
     ConfigError,
     HealthConfig,
     InferenceConfig,
@@ -19,6 +19,7 @@ from metareward.config_sections import (
     form_schema,
     no_password,
 )
+from metareward.config_training import DPOConfig, SFTConfig, TrainingConfig  # noqa: F401 (imported from here)
 
 Mode = Literal["meta_rewarding", "self_rewarding"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -64,65 +65,6 @@ class SamplingConfig(Strict):
     )
 
 
-class DPOConfig(Strict):
-    """DPO training of M_t into M_{t+1} (paper A.3)."""
-
-    beta: float = Field(default=0.1, gt=0.0, description="β, DPO's KL strength (paper A.3: 0.1).")
-    learning_rate: float = Field(default=5e-6, gt=0.0, description="Peak learning rate (paper A.3: 5e-6).")
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        default="cosine", description="Learning-rate schedule (paper A.3: cosine)."
-    )
-    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
-    num_epochs: int = Field(
-        default=10, ge=1, description="Epochs the learning-rate schedule spans (paper A.3: 10)."
-    )
-    checkpoint_epoch: int | None = Field(
-        default=None,
-        ge=1,
-        description="Epoch kept as M_{t+1} (paper A.3: 6, 4, 2, 2): training stops there, on the schedule of all "
-        "num_epochs, so the weights are those the full run has after that epoch; None trains all epochs.",
-    )
-    global_batch_size: int = Field(
-        default=32, ge=1, description="Pairs per optimizer step over all processes (paper A.3: 32)."
-    )
-    per_device_batch_size: int = Field(default=4, ge=1, description="Pairs per forward pass on one device.")
-    num_processes: int = Field(default=1, ge=1, description="Training processes (GPUs); >1 uses accelerate.")
-    accelerate_config: str = Field(
-        default="deployments/accelerate/fsdp.yaml",
-        description="`accelerate launch` config when num_processes > 1 (FSDP; deepspeed-zero3.yaml; ddp.yaml).",
-    )
-    max_length: int | None = Field(
-        default=2048, ge=16, description="Longest prompt+completion in tokens; longer pairs are dropped."
-    )
-    lora_rank: int | None = Field(
-        default=None, ge=1, description="LoRA rank r; None trains all weights (the paper's full fine-tuning)."
-    )
-    precompute_ref_log_probs: bool = Field(
-        default=True, description="Compute the reference model's log-probs once before training."
-    )
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        """Accumulation steps so that per-device batch × steps × processes = global batch."""
-        return self.global_batch_size // (self.per_device_batch_size * self.num_processes)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DPOConfig:
-        per_step = self.per_device_batch_size * self.num_processes
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size × "
-                f"num_processes = {per_step}: change per_device_batch_size so that it divides "
-                f"{self.global_batch_size // self.num_processes}"
-            )
-        if self.checkpoint_epoch is not None and self.checkpoint_epoch > self.num_epochs:
-            raise ValueError(
-                f"checkpoint_epoch {self.checkpoint_epoch} > num_epochs {self.num_epochs}: "
-                "keep an epoch that is trained, or raise num_epochs"
-            )
-        return self
-
-
 class IterationConfig(Strict):
     """One Meta-Rewarding iteration: data creation with M_t, then DPO into M_{t+1} (paper sec. 2, A.3)."""
 
@@ -162,6 +104,27 @@ class IterationConfig(Strict):
         description="Drop judge pairs whose chosen judgment is longer (paper A.3: 1100, then 1000).",
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings of this iteration.")
+    # Ablations of the meta-judge step (defaults: the paper, sec. 2.2).
+    positional_weights: bool = Field(
+        default=True,
+        description="Weight a battle won in the first position by ω1 = win_2nd/(win_1st+win_2nd) and one won in "
+        "the second by ω2 (paper sec. 2.2); false: ω1 = ω2 = ½. Applies to battle_rule weighted.",
+    )
+    battle_rule: Literal["weighted", "both_orders_agree"] = Field(
+        default="weighted",
+        description="weighted (paper): each order's verdict is a weighted win; both_orders_agree (NeMo-Aligner): a "
+        "judgment wins a battle only when it wins in both orders, and a split counts for neither.",
+    )
+    meta_judge_sees_scores: bool = Field(
+        default=True,
+        description="Show the meta-judge whole judgments (paper); false: each judgment without its 'Score: X' line, "
+        "so the meta-judge weighs the reasoning, not the number.",
+    )
+    meta_judged_responses: Literal["highest_variance", "all"] = Field(
+        default="highest_variance",
+        description="Which responses' judgments the meta-judge compares and judge pairs come from: the one with the "
+        "highest score variance per prompt (paper sec. 2.2), or all (K times the meta-judge calls).",
+    )
 
     @field_validator("rho")
     @classmethod
@@ -172,6 +135,73 @@ class IterationConfig(Strict):
                 f"(paper sec. 2.1), got {value}: use e.g. 0 (no length control) or 0.32"
             )
         return value
+
+
+class EvaluatorConfig(Strict):
+    """The fixed model that compares two answers with the paper's A.2 prompt (AlpacaEval's
+    alpaca_eval_clf_gpt4_turbo): local weights run by an engine, or a model served over HTTP."""
+
+    model: ModelConfig | None = Field(
+        default=None,
+        description="The evaluator's weights (folder, hub id, builtin:…); their content digest names the evaluator "
+        "in cache keys and in MLflow. Leave empty for an endpoint whose weights you do not have (named by "
+        "inference.api_model).",
+    )
+    inference: InferenceConfig = Field(
+        default_factory=lambda: InferenceConfig(verdict_mode="forced"),
+        description="How the evaluator runs: transformers, vllm, or openai (base_url, api_model). verdict_mode "
+        "forced reads the next token restricted to m/M (AlpacaEval's log-prob classifier, binarized); free "
+        "parses the evaluator's text.",
+    )
+    max_tokens: int = Field(
+        default=16, ge=1, description="Free verdicts: most tokens of the evaluator's answer (one identifier asked)."
+    )
+    allow_trained_model: bool = Field(
+        default=False,
+        description="Allow an evaluator that is M_t or M_{t+1}, the model this iteration trains (it would judge its "
+        "own answers); off by default.",
+    )
+
+    @model_validator(mode="after")
+    def _named(self) -> EvaluatorConfig:
+        if self.model is None and not (self.inference.backend == "openai" and self.inference.api_model):
+            raise ValueError("the evaluator needs model (its weights) or, for an endpoint, inference.backend openai "
+                             "with base_url and api_model")
+        return self
+
+
+class EvaluationConfig(Strict):
+    """Win rate of M_{t+1} against a reference on held-out prompts, after every iteration's training: both
+    orders, ties ½, a bootstrap 95% CI and a length-controlled win rate (as AlpacaEval 2)."""
+
+    prompts: PromptsConfig = Field(
+        description="Held-out prompts (JSONL, Parquet or CSV); none may be a training prompt (checked before a run)."
+    )
+    num_prompts: int | None = Field(
+        default=None, ge=1, description="Prompts evaluated, a seeded sample of the file; None: all."
+    )
+    reference: Literal["previous", "seed", "outputs"] = Field(
+        default="previous",
+        description="What M_{t+1} is compared with: previous (M_t), seed (M_1), or outputs (reference_outputs).",
+    )
+    reference_outputs: str | None = Field(
+        default=None,
+        description="reference outputs: a file of fixed answers with columns instruction and output (AlpacaEval's "
+        "model outputs JSON, or JSONL/Parquet/CSV), one for every evaluated prompt.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="How the compared models answer (default: the paper's actor sampling; its evaluation "
+        "sampling is not stated).",
+    )
+    evaluator: EvaluatorConfig = Field(description="The fixed model that picks the better answer.")
+    bootstrap: int = Field(default=1000, ge=1, description="Bootstrap resamples of prompts for the 95% CIs.")
+
+    @model_validator(mode="after")
+    def _reference_given(self) -> EvaluationConfig:
+        if (self.reference == "outputs") != (self.reference_outputs is not None):
+            raise ValueError("set reference_outputs exactly when reference is outputs (the file of reference answers)")
+        return self
 
 
 def _campaign_schema(schema: dict) -> None:
@@ -216,6 +246,14 @@ class CampaignConfig(Strict):
     shard_size: int = Field(default=256, ge=1, description="Prompts per shard of every model stage.")
     iterations: list[IterationConfig] = Field(
         min_length=1, description="The iterations, in order (paper: 4, see A.3)."
+    )
+    sft: SFTConfig | None = Field(
+        default=None,
+        description="Stage 0: supervised fine-tuning of model.path on judge data into M_1 (paper: SFT on EFT); "
+        "None: model.path is M_1.",
+    )
+    evaluation: EvaluationConfig | None = Field(
+        default=None, description="Win rate of every trained model on held-out prompts; None: no evaluation."
     )
 
     @field_validator("artifact_root")

@@ -76,6 +76,23 @@ def battle_matrices(
     return matrices
 
 
+def agreed_battles(group: np.ndarray, first: np.ndarray, second: np.ndarray,
+                   verdict: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NeMo-Aligner's rule, for battle_matrices with ω1 = ω2 = 1: one battle per pair of judgments (m, n) of a
+    group judged in both orders, won by m only when m won both (r^{mn} = 1 and r^{nm} = −1), by n only when n
+    won both, and by neither otherwise (split verdicts, a tie or an unparsed verdict, a missing order). Rows as
+    battle_matrices takes them; returns (group, first, second, verdict) with first < second in each row."""
+    outcome: dict[tuple[int, int, int], list[int]] = {}
+    for g, m, k, r in zip(*(np.asarray(a, dtype=np.int64).tolist() for a in (group, first, second, verdict))):
+        low, high = min(m, k), max(m, k)
+        # The verdict from the lower index's point of view: +1 when it won this order.
+        outcome.setdefault((g, low, high), []).append(r if m == low else -r)
+    rows = [(g, low, high, views[0] if len(views) == 2 and views[0] == views[1] != 0 else 0)
+            for (g, low, high), views in outcome.items()]
+    columns = np.array(rows, dtype=np.int64).reshape(-1, 4).T
+    return columns[0], columns[1], columns[2], columns[3]
+
+
 def elo_scores(B: np.ndarray) -> np.ndarray:
     """argmax_ε Σ_{m,n} B_mn log σ(ε_m − ε_n) − (λ/2)‖ε‖², natural-log units, mean zero.
 

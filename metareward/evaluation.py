@@ -76,6 +76,12 @@ class Estimate:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high}
 
 
+def check_bootstrap(bootstrap: int) -> None:
+    """Raise ValueError unless bootstrap is a positive number of resamples (a CI needs at least one)."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
+        raise ValueError(f"bootstrap must be a positive number of resamples, got {bootstrap!r}")
+
+
 def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -> dict[str, Estimate]:
     """Agreement of predicted scores with reference ranks (paper sec. 3.4, Table 7).
 
@@ -84,10 +90,13 @@ def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -
     agreement counts 1 when the predicted scores order them the same way, 0.5 for a predicted tie, 0
     otherwise; `agreement_without_ties` leaves predicted ties out. `spearman` is the mean over prompts of
     the Spearman correlation between scores and reference ranks (prompts where either side is constant
-    are left out). Confidence intervals resample prompts with replacement.
+    are left out). A null or NaN score is missing. Confidence intervals resample prompts with replacement
+    `bootstrap` times; ValueError for bootstrap < 1, before anything is computed.
     """
+    check_bootstrap(bootstrap)
     per_prompt = []
-    for _, group in table.filter(pl.col("score").is_not_null()).group_by("prompt", maintain_order=True):
+    scored = table.filter(pl.col("score").is_not_null() & pl.col("score").is_not_nan())
+    for _, group in scored.group_by("prompt", maintain_order=True):
         ranks, scores = group["rank"].to_numpy(), group["score"].to_numpy()
         i, j = np.triu_indices(len(ranks), k=1)
         ordered = ranks[i] != ranks[j]
@@ -201,7 +210,9 @@ def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str 
                              bootstrap: int = 1000) -> tuple[dict[str, Estimate], EvaluationResult]:
     """Judge agreement (sec. 3.4) of model_path (default: the campaign's seed model) with a labelled-ranking
     file, judging with the last iteration's judge sampling and verdict mode, N = num_judgments (default:
-    the last iteration's). Returns the estimates and the evaluation (metrics, scored rows) to log."""
+    the last iteration's). Returns the estimates and the evaluation (metrics, scored rows) to log. A bootstrap
+    below 1 raises ValueError before any model is loaded."""
+    check_bootstrap(bootstrap)
     settings = config.iterations[-1]
     num_judgments = num_judgments or settings.num_judgments
     rankings = load_labelled_rankings(rankings_path)
@@ -221,7 +232,7 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
     outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
     iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
-    from metareward.tables import load_prompts
+    from metareward.input_files import load_prompts
 
     prompts = load_prompts(prompts_path, column).table["prompt"].to_list()
     with _evaluated_model(config, model_path) as (model, digest, backend):

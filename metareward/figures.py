@@ -1,5 +1,5 @@
-"""The figures MLflow shows: judge scores per iteration (cf. the paper's Fig. 5) and the meta-judge's biases over
-iterations (cf. Table 5), as matplotlib figures (Agg, no display needed)."""
+"""The figures MLflow shows: judge scores per iteration (cf. the paper's Fig. 5), the meta-judge's biases over
+iterations (cf. Table 5) and the win rate over iterations (cf. Fig. 3), as matplotlib figures (Agg, no display needed)."""
 
 from __future__ import annotations
 
@@ -70,4 +70,38 @@ def bias_figure(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
     figure.suptitle(title)
     figure.legend(loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2, fontsize=8, frameon=False)
     figure.subplots_adjust(top=0.75, bottom=0.13)
+    return figure
+
+
+WIN_RATE_SERIES = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
+                   "lc_win_rate_ci_high")
+"""The eval/… metrics the win-rate figure reads."""
+
+
+def win_rate_figure(history: Mapping[str, Mapping[int, float]], title: str):
+    """Win rate and length-controlled win rate of M_{t+1} by iteration, each point with its 95% CI as an error
+    bar, in percent with 50% — as good as the reference — marked. `history` maps each name of WIN_RATE_SERIES to
+    {iteration: share}."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.2), dpi=110)
+    axes = figure.subplots()
+    iterations: set[int] = set()
+    for index, (name, label) in enumerate((("win_rate", "win rate"), ("lc_win_rate", "length-controlled win rate"))):
+        steps = sorted(history.get(name, {}))
+        if not steps:
+            continue
+        iterations |= set(steps)
+        values = np.array([history[name][step] for step in steps]) * 100
+        low = np.array([history.get(f"{name}_ci_low", {}).get(step, np.nan) for step in steps]) * 100
+        high = np.array([history.get(f"{name}_ci_high", {}).get(step, np.nan) for step in steps]) * 100
+        # Side by side, so that the two error bars of an iteration do not hide each other.
+        axes.errorbar(np.array(steps) + (index - 0.5) * 0.08, values, yerr=[values - low, high - values], marker="o",
+                      capsize=4, color=f"C{index}", label=f"{label} (95% CI)")
+    axes.axhline(50, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlabel="iteration (M_t+1 trained in it)", ylabel="win rate against the reference (%)", ylim=(0, 100),
+             xticks=sorted(iterations))
+    figure.suptitle(title)
+    figure.legend(loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2, fontsize=8, frameon=False)
+    figure.subplots_adjust(top=0.78, bottom=0.13)
     return figure

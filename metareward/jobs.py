@@ -151,7 +151,7 @@ def plan_job(config: CampaignConfig, stage_name: str, iteration: int, inputs: Ma
         raise ValueError(f"{stage_name}: inputs {sorted(given)} do not match the registry's {list(entry.inputs)} "
                          f"(missing {missing}, unexpected {unexpected})")
     if entry.uses_model and model is None:
-        raise ValueError(f"{stage_name} runs the model M_t: give it")
+        raise ValueError(f"{stage_name} runs the model of role {entry.model!r}: give it")
     if entry.sharded != (shard_index is not None):
         raise ValueError(f"{stage_name} is {'sharded: give a shard' if entry.sharded else 'not sharded'}")
     settings = settings_digest(entry.settings(config, iteration))
@@ -225,8 +225,10 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
             raise SettingsChangedError(f"{job.run_name}: the config's settings of this stage changed after the job "
                                        "was planned; run the iteration again")
         started = time.perf_counter()
+        # Where the stage's model runs: the evaluator has an engine of its own.
+        inference = config.evaluation.evaluator.inference if entry.model == "evaluator" else config.inference
         context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
-                               job.model_key, store, config.inference)
+                               job.model_key, store, inference)
         try:
             with progress.labelled(f"iter-{job.iteration} {job.stage}"):
                 table, stats = entry.runner(context, **settings)

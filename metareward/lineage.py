@@ -1,6 +1,7 @@
 """MLflow model lineage: logged models M_1, M_2, … of a campaign — each describing its parent (a link) and its
-training sets — and a registered-model version per model, version t = M_t (alias m{t}), linked both ways the way
-mlflow.register_model links them; plus the redaction every MLflow write goes through."""
+training sets; with a seed SFT, M_1's parent is the base model — and a registered-model version per model, version
+t = M_t (alias m{t}), linked both ways the way mlflow.register_model links them; plus the redaction every MLflow
+write goes through."""
 
 from __future__ import annotations
 
@@ -59,19 +60,27 @@ class ModelLineage:
         self.registered_model = registered_model
 
     def log_models(self, run_id: str, iteration: int, checkpoint: dict, datasets: dict[str, dict[str, Any]],
-                   parent_uri: str, dpo: dict[str, Any]):
+                   parent_uri: str, training: dict[str, Any]):
         """M_t as the iteration run's input model (registered as version t when it is not yet, as the seed
         M_1 is on the first iteration), and — unless the iteration kept M_t — M_{t+1} from the checkpoint
-        stage's manifest as the run's output model: its parent, training datasets and DPO settings, a
-        description linking them, and its registered version. Returns M_{t+1}'s logged model, or None."""
+        stage's manifest as the run's output model: its parent, training datasets and settings, a
+        description linking them, and its registered version. Iteration 0 is the seed's SFT: its input is the
+        base model (logged, not registered) and its output M_1, version 1. Returns the output's logged model,
+        or None."""
         from mlflow.entities import LoggedModelInput, LoggedModelOutput
 
         stats = checkpoint["stats"]
         parent_digest = checkpoint["model_id"]
-        parent = self.logged_model(parent_digest, parent_uri, f"{self.campaign}-M{iteration}", description=(
-            f"**M_{iteration}** of the Meta-Rewarding campaign {self.campaign}: `{redact(parent_uri)}` (content "
-            f"digest `{parent_digest}`)" + (", the seed model." if iteration == 1 else ".")))
-        parent_version = self.register(parent, iteration, run_id=None)
+        if iteration == 0:
+            parent = self.logged_model(parent_digest, parent_uri, f"{self.campaign}-base", description=(
+                f"The base model of the Meta-Rewarding campaign {self.campaign}: `{redact(parent_uri)}` (content "
+                f"digest `{parent_digest}`), fine-tuned on judge data into M_1."))
+            parent_version = None
+        else:
+            parent = self.logged_model(parent_digest, parent_uri, f"{self.campaign}-M{iteration}", description=(
+                f"**M_{iteration}** of the Meta-Rewarding campaign {self.campaign}: `{redact(parent_uri)}` (content "
+                f"digest `{parent_digest}`)" + (", the seed model." if iteration == 1 else ".")))
+            parent_version = self.register(parent, iteration, run_id=None)
         self.client.log_inputs(run_id, models=[LoggedModelInput(parent.model_id)])
         if stats.get("kept_previous_model"):
             self.client.set_tag(run_id, f"{TAG}.kept_previous_model", "true")
@@ -79,16 +88,18 @@ class ModelLineage:
         lineage = [{key: datasets[name][key] for key in ("name", "digest", "source", "rows")}
                    for name in TRAINING_STAGES if name in datasets]
         trained_on = "; ".join(f"`{d['name']}` ({d['rows']} rows)" for d in lineage)
+        how = ("by SFT in [the seed stage]" if iteration == 0 else f"by DPO in [iteration {iteration}]")
+        parent_link = f"[{parent.name}](#/experiments/{self.experiment_id}/models/{parent.model_id})" + (
+            f" (registered version {parent_version})" if parent_version else "")
         child = self.logged_model(
             stats["model_id"], stats["model_uri"], f"{self.campaign}-M{iteration + 1}", source_run_id=run_id,
-            params=flatten_params(dpo, "dpo."),
+            params=flatten_params(training, "sft." if iteration == 0 else "dpo."),
             tags={f"{TAG}.parent_model_id": parent.model_id, f"{TAG}.parent_model_digest": parent_digest,
                   f"{TAG}.parent_model_uri": redact(parent_uri), f"{TAG}.training_datasets": json.dumps(lineage)},
             description=(
-                f"**M_{iteration + 1}** of the Meta-Rewarding campaign {self.campaign}, trained by DPO in "
-                f"[iteration {iteration}](#/experiments/{self.experiment_id}/runs/{run_id}) from "
-                f"[{parent.name}](#/experiments/{self.experiment_id}/models/{parent.model_id}) (registered version "
-                f"{parent_version}) on {trained_on}. Weights: `{redact(stats['model_uri'])}`."))
+                f"**M_{iteration + 1}** of the Meta-Rewarding campaign {self.campaign}, trained {how}"
+                f"(#/experiments/{self.experiment_id}/runs/{run_id}) from {parent_link} on {trained_on}. "
+                f"Weights: `{redact(stats['model_uri'])}`."))
         self.client.log_outputs(run_id, [LoggedModelOutput(child.model_id, step=iteration)])
         self.register(child, iteration + 1, run_id=run_id, parent_version=parent_version)
         return child
@@ -130,11 +141,12 @@ class ModelLineage:
         try:
             self.client.create_registered_model(name, description=(
                 f"Checkpoints of the Meta-Rewarding campaign {self.campaign}: version t is M_t (alias m{{t}}), "
-                "version 1 the seed model."))
+                "version 1 the seed model M_1."))
         except MlflowException as error:
             if "already exists" not in str(error):
                 raise
         origin = (f"trained in iteration {index - 1} from version {parent_version}" if parent_version
+                  else "the seed SFT's model, trained from the base model" if index == 1 and run_id
                   else "the model the campaign started from")
         version = self.client.create_model_version(
             name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id,

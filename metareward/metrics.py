@@ -37,6 +37,20 @@ STATISTICS: dict[tuple[str, str], str] = {
     ("checkpoint", "loss_after"): "train/loss_after_training",
     ("checkpoint", "rewards_accuracies_after"): "train/rewards_accuracies_after_training",
     ("checkpoint", "rewards_margins_after"): "train/rewards_margins_after_training",
+    ("sft_data", "rows"): "train/sft_examples",
+    ("sft", "pairs_trained"): "train/examples_trained",
+    ("sft", "pairs_too_long"): "train/examples_too_long",
+    ("sft", "epochs_trained"): "train/epochs_trained",
+    ("sft", "epochs_scheduled"): "train/epochs_scheduled",
+    ("sft", "loss_after"): "train/loss_after_training",
+    ("sft", "mean_token_accuracy_after"): "train/mean_token_accuracy_after_training",
+    ("eval_prompts", "rows"): "eval/prompts",
+    ("eval_answers", "skipped_prompts"): "eval/prompts_too_long_for_the_trained_model",
+    ("reference_answers", "skipped_prompts"): "eval/prompts_too_long_for_the_reference",
+    **{("win_rate", name): f"eval/{name}" for name in (
+        "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high",
+        "prompts_compared", "identical_answers", "unanswered_prompts", "trained_mean_chars", "reference_mean_chars",
+        "first_position_share")},
 }
 """Stage statistics that mean something in the paper's terms, and their metric names."""
 

@@ -49,3 +49,29 @@ def parse_winner(text: str) -> str | None:
     if not matches:
         return None
     return matches[-1]["letter"].upper()
+
+
+def without_score(text: str) -> str:
+    """The judgment without the "Score: X" that parse_score reads (its last), for a meta-judge that is to weigh the
+    reasoning rather than the number: a line that starts with it is removed whole; on a line of reasoning ("Poor.
+    Score: 1") the line is cut where the score begins. The text unchanged when it states no score."""
+    matches = list(_SCORE.finditer(text))
+    if not matches:
+        return text
+    score = matches[-1].start()
+    start = text.rfind("\n", 0, score) + 1
+    end = text.find("\n", matches[-1].end())
+    rest = "" if end == -1 else text[end + 1:]
+    head = text[start:score]
+    kept = text[:start] + ("" if head.strip(" \t*_#>-") == "" else head.rstrip() + "\n")
+    return (kept + rest).rstrip()
+
+
+_IDENTIFIER = re.compile(r"^[\s\"'`*\[(]*(?P<identifier>[mM])[\s\"'`*\])]*\.?\s*$")
+
+
+def parse_model_identifier(text: str) -> str | None:
+    """"m" or "M" when the evaluator's answer is just that identifier (paper A.2 asks for "m or M and nothing
+    else"; quotes, brackets, markdown and a final period are tolerated), else None."""
+    match = _IDENTIFIER.match(text)
+    return match["identifier"] if match else None

@@ -5,11 +5,19 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from metareward.elo import battle_matrices, elo_scores_batch, positional_weights
+from metareward.elo import agreed_battles, battle_matrices, elo_scores_batch, positional_weights
 from metareward.prompts import render_judge_prompt
 from metareward.selection import select_actor_pair, select_judge_pair, select_judged_response
 from metareward.stats import StageStats
 from metareward.tables import ACTOR_PAIRS, DPO_DATASET, JUDGE_PAIRS, JUDGMENT_ELO, content_seed, validate_table
+
+BATTLE_RULES = ("weighted", "both_orders_agree")
+"""How a pair of judgments' two verdicts (one per order) become battle wins: the paper's weighted wins, or
+NeMo-Aligner's agreement of both orders."""
+
+
+JUDGED_RESPONSES = ("highest_variance", "all")
+"""Which responses' judgments are meta-judged: the paper's highest-variance one per prompt, or every one."""
 
 
 def _message(role: str, content: pl.Expr) -> pl.Expr:
@@ -101,13 +109,18 @@ def select_actor_pairs(
     return table, stats
 
 
-def select_judged_responses(scores: pl.DataFrame, seed: int) -> pl.DataFrame:
+def select_judged_responses(scores: pl.DataFrame, seed: int, which: str = "highest_variance") -> pl.DataFrame:
     """Per prompt, the response whose valid scores have the highest variance (paper sec. 2.2), ties broken
-    at random with a generator seeded by (seed, prompt_id). Only responses with at least two valid
-    judgments take part (one judgment has no variance and no pair to meta-judge). Columns prompt_id,
-    response_id, score_var."""
+    at random with a generator seeded by (seed, prompt_id); with which="all", every response. Only responses
+    with at least two valid judgments take part (one judgment has no variance and no pair to meta-judge).
+    Columns prompt_id, response_id, score_var."""
+    if which not in JUDGED_RESPONSES:
+        raise ValueError(f"which must be one of {JUDGED_RESPONSES}, got {which!r}")
+    eligible = scores.filter(pl.col("n_valid") >= 2)
+    if which == "all":
+        return eligible.select("prompt_id", "response_id", "score_var").sort("prompt_id", "response_id")
     candidates = (
-        scores.filter(pl.col("n_valid") >= 2)
+        eligible
         .sort("prompt_id", "response_id")
         .group_by("prompt_id", maintain_order=True)
         .agg("response_id", "score_var")
@@ -121,14 +134,20 @@ def select_judged_responses(scores: pl.DataFrame, seed: int) -> pl.DataFrame:
 
 
 def rank_judgments(
-    meta_judgments: pl.DataFrame, judgments: pl.DataFrame, iteration: int, model_id: str
+    meta_judgments: pl.DataFrame, judgments: pl.DataFrame, iteration: int, model_id: str,
+    positional: bool = True, battle_rule: str = "weighted",
 ) -> tuple[pl.DataFrame, StageStats]:
     """Elo of every meta-judged judgment (paper sec. 2.2).
 
     win_1st / win_2nd are counted over the whole table given — pass the whole iteration, as the paper
-    does — and give the positional weights (ω1, ω2); each response's battles make its battle matrix, and
-    one batched fit gives the Elo scores. The statistics carry win_first, win_second, w1, w2.
+    does — and give the positional weights (ω1, ω2), or ω1 = ω2 = ½ when `positional` is false; each
+    response's battles make its battle matrix, and one batched fit gives the Elo scores. battle_rule
+    "both_orders_agree" (NeMo-Aligner) counts a battle only for a judgment that won it in both orders
+    (elo.agreed_battles; the weights do not apply). The statistics carry win_first, win_second, w1, w2 (and
+    agreed_battles, split_battles under that rule).
     """
+    if battle_rule not in BATTLE_RULES:
+        raise ValueError(f"battle_rule must be one of {BATTLE_RULES}, got {battle_rule!r}")
     stats = StageStats("rank_judgments")
     verdicts = meta_judgments.select(
         "prompt_id", "response_id", "first_id", "second_id",
@@ -136,7 +155,7 @@ def rank_judgments(
     )
     win_first = int((verdicts["r"] == 1).sum())
     win_second = int((verdicts["r"] == -1).sum())
-    w1, w2 = positional_weights(win_first, win_second)
+    w1, w2 = positional_weights(win_first, win_second) if positional else (0.5, 0.5)
     stats.counts.update(win_first=win_first, win_second=win_second, w1=w1, w2=w2)
 
     ranked = (
@@ -157,10 +176,12 @@ def rank_judgments(
         index_of.select("judgment_id", second_index="index"), left_on="second_id", right_on="judgment_id"
     )
     sizes = ranked.group_by("group").agg(pl.len()).sort("group")["len"].to_numpy()
-    matrices = battle_matrices(
-        battles["group"].to_numpy(), battles["index"].to_numpy(), battles["second_index"].to_numpy(),
-        battles["r"].to_numpy(), len(sizes), int(sizes.max()), w1, w2,
-    )
+    rows = tuple(battles[column].to_numpy() for column in ("group", "index", "second_index", "r"))
+    if battle_rule == "both_orders_agree":
+        rows = agreed_battles(*rows)
+        w1 = w2 = 1.0
+        stats.counts.update(agreed_battles=int((rows[3] != 0).sum()), split_battles=int((rows[3] == 0).sum()))
+    matrices = battle_matrices(*rows, len(sizes), int(sizes.max()), w1, w2)
     elo = elo_scores_batch(matrices, sizes)
     wins = pl.concat([
         verdicts.filter(pl.col("r") == 1).group_by(judgment_id="first_id").agg(pl.len().alias("wins_first")),

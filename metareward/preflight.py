@@ -1,5 +1,6 @@
 """Everything that can fail before any model work, checked in seconds: the iterations asked for, the prompt file,
-the artifact root, MLflow, the model a campaign starts from, and the inference engine's interpreter or server."""
+the artifact root, MLflow, the model a campaign starts from, the inference engine's interpreter or server, the
+seed's SFT file and the evaluation's held-out prompts, reference outputs and evaluator."""
 
 from __future__ import annotations
 
@@ -8,30 +9,54 @@ from pathlib import Path
 
 import httpx
 
-from metareward.config import CampaignConfig, ConfigError
+from metareward.config import CampaignConfig, ConfigError, InferenceConfig
+from metareward.context import ModelRef
 from metareward.inference.base import InferenceError
-from metareward.manifests import stage_manifests
-from metareward.models import MODEL_DIGEST_FILE, check_model
-from metareward.store import ArtifactStore, open_store
-from metareward.tables import load_prompts
+from metareward.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
+from metareward.model_roles import check_evaluator, evaluator_model, starting_model
+from metareward.models import check_model, model_id_of
+from metareward.store import open_store
 from metareward.tracking import check_tracking
 
 
 def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str | None = None) -> str:
     """Check the start iteration, the prompt file, the artifact root (bucket exists, endpoint reachable,
-    writable), MLflow when tracking is on, the model the campaign starts from, and the engine (vLLM's
-    interpreter, or an OpenAI-compatible server that answers). Returns that model (see starting_model).
-    Raises ConfigError, PromptFileError, StoreError, TrackingError, ModelNotFoundError or InferenceError naming
-    what to fix."""
+    writable), MLflow when tracking is on, the model the campaign starts from (the base model when the seed's
+    SFT runs first), the engine (vLLM's interpreter, or an OpenAI-compatible server that answers), the SFT file
+    and the evaluation's inputs (check_evaluation_inputs). Returns that model (see starting_model). Raises
+    ConfigError, InputFileError, StoreError, TrackingError, ModelNotFoundError or InferenceError naming what
+    to fix."""
     check_start_iteration(config, start_iteration)
     load_prompts(config.prompts.path, config.prompts.column)
     store = open_store(config.artifact_root)
     store.check()
     check_tracking(config)
-    model = start_model or starting_model(config, start_iteration, store)
+    runs_sft = config.sft is not None and start_iteration == 1 and not start_model
+    model = start_model or (config.model.path if runs_sft else starting_model(config, start_iteration, store))
     check_model(model, config.model.chat_template)
-    check_engine(config)
+    check_engine(config.inference)
+    if config.sft is not None:
+        load_sft_examples(config.sft.path)
+    check_evaluation_inputs(config)
     return model
+
+
+def check_evaluation_inputs(config: CampaignConfig) -> None:
+    """With an evaluation section: the held-out prompts share none with the training prompts, the reference
+    outputs file reads, the evaluator's weights (or endpoint) can serve, and the evaluator is not the seed model
+    unless evaluator.allow_trained_model (later iterations' models are checked when they exist, check_evaluator)."""
+    evaluation = config.evaluation
+    if evaluation is None:
+        return
+    held_out_prompts(evaluation.prompts.path, evaluation.prompts.column, config.prompts.path, config.prompts.column)
+    if evaluation.reference_outputs:
+        load_reference_outputs(evaluation.reference_outputs)
+    evaluator = evaluation.evaluator
+    if evaluator.model is not None:
+        check_model(evaluator.model.path, evaluator.model.chat_template)
+    check_engine(evaluator.inference)
+    if config.sft is None:
+        check_evaluator(config, evaluator_model(config), [ModelRef(config.model.path, model_id_of(config.model.path))])
 
 
 def check_evaluation(config: CampaignConfig, model: str | None = None, output: str | None = None) -> None:
@@ -41,7 +66,7 @@ def check_evaluation(config: CampaignConfig, model: str | None = None, output: s
         raise ConfigError(f"output {output}: the folder {Path(output).resolve().parent} does not exist")
     check_tracking(config)
     check_model(model or config.model.path, config.model.chat_template)
-    check_engine(config)
+    check_engine(config.inference)
 
 
 def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
@@ -50,31 +75,10 @@ def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
         raise ConfigError(f"start iteration {start_iteration}: {config.name} has iterations 1..{len(config.iterations)}")
 
 
-def starting_model(config: CampaignConfig, start_iteration: int, store: ArtifactStore | None = None) -> str:
-    """The model iteration `start_iteration` generates with when no start model is given: model.path for
-    iteration 1; for a later one, M_t as the previous iteration of this campaign left it in the artifact store
-    (its checkpoint stage's model, complete with model_id.txt). Raises ConfigError saying how to pass it when
-    the store holds none."""
-    if start_iteration == 1:
-        return config.model.path
-    store = store or open_store(config.artifact_root)
-    previous = start_iteration - 1
-    stats = stage_manifests(store, config.name).get(previous, {}).get("checkpoint", {}).get("stats", {})
-    model = stats.get("model_uri")
-    trained = model and not stats.get("kept_previous_model")
-    if not model or trained and not store.exists(f"{store.key_of(model)}/{MODEL_DIGEST_FILE}"):
-        raise ConfigError(
-            f"start iteration {start_iteration}: no finished checkpoint of iteration {previous} of {config.name} in "
-            f"{store.root}; run iterations 1..{previous} first, or pass the model to start from "
-            "(metareward run --start-model URI, or the flow's start_model)")
-    return model
-
-
-def check_engine(config: CampaignConfig) -> None:
+def check_engine(inference: InferenceConfig) -> None:
     """The vllm backend's interpreter exists; an OpenAI-compatible server given by inference.base_url answers
     /v1/models within 10 s (and serves inference.api_model when one is named). Raises ConfigError or
     InferenceError."""
-    inference = config.inference
     if inference.backend == "vllm" and inference.base_url is None:
         from metareward.inference.vllm_backend import DEFAULT_VLLM_PYTHON
 

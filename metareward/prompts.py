@@ -1,8 +1,10 @@
-"""The judge (paper A.1) and meta-judge (paper Fig. 2) prompts, word for word, their rendering and content hashes."""
+"""The judge (paper A.1), meta-judge (paper Fig. 2) and evaluator (paper A.2) prompts, word for word, their rendering
+and content hashes."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 RUBRIC = """- Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
 
@@ -82,3 +84,55 @@ def template_hash(template: str) -> str:
 
 JUDGE_TEMPLATE_HASH = template_hash(JUDGE_TEMPLATE)
 META_JUDGE_TEMPLATE_HASH = template_hash(META_JUDGE_TEMPLATE)
+
+
+EVALUATOR_SYSTEM = (
+    "You are a highly efficient assistant, who evaluates and selects the best large language model (LLMs) based on "
+    "the quality of their responses to a given instruction. This process will be used to create a leaderboard "
+    "reflecting the most accurate and human-preferred answers."
+)
+"""Paper A.2 "GPT4 Judge Prompt" (AlpacaEval's alpaca_eval_clf_gpt4_turbo), its system message."""
+
+EVALUATOR_TEMPLATE = '''I require a leaderboard for various large language models. I'll provide you with prompts given to these models and their corresponding outputs. Your task is to assess these responses, and select the model that produces the best output from a human perspective.
+
+## Instruction
+
+{
+    "instruction": """{instruction}""",
+}
+
+## Model Outputs
+
+Here are the unordered outputs from the models. Each output is associated with a specific model, identified by a unique model identifier.
+
+{
+    {
+        "model_identifier": "m",
+        "output": """{output_1}"""
+    },
+    {
+        "model_identifier": "M",
+        "output": """{output_2}"""
+    }
+}
+
+## Task
+
+Evaluate the models based on the quality and relevance of their outputs, and select the model that generated the best output. Answer by providing the model identifier of the best model. We will use your output as the name of the best model, so make sure your output only contains one of the following model identifiers and nothing else (no quotes, no spaces, no new lines, ...): m or M.
+
+## Best Model Identifier'''
+"""Paper A.2, its user message, placeholders {instruction}, {output_1} (model "m"), {output_2} (model "M"). The
+paper's typesetting lost the markup of AlpacaEval's file (its triple quotes and "##" headings), restored here."""
+
+EVALUATOR_IDENTIFIERS = ("m", "M")
+"""The answers the evaluator may give: output_1's model, output_2's model."""
+
+_EVALUATOR_FIELD = re.compile(r"\{(instruction|output_1|output_2)\}")
+
+
+def render_evaluator_messages(instruction: str, output_1: str, output_2: str) -> tuple[dict[str, str], ...]:
+    """The evaluator's chat (system + user) comparing output_1 (model "m") with output_2 (model "M"); the texts
+    are inserted verbatim in one pass, so an answer containing "{output_2}" is not substituted again."""
+    values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+    user = _EVALUATOR_FIELD.sub(lambda match: values[match[1]], EVALUATOR_TEMPLATE)
+    return ({"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": user})

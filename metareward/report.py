@@ -9,14 +9,15 @@ import polars as pl
 
 
 def score_distribution(judgments: pl.DataFrame) -> dict[str, float]:
-    """Valid judge scores: count, mean, share of the maximum score (5), and the share of each integer
-    score 0..5 (decimals such as 4.5 are counted in their own `score_other` share)."""
-    scores = judgments["score"].drop_nulls()
+    """Valid judge scores (null and NaN are missing): count, mean, share of the maximum score (5), and the share
+    of each integer score 0..5 (decimals such as 4.5 are counted in their own `share_other`)."""
+    scores = judgments["score"].fill_nan(None).drop_nulls()
     total = scores.len()
     result = {"valid": float(total), "mean": float(scores.mean()) if total else float("nan")}
     for value in range(6):
         result[f"share_{value}"] = float((scores == value).sum() / total) if total else 0.0
-    result["share_other"] = 1.0 - sum(result[f"share_{value}"] for value in range(6)) if total else 0.0
+    # Counted, not 1 − the sum of the other shares (which leaves float noise such as 1.1e-16 for none).
+    result["share_other"] = float((~scores.is_in([float(value) for value in range(6)])).sum() / total) if total else 0.0
     return result
 
 
@@ -26,9 +27,10 @@ def meta_judge_bias(meta_judgments: pl.DataFrame, judgments: pl.DataFrame) -> di
     Score bias, over battles whose two judgments have different scores: `higher_win` (the higher-score
     judgment won) and `lower_win` (the lower-score one won). Positional bias: `position_a_same_score`,
     `position_a_diff_score` and `position_a_all`, the share of wins by the judgment shown first. Shares
-    are in [0, 1]; NaN where a category has no battle. `battles` counts the battles used.
+    are in [0, 1]; NaN where a category has no battle. `battles` counts the battles used. A NaN score is
+    missing, as null is: its battles count for position only.
     """
-    scores = judgments.select("judgment_id", "score")
+    scores = judgments.select("judgment_id", pl.col("score").fill_nan(None))
     battles = (
         meta_judgments.filter(pl.col("winner").is_not_null())
         .join(scores.rename({"judgment_id": "first_id", "score": "first_score"}), on="first_id", how="left")
@@ -91,6 +93,14 @@ def iteration_report(tables: dict[str, pl.DataFrame]) -> dict[str, float]:
     for stage, name in (("actor_pairs", "actor"), ("judge_pairs", "judge"), ("dpo_dataset", "dpo")):
         if (pairs := tables.get(stage)) is not None:
             report[f"pairs/{name}"] = float(pairs.height)
+    if (comparisons := tables.get("win_rate")) is not None and comparisons.height:
+        asked = comparisons.filter(~pl.col("identical"))
+        report["eval/comparisons"] = float(asked.height)
+        if asked.height:
+            report["eval/parse_failure_rate"] = float(asked["preference"].is_null().mean())
+    if (examples := tables.get("sft_data")) is not None and examples.height:
+        report["train/sft_target_score_mean"] = float(examples["score"].mean())
+        report["train/sft_target_mean_chars"] = float(examples["completion_chars"].mean())
     return report
 
 

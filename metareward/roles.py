@@ -1,4 +1,5 @@
-"""The model's three roles as stages over tables: actor responses, judge judgments, meta-judge verdicts."""
+"""The model's three roles as stages over tables — actor responses, judge judgments, meta-judge verdicts — and the
+evaluator's pairwise verdicts between two models' answers."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import polars as pl
 from metareward import progress
 from metareward.config import SamplingConfig
 from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest, GenerationResult, Messages
-from metareward.parsing import parse_score, parse_winner
-from metareward.prompts import SCORE_PREFIX, WINNER_PREFIX, render_judge_prompt, render_meta_judge_prompt
+from metareward.parsing import parse_model_identifier, parse_score, parse_winner, without_score
+from metareward.prompts import (
+    EVALUATOR_IDENTIFIERS,
+    SCORE_PREFIX,
+    WINNER_PREFIX,
+    render_evaluator_messages,
+    render_judge_prompt,
+    render_meta_judge_prompt,
+)
 from metareward.stats import StageStats
-from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
+from metareward.tables import EVAL_COMPARISONS, JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
 
 VERDICT_MODES = ("free", "forced")
 SCORE_CHOICES = tuple(str(score) for score in range(6))
@@ -119,9 +127,11 @@ def meta_judge(
     verdict_mode: str,
     iteration: int,
     model_id: str,
+    sees_scores: bool = True,
 ) -> tuple[pl.DataFrame, StageStats]:
     """Meta-judge (paper sec. 2.2, Fig. 2): for each judged response (table with prompt_id, response_id),
-    every ordered pair (m, n), m ≠ n, of its valid judgments — both orders, to measure positional bias.
+    every ordered pair (m, n), m ≠ n, of its valid judgments — both orders, to measure positional bias. With
+    sees_scores false the judgments are shown without their "Score: X" line (parsing.without_score).
 
     Requests are issued response by response, so the shared rubric + prompt + response prefix stays in the
     engine's prefix cache. winner is "A", "B" or null (unparsed). verdict_mode as in judge_responses, with
@@ -133,6 +143,8 @@ def meta_judge(
         .join(judgments.filter(pl.col("score").is_not_null()), on="response_id", how="inner")
         .select("prompt_id", "response_id", "judgment_id", "sample_idx", "text")
     )
+    if not sees_scores:
+        valid = valid.with_columns(pl.col("text").map_elements(without_score, return_dtype=pl.String))
     battles = (
         valid.join(valid.select("response_id", "judgment_id", "sample_idx", "text"), on="response_id", suffix="_second")
         .filter(pl.col("judgment_id") != pl.col("judgment_id_second"))
@@ -216,15 +228,76 @@ def _force(
                       temperature=sampling.temperature, seed=seed)
         for m, text, seed in zip(messages, justifications, seeds)
     ]
+    answers = _choose(backend, requests, stats)
+    return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers)]
+
+
+def _choose(backend: Backend, requests: Sequence[ChoiceRequest], stats: StageStats) -> list[int]:
     progress.expect(len(requests))
     started = time.perf_counter()
     answers = backend.choose(requests)
     stats.add_model_time(time.perf_counter() - started, backend.engines)
     stats.requests += len(requests)
     stats.completion_tokens += len(answers)
-    return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers)]
+    return answers
 
 
 def _with_prefix(justification: str, prefix: str) -> str:
     body = justification.rstrip()
     return f"{body}\n{prefix}" if body else prefix
+
+
+def compare_answers(
+    pairs: pl.DataFrame,
+    backend: Backend,
+    verdict_mode: str,
+    max_tokens: int,
+    seed: int,
+    iteration: int,
+    model_id: str,
+    evaluator_id: str,
+) -> tuple[pl.DataFrame, StageStats]:
+    """Evaluator (paper A.2, AlpacaEval's prompt): for each row of `pairs` (prompt_id, prompt, trained, reference
+    answers) two comparisons, the trained model's answer shown first ("m") and second ("M"). verdict_mode
+    "forced" takes the more likely of the next tokens m/M (AlpacaEval's log-prob classifier, binarized); "free"
+    lets the evaluator answer greedily in up to max_tokens and parses "m"/"M" (parsing.parse_model_identifier;
+    anything else is a parse failure). Identical answers are a tie (½) without a call, as in AlpacaEval.
+    Returns the EVAL_COMPARISONS table (model_id: the trained model's) and the stage's statistics, among them
+    first_position_share: how often a parsed verdict picked the answer shown first (NaN when none parsed)."""
+    stats = StageStats("evaluator")
+    keys, messages, seeds, ties = [], [], [], []
+    for prompt_id, prompt, trained, reference in pairs.select("prompt_id", "prompt", "trained", "reference").iter_rows():
+        for trained_first in (True, False):
+            key = (prompt_id, trained_first, len(trained), len(reference))
+            if trained == reference:
+                ties.append(key)
+                continue
+            chat = render_evaluator_messages(prompt, *((trained, reference) if trained_first else (reference, trained)))
+            keys.append(key)
+            messages.append(chat)
+            seeds.append(content_seed(seed, "evaluator", prompt_id, trained_first))
+    if verdict_mode == "forced":
+        choices = [ChoiceRequest(messages=m, assistant_prefix="", choices=EVALUATOR_IDENTIFIERS, temperature=0.0,
+                                 seed=s) for m, s in zip(messages, seeds)]
+        texts = [EVALUATOR_IDENTIFIERS[answer] for answer in _choose(backend, choices, stats)]
+    else:
+        results = _generate(backend, [GenerationRequest(messages=m, n=1, temperature=0.0, top_p=1.0,
+                                                        max_tokens=max_tokens, seed=s)
+                                      for m, s in zip(messages, seeds)], stats)
+        texts = [result.completions[0].text if result.skipped is None else "" for result in results]
+    rows = [(prompt_id, trained_first, None, "", 0.5, trained_chars, reference_chars, True)
+            for prompt_id, trained_first, trained_chars, reference_chars in ties]
+    for (prompt_id, trained_first, trained_chars, reference_chars), text in zip(keys, texts):
+        verdict = parse_model_identifier(text)
+        stats.parse_failures += verdict is None
+        preference = None if verdict is None else float((verdict == "m") == trained_first)
+        rows.append((prompt_id, trained_first, verdict, text, preference, trained_chars, reference_chars, False))
+    table = pl.DataFrame(
+        [(*row, evaluator_id, iteration, model_id) for row in rows], schema=EVAL_COMPARISONS, orient="row",
+    ).sort("prompt_id", pl.col("trained_first"), descending=[False, True])
+    stats.rows = table.height
+    picked = table.filter(pl.col("verdict").is_not_null())["verdict"]
+    # The evaluator's position bias: with no preference between the answers it would be ½.
+    stats.counts.update(identical_answers=len(ties) // 2,
+                        first_position_share=float((picked == "m").mean()) if picked.len() else float("nan"))
+    return table, stats

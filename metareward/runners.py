@@ -10,13 +10,21 @@ names its engine (`shared_backend`) rather than receiving one.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 
-from metareward.config import DPOConfig, ModelConfig, SamplingConfig
+from metareward.config import DPOConfig, ModelConfig, SamplingConfig, TrainingConfig
 from metareward.context import StageContext
 from metareward.inference import close_shared_backends, shared_backend
+from metareward.input_files import (
+    InputFileError,
+    held_out_prompts,
+    load_prompts,
+    load_reference_outputs,
+    load_sft_examples,
+)
 from metareward.models import MODEL_DIGEST_FILE
 from metareward.preferences import (
     build_dpo_dataset,
@@ -26,10 +34,19 @@ from metareward.preferences import (
     select_judge_pairs,
     select_judged_responses,
 )
-from metareward.roles import generate_responses, judge_responses, meta_judge
+from metareward.roles import compare_answers, generate_responses, judge_responses, meta_judge
 from metareward.stats import StageStats
-from metareward.tables import ContentFile, load_prompts, select_iteration_prompts
-from metareward.training import TRAINING_LOG, EmptyPreferenceSetError, train_dpo, training_log_table
+from metareward.tables import ContentFile, select_iteration_prompts
+from metareward.training import (
+    TRAINING_LOG,
+    EmptyPreferenceSetError,
+    EmptyTrainingSetError,
+    TrainingResult,
+    train_dpo,
+    train_sft,
+    training_log_table,
+)
+from metareward.win_rate import win_rates
 
 Result = tuple[pl.DataFrame, StageStats]
 
@@ -68,19 +85,21 @@ def actor_pairs(context: StageContext, *, rho: float, max_chosen_chars: int | No
 
 
 def meta_judgments(context: StageContext, *, sampling: SamplingConfig, seed: int, verdict_mode: str,
-                   engine: dict[str, Any]) -> Result:
-    """Meta-judge: both orders of every pair of valid judgments of each judged response of this shard."""
+                   engine: dict[str, Any], sees_scores: bool, judged_responses: str) -> Result:
+    """Meta-judge: both orders of every pair of valid judgments of each judged response of this shard (the
+    highest-variance one per prompt, or all), the judgments shown with or without their score line."""
     judged_table = context.table("judgments")
-    judged = select_judged_responses(score_responses(judged_table), seed)
+    judged = select_judged_responses(score_responses(judged_table), seed, judged_responses)
     return meta_judge(judged, judged_table, context.table("responses"), context.table("prompts"),
                       _engine(context, engine, seed), sampling, seed, verdict_mode, context.iteration,
-                      context.model_id or "")
+                      context.model_id or "", sees_scores=sees_scores)
 
 
-def judgment_elo(context: StageContext) -> Result:
-    """Elo of every meta-judged judgment, positional weights counted over the whole iteration."""
+def judgment_elo(context: StageContext, *, battle_rule: str, positional_weights: bool | None) -> Result:
+    """Elo of every meta-judged judgment: the paper's weighted wins (positional weights counted over the whole
+    iteration, or ½ each) or NeMo-Aligner's wins in both orders."""
     return rank_judgments(context.table("meta_judgments"), context.table("judgments"), context.iteration,
-                          context.model_id or "")
+                          context.model_id or "", positional=bool(positional_weights), battle_rule=battle_rule)
 
 
 def judge_pairs(context: StageContext, *, max_chosen_chars: int | None, seed: int) -> Result:
@@ -95,37 +114,110 @@ def dpo_dataset(context: StageContext, *, train_judge: bool) -> Result:
     return build_dpo_dataset(context.table("actor_pairs"), judge, train_judge)
 
 
+def sft_data(context: StageContext, *, sft_file: ContentFile) -> Result:
+    """The seed's SFT examples from the user's file, checked (input_files.load_sft_examples)."""
+    examples = load_sft_examples(sft_file.path).with_columns(
+        pl.lit(context.iteration, pl.Int32).alias("iteration"), pl.lit(None, pl.String).alias("model_id"))
+    return examples, StageStats("sft_data", rows=examples.height)
+
+
+def sft(context: StageContext, *, training: TrainingConfig, dtype: str, chat_template: str | None,
+        seed: int) -> Result:
+    """SFT of the base model into M_1; the model folder is uploaded beside the table, model_id.txt last."""
+    examples = context.table("sft_data")
+    try:
+        return _trained(context, "sft", lambda folder: train_sft(context.local_model(), examples, training, folder,
+                                                                 seed, dtype, chat_template))
+    except EmptyTrainingSetError as error:
+        raise EmptyTrainingSetError(f"seed SFT: {error}; raise sft.max_length or shorten the examples") from None
+
+
 def checkpoint(context: StageContext, *, dpo: DPOConfig, dtype: str, chat_template: str | None, seed: int,
                on_empty_preferences: str) -> Result:
     """DPO of M_t into M_{t+1}; the model folder is uploaded beside the table, model_id.txt last. With no
     trainable pair: stop (EmptyPreferenceSetError), or keep M_t as M_{t+1} (`on_empty_preferences`)."""
     dataset = context.table("dpo_dataset")
-    stats = StageStats("checkpoint")
-    # Training needs the accelerator: no inference engine may hold it (vLLM does not free memory in-process).
+    try:
+        return _trained(context, "dpo", lambda folder: train_dpo(context.local_model(), dataset, dpo, folder, seed,
+                                                                 dtype, chat_template))
+    except EmptyPreferenceSetError as error:
+        if on_empty_preferences == "stop":
+            raise EmptyPreferenceSetError(
+                f"iteration {context.iteration}: {error}; the campaign stops before training on nothing "
+                "(set on_empty_preferences: keep_model to carry M_t forward instead)"
+            ) from None
+        stats = StageStats("checkpoint")
+        stats.counts.update(model_uri=context.model.uri, model_id=context.model.model_id, kept_previous_model=1)
+        return pl.DataFrame(schema=TRAINING_LOG), stats
+
+
+def _trained(context: StageContext, kind: str, train: Callable[[str], TrainingResult]) -> Result:
+    """Run `train` into a scratch folder with no inference engine holding the accelerator (vLLM does not free
+    memory in-process), upload the model beside the job's table (model_id.txt last): TRL's log and the stats."""
     close_shared_backends()
     with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
-        try:
-            result = train_dpo(context.local_model(), dataset, dpo, scratch, seed, dtype, chat_template)
-        except EmptyPreferenceSetError as error:
-            if on_empty_preferences == "stop":
-                raise EmptyPreferenceSetError(
-                    f"iteration {context.iteration}: {error}; the campaign stops before training on nothing "
-                    "(set on_empty_preferences: keep_model to carry M_t forward instead)"
-                ) from None
-            stats.counts.update(model_uri=context.model.uri, model_id=context.model.model_id, kept_previous_model=1)
-            return pl.DataFrame(schema=TRAINING_LOG), stats
+        result = train(scratch)
         model_uri = context.store.put_folder(result.checkpoint, context.model_key, last=MODEL_DIGEST_FILE)
-    stats.rows = len(result.log_history)
-    stats.seconds = result.seconds
+    stats = StageStats(context.stage, rows=len(result.log_history), seconds=result.seconds)
     stats.counts.update(result.summary, model_uri=model_uri, model_id=result.model_id,
                         pairs_trained=result.pairs_trained, pairs_too_long=result.pairs_too_long)
-    return training_log_table(result.log_history), stats
+    return training_log_table(result.log_history, kind), stats
 
 
-def _engine(context: StageContext, engine: dict[str, Any], seed: int):
-    """The process's engine for M_t built from the hashed engine settings; where it runs comes from the
-    context's inference settings (base_url, GPUs, concurrency, timeouts)."""
+def eval_prompts(context: StageContext, *, prompt_file: ContentFile, column: str, num_prompts: int | None,
+                 seed: int, training_file: ContentFile, training_column: str) -> Result:
+    """The held-out prompts, a seeded sample of num_prompts (None: all); InputFileError when one of them is a
+    prompt of the training file."""
+    held_out = held_out_prompts(prompt_file.path, column, training_file.path, training_column)
+    picked = select_iteration_prompts(held_out.table, seed, [num_prompts])
+    return picked, StageStats("eval_prompts", rows=picked.height, counts={"file_prompts": held_out.table.height})
+
+
+def answers(context: StageContext, *, sampling: SamplingConfig, seed: int, engine: dict[str, Any]) -> Result:
+    """The stage's model (M_{t+1}, or the reference) answers each held-out prompt once."""
+    return generate_responses(context.table("eval_prompts"), _engine(context, engine, seed), 1, sampling, seed,
+                              context.iteration, context.model_id or "")
+
+
+def win_rate(context: StageContext, *, reference_outputs: ContentFile | None, evaluator: dict[str, Any],
+             bootstrap: int, seed: int) -> Result:
+    """The evaluator's verdicts on M_{t+1}'s answer against the reference's (the reference_answers stage, or the
+    file of reference outputs) for each held-out prompt, in both orders, and the win rates with their CIs.
+    A prompt the trained model or the reference did not answer (too long for the context) counts as an empty
+    answer; InputFileError when the reference outputs lack a prompt."""
+    prompts = context.table("eval_prompts")
+    trained = context.table("eval_answers")
+    if reference_outputs is not None:
+        given = load_reference_outputs(reference_outputs.path)
+        missing = [prompt for prompt_id, prompt in prompts.select("prompt_id", "prompt").iter_rows()
+                   if prompt_id not in given]
+        if missing:
+            raise InputFileError(f"{reference_outputs.path}: no reference output for {len(missing)} evaluated "
+                                 f"prompt(s), e.g. {missing[0][:80]!r}")
+        references = pl.DataFrame({"prompt_id": list(given), "reference": list(given.values())})
+    else:
+        references = context.table("reference_answers").select("prompt_id", reference="text")
+    pairs = (prompts.join(trained.select("prompt_id", trained="text"), on="prompt_id", how="left")
+             .join(references, on="prompt_id", how="left"))
+    unanswered = pairs.filter(pl.col("trained").is_null() | pl.col("reference").is_null()).height
+    pairs = pairs.with_columns(pl.col("trained", "reference").fill_null(""))
+    model_id = trained["model_id"][0] if trained.height else ""
+    backend = _engine(context, evaluator["engine"], seed, local=evaluator["weights"])
+    table, stats = compare_answers(pairs, backend, evaluator["verdict_mode"], evaluator["max_tokens"] or 1, seed,
+                                   context.iteration, model_id, context.model.model_id)
+    rates = win_rates(table, bootstrap, seed)
+    stats.counts.update(rates.as_counts() if rates else {}, unanswered_prompts=unanswered,
+                        trained_mean_chars=float(pairs["trained"].str.len_chars().mean()),
+                        reference_mean_chars=float(pairs["reference"].str.len_chars().mean()),
+                        evaluator=context.model.uri, evaluator_id=context.model.model_id)
+    return table, stats
+
+
+def _engine(context: StageContext, engine: dict[str, Any], seed: int, local: bool = True):
+    """The process's engine for the stage's model built from the hashed engine settings; where it runs comes from
+    the context's inference settings (base_url, GPUs, concurrency, timeouts). `local` false: an endpoint's
+    model, named by its api_model, with no weights to fetch."""
     model = ModelConfig(path=context.model.uri, dtype=engine["dtype"], chat_template=engine["chat_template"])
     outputs = {name: value for name, value in engine.items() if name not in ("dtype", "chat_template")}
     inference = context.inference.model_copy(update=outputs)
-    return shared_backend(model, inference, context.local_model(), seed=seed)
+    return shared_backend(model, inference, context.local_model() if local else context.model.uri, seed=seed)

@@ -65,12 +65,19 @@ def job_line(result: JobResult) -> str:
     decided = stats.get("winner_a", 0) + stats.get("winner_b", 0)
     if decided:
         figures.append(f"winner A {stats['winner_a'] / decided:.1%}")
+    kind = "SFT" if job.stage == "sft" else "DPO"
     if "loss_last" in stats:
-        figures.append(f"DPO loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f} over "
+        figures.append(f"{kind} loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f} over "
                        f"{stats.get('epochs_trained', 0):g} epoch(s)")
     if "loss_after" in stats:
-        figures.append(f"on its pairs after training: loss {stats['loss_after']:.4f}, reward accuracy "
-                       f"{stats.get('rewards_accuracies_after', 0):.0%}")
+        accuracy = (f"token accuracy {stats.get('mean_token_accuracy_after', 0):.0%}" if kind == "SFT"
+                    else f"reward accuracy {stats.get('rewards_accuracies_after', 0):.0%}")
+        figures.append(f"on its {'examples' if kind == 'SFT' else 'pairs'} after training: loss "
+                       f"{stats['loss_after']:.4f}, {accuracy}")
+    if "win_rate" in stats:
+        figures.append(f"{win_rate_text(stats)} over {stats['prompts_compared']:g} prompts, evaluator "
+                       f"{stats.get('evaluator', '?')} (picked the answer shown first "
+                       f"{stats.get('first_position_share', float('nan')):.0%})")
     if lost := dropped(stats):
         figures.append(lost)
     if result.recomputed:
@@ -78,10 +85,22 @@ def job_line(result: JobResult) -> str:
     return f"{job.run_name}: {result.table.rows} rows, {'; '.join(figures)} → {result.table.uri} (key {job.cache_key})"
 
 
+def win_rate_text(stats: dict[str, Any]) -> str:
+    """'win rate 55.0% [48.0–62.0], LC 52.1% [45.3–58.8]' from a win_rate stage's statistics."""
+    return (f"win rate {stats['win_rate']:.1%} [{stats['win_rate_ci_low']:.1%}–{stats['win_rate_ci_high']:.1%}], "
+            f"LC {stats['lc_win_rate']:.1%} [{stats['lc_win_rate_ci_low']:.1%}–{stats['lc_win_rate_ci_high']:.1%}]")
+
+
+def iteration_title(iteration: int) -> str:
+    """'iteration 2', or 'seed SFT' for stage 0."""
+    return "seed SFT" if iteration == 0 else f"iteration {iteration}"
+
+
 def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]],
                      mlflow_link: str | None = None) -> str:
     """A markdown table of an iteration's stages, for the Prefect artifact of the iteration."""
-    lines = [f"# {campaign} — iteration {iteration}", "", f"Model M_{iteration}: `{model_id}`", ""]
+    model = "Base model" if iteration == 0 else f"Model M_{iteration}"
+    lines = [f"# {campaign} — {iteration_title(iteration)}", "", f"{model}: `{model_id}`", ""]
     if mlflow_link:
         lines += [f"MLflow: {_markdown_link(mlflow_link)}", ""]
     lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
@@ -90,20 +109,24 @@ def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[
 
 
 def campaign_markdown(campaign: str, outcomes: list[dict]) -> str:
-    """A markdown table of a campaign's iterations so far: M_t → M_{t+1}, the judge's mean score, pairs, DPO's
-    loss, and the iteration's MLflow run, for the campaign's Prefect artifact."""
-    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | DPO loss | MLflow |",
-             "|---|---|---|---|---|---|"]
+    """A markdown table of a campaign's iterations so far (the seed's SFT first when it ran): M_t → M_{t+1}, the
+    judge's mean score, pairs, the training loss, the win rate of M_{t+1}, and the MLflow run, for the
+    campaign's Prefect artifact."""
+    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | loss | "
+             "win rate of M_t+1 | MLflow |", "|---|---|---|---|---|---|---|"]
     for outcome in outcomes:
         stages = outcome["stages"]
-        judgments, checkpoint = stages.get("judgments", {}), stages.get("checkpoint", {})
+        judgments = stages.get("judgments", {})
+        trainer = stages.get("sft") or stages.get("checkpoint", {})
         score = f"{judgments['mean_score']:.2f}" if "mean_score" in judgments else ""
-        pairs = f"{stages.get('actor_pairs', {}).get('rows', 0)} / {stages.get('judge_pairs', {}).get('rows', '—')}"
-        loss = (f"{checkpoint['loss_first']:.4f} → {checkpoint['loss_last']:.4f}" if "loss_last" in checkpoint
-                else "kept M_t" if checkpoint.get("kept_previous_model") else "")
+        pairs = (f"{stages.get('actor_pairs', {}).get('rows', 0)} / {stages.get('judge_pairs', {}).get('rows', '—')}"
+                 if "actor_pairs" in stages else f"{stages.get('sft_data', {}).get('rows', 0)} SFT examples")
+        loss = (f"{trainer['loss_first']:.4f} → {trainer['loss_last']:.4f}" if "loss_last" in trainer
+                else "kept M_t" if trainer.get("kept_previous_model") else "")
+        wins = win_rate_text(stages["win_rate"]) if "win_rate" in stages.get("win_rate", {}) else ""
         link = _markdown_link(outcome["mlflow"]) if outcome.get("mlflow") else ""
-        lines.append(f"| {outcome['iteration']} | `{outcome['model_id']}` → `{outcome['next_model_id']}` | {score} | "
-                     f"{pairs} | {loss} | {link} |")
+        lines.append(f"| {iteration_title(outcome['iteration'])} | `{outcome['model_id']}` → "
+                     f"`{outcome['next_model_id']}` | {score} | {pairs} | {loss} | {wins} | {link} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +139,7 @@ def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:
     manifests in the artifact store (no Prefect, no model)."""
     outcomes = []
     for iteration, manifests in stage_manifests(store, campaign).items():
-        checkpoint = manifests.get("checkpoint", {}).get("stats", {})
+        checkpoint = (manifests.get("sft") or manifests.get("checkpoint", {})).get("stats", {})
         outcomes.append({
             "iteration": iteration,
             "model_id": next((m["model_id"] for m in manifests.values() if m.get("model_id")), ""),

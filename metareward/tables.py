@@ -1,11 +1,9 @@
-"""Parquet schemas of every artifact table, stable content ids, and validation of user-supplied prompt files."""
+"""Parquet schemas of every artifact table, stable content ids, table validation and the iterations' prompt blocks."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +101,21 @@ DPO_DATASET = pl.Schema(
     {"prompt_id": pl.String, "prompt": _CHAT, "chosen": _CHAT, "rejected": _CHAT, "kind": pl.String, **_PROVENANCE}
 )
 
+SFT_EXAMPLES = pl.Schema(
+    {"row": pl.Int64, "example_id": pl.String, "prompt": _CHAT, "completion": _CHAT, "score": pl.Float64,
+     "prompt_chars": pl.Int32, "completion_chars": pl.Int32, **_PROVENANCE}
+)
+"""The seed's SFT data: a judge example per row of the user's file (`row` as the user counts it), its prompt the
+A.1 judge prompt of (instruction, response), its completion the judgment, `score` the judgment's verdict."""
+EVAL_COMPARISONS = pl.Schema(
+    {"prompt_id": pl.String, "trained_first": pl.Boolean, "verdict": pl.String, "text": pl.String,
+     "preference": pl.Float64, "trained_chars": pl.Int32, "reference_chars": pl.Int32, "identical": pl.Boolean,
+     "evaluator_id": pl.String, **_PROVENANCE}
+)
+"""The win-rate stage's table: one evaluator call per (held-out prompt, order) — the trained model's answer shown
+first ("m") or second ("M") — with the verdict ("m"/"M", null unparsed) and the trained model's share of it
+(`preference`: 1 won, 0 lost, ½ identical answers — no call —, null unparsed); model_id is the trained model's."""
+
 
 @dataclass(frozen=True)
 class ContentFile:
@@ -128,10 +141,6 @@ def file_digest(path: str | Path) -> str:
 
 class TableSchemaError(ValueError):
     """A table whose columns or types differ from its schema."""
-
-
-class PromptFileError(ValueError):
-    """A prompt file that cannot be used; the message names the file and, where it applies, the row."""
 
 
 def content_id(*parts: str) -> str:
@@ -166,70 +175,6 @@ def validate_table(table: pl.DataFrame, expected: pl.Schema, name: str) -> pl.Da
     return table
 
 
-@dataclass(frozen=True)
-class PromptSet:
-    """A validated prompt table and what loading it skipped."""
-
-    table: pl.DataFrame
-    empty_rows: list[int] = field(default_factory=list)
-    duplicate_rows: list[int] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line: prompts kept, empty rows skipped, duplicates dropped (with their first row numbers)."""
-        line = f"{self.table.height} prompts"
-        for label, rows in (("empty skipped", self.empty_rows), ("duplicates dropped", self.duplicate_rows)):
-            if rows:
-                shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
-                line += f"; {len(rows)} {label} (rows {shown})"
-        return line
-
-
-def load_prompts(path: str | Path, column: str = "prompt") -> PromptSet:
-    """Read a JSONL, Parquet or CSV prompt file into the prompts table.
-
-    Rows are numbered from 1 as a user sees them (JSONL lines, CSV data rows after the header, Parquet
-    rows). Empty or whitespace-only prompts are skipped and counted — one blank line should not stop a
-    campaign of thousands, yet the user sees them in the summary. Exact duplicates are dropped by content
-    hash, the first kept. An optional `source` column is kept; otherwise the source is the file's name.
-    Raises PromptFileError for a missing file, an unknown extension, a missing column, bytes that are not
-    UTF-8, a row that is not a JSON object or whose prompt is not a string, or a file with no prompt left.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"{path}: no such prompt file")
-    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}: use .jsonl, .parquet or .csv")
-    rows = reader(path, column)
-    if column not in rows.columns:
-        raise PromptFileError(
-            f"{path}: no {column!r} column (columns: {[c for c in rows.columns if c != _ROW]}); "
-            "rename the column or set prompts.column"
-        )
-    if rows.schema[column] not in (pl.String, pl.Null):
-        first = rows.row(0, named=True)
-        raise PromptFileError(
-            f"{path}: row {first[_ROW]}: {column!r} must be text, got {rows.schema[column]} {first[column]!r}"
-        )
-    rows = rows.with_columns(pl.col(column).cast(pl.String).fill_null(""))
-    is_empty = pl.col(column).str.strip_chars() == ""
-    empty_rows = rows.filter(is_empty)[_ROW].to_list()
-    rows = rows.filter(~is_empty)
-    is_duplicate = pl.col(column).is_duplicated() & ~pl.col(column).is_first_distinct()
-    duplicate_rows = rows.filter(is_duplicate)[_ROW].to_list()
-    rows = rows.filter(~is_duplicate)
-    if rows.is_empty():
-        raise PromptFileError(f"{path}: no non-empty prompt in column {column!r}")
-    source = pl.col("source").cast(pl.String) if "source" in rows.columns else pl.lit(None, pl.String)
-    table = rows.select(
-        pl.col(column).map_elements(content_id, return_dtype=pl.String).alias("prompt_id"),
-        pl.col(column).alias("prompt"),
-        pl.when(source.fill_null("") == "").then(pl.lit(path.name)).otherwise(source).alias("source"),
-    )
-    return PromptSet(table=validate_table(table, PROMPTS, "prompts"), empty_rows=empty_rows, duplicate_rows=duplicate_rows)
-
-
 def select_iteration_prompts(table: pl.DataFrame, seed: int, block_sizes: list[int | None]) -> pl.DataFrame:
     """The prompts of iteration t = len(block_sizes): the prompt table in a seeded random order, iteration t
     taking the t-th block of block_sizes[t-1] prompts (None: all) after the blocks of the earlier iterations —
@@ -238,67 +183,3 @@ def select_iteration_prompts(table: pl.DataFrame, seed: int, block_sizes: list[i
     order = np.random.default_rng(seed).permutation(table.height)
     picked = np.sort(order[(sum(sizes[:-1]) + np.arange(min(sizes[-1], table.height))) % table.height])
     return table[picked]
-
-
-_ROW = "__row__"
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise PromptFileError(
-            f"{path}: line {line}: bytes that are not UTF-8 at byte offset {error.start}; "
-            "re-encode the file as UTF-8"
-        ) from None
-
-
-def _read_jsonl(path: Path, column: str) -> pl.DataFrame:
-    row_numbers, prompts, sources = [], [], []
-    for line_number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PromptFileError(f"{path}: row {line_number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise PromptFileError(f"{path}: row {line_number}: expected a JSON object, got {type(row).__name__}")
-        if column not in row:
-            raise PromptFileError(
-                f"{path}: row {line_number} has no {column!r} field (fields: {sorted(row)}); "
-                "rename the field or set prompts.column"
-            )
-        if row[column] is not None and not isinstance(row[column], str):
-            raise PromptFileError(
-                f"{path}: row {line_number}: {column!r} must be text, got {type(row[column]).__name__} "
-                f"{row[column]!r}"
-            )
-        row_numbers.append(line_number)
-        prompts.append(row[column])
-        sources.append(row.get("source") if isinstance(row.get("source"), str) else None)
-    return pl.DataFrame(
-        {_ROW: row_numbers, column: prompts, "source": sources},
-        schema={_ROW: pl.Int64, column: pl.String, "source": pl.String},
-    )
-
-
-def _read_csv(path: Path, column: str) -> pl.DataFrame:
-    text = _decode(path)
-    if not text.strip():
-        raise PromptFileError(f"{path}: empty CSV file (no header row)")
-    try:
-        table = pl.read_csv(io.StringIO(text), infer_schema=False)
-    except pl.exceptions.PolarsError as error:
-        raise PromptFileError(f"{path}: not a readable CSV file ({error})") from None
-    return table.with_row_index(_ROW, offset=1)
-
-
-def _read_parquet(path: Path, column: str) -> pl.DataFrame:
-    try:
-        table = pl.read_parquet(path)
-    except Exception as error:  # polars raises several exception types for a corrupt file
-        raise PromptFileError(f"{path}: not a readable Parquet file ({error})") from None
-    return table.with_row_index(_ROW, offset=1)

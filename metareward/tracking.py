@@ -29,10 +29,11 @@ from pathlib import Path
 import polars as pl
 
 from metareward.config import CampaignConfig
-from metareward.figures import BIASES, bias_figure, score_figure
+from metareward.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
 from metareward.manifests import read_stage_table, stage_manifests
 from metareward.metrics import iteration_metrics, paper_metrics
+from metareward.model_roles import evaluator_model
 from metareward.stages import stage
 from metareward.store import open_store
 from metareward.tables import file_digest
@@ -162,15 +163,30 @@ class Tracker:
         if found:
             self.client.update_run(found, status="RUNNING")
             return found
-        run = self.client.create_run(self.experiment_id, run_name=f"iter-{iteration}", tags={
-            "mlflow.parentRunId": parent_run_id, f"{TAG}.kind": "iteration", f"{TAG}.campaign": self.config.name,
-            f"{TAG}.iteration": str(iteration), f"{TAG}.model_digest": model_digest,
-            f"{TAG}.model_uri": redact(model_uri),
+        run = self.client.create_run(self.experiment_id, run_name="seed-sft" if iteration == 0 else f"iter-{iteration}",
+                                     tags={
+            "mlflow.parentRunId": parent_run_id, f"{TAG}.kind": "seed" if iteration == 0 else "iteration",
+            f"{TAG}.campaign": self.config.name, f"{TAG}.iteration": str(iteration), f"{TAG}.model_digest": model_digest,
+            f"{TAG}.model_uri": redact(model_uri), **self._evaluator_tags(iteration),
         })
-        settings = self.config.iterations[iteration - 1].model_dump(mode="json")
+        settings = self._training_settings(iteration) if iteration == 0 else (
+            self.config.iterations[iteration - 1].model_dump(mode="json"))
         self._log_params(run.info.run_id, {**flatten_params(settings), "iteration": str(iteration),
                                            "model.uri": redact(model_uri), "model.digest": model_digest})
         return run.info.run_id
+
+    def _training_settings(self, iteration: int) -> dict:
+        """The settings of the iteration's training: the seed's SFT (0) or the iteration's DPO."""
+        section = self.config.sft if iteration == 0 else self.config.iterations[iteration - 1].dpo
+        return section.model_dump(mode="json")
+
+    def _evaluator_tags(self, iteration: int) -> dict[str, str]:
+        """Who judges the iteration's win rate: the evaluator's weights (or endpoint model) and digest."""
+        if iteration == 0 or self.config.evaluation is None:
+            return {}
+        evaluator = evaluator_model(self.config)
+        return {f"{TAG}.evaluator": redact(evaluator.uri), f"{TAG}.evaluator_digest": evaluator.model_id,
+                f"{TAG}.evaluation_reference": self.config.evaluation.reference}
 
     def end_run(self, run_id: str, error: BaseException | None = None) -> None:
         """Mark a run FINISHED, or FAILED with the error's message as the `metareward.error` tag."""
@@ -212,8 +228,9 @@ class Tracker:
         manifests = {stage: manifest for stage, manifest in campaign.get(iteration, {}).items() if stage in stages}
         if not manifests:
             return
-        checkpoint = manifests.get("checkpoint")
-        logged_key = checkpoint["shards"]["all"]["cache_key"] if checkpoint else None
+        trainer = next((name for name in manifests if stage(name).writes_model), None)
+        checkpoint = manifests.get(trainer) if trainer else None
+        logged_key = _logged_key(manifests) if checkpoint else None
         run_tags = self.client.get_run(run_id).data.tags
         if logged_key and run_tags.get(f"{TAG}.logged") == logged_key:
             return
@@ -227,16 +244,20 @@ class Tracker:
         model = None
         if checkpoint:
             model = self.lineage.log_models(run_id, iteration, checkpoint, datasets,
-                                            run_tags.get(f"{TAG}.model_uri", ""),
-                                            self.config.iterations[iteration - 1].dpo.model_dump(mode="json"))
-        items = [self._metric(name, value, iteration, model, datasets.get(_LINKED_DATASETS.get(name, "")))
+                                            run_tags.get(f"{TAG}.model_uri", ""), self._training_settings(iteration))
+        training_set = "sft_data" if iteration == 0 else "dpo_dataset"
+        items = [self._metric(name, value, iteration, model,
+                              datasets.get(training_set if name.startswith("train/") else _LINKED_PAIRS.get(name, "")))
                  for name, value in metrics.items()]
         if checkpoint:
-            items += self._training_curves(read_stage_table(self.store, checkpoint), model, datasets.get("dpo_dataset"))
+            items += self._training_curves(read_stage_table(self.store, checkpoint), model, datasets.get(training_set))
         self._log_metric_items(run_id, items)
-        self._log_metrics(parent_run_id, paper_metrics(metrics), step=iteration)
+        if iteration > 0:  # the campaign run plots iterations 1, 2, … (the seed's SFT has its own run)
+            self._log_metrics(parent_run_id, paper_metrics(metrics), step=iteration)
         if "judgments" in tables:
             self._log_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
+        if "eval/win_rate" in metrics:
+            self._log_win_rate_figure(parent_run_id)
         if logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", logged_key)
 
@@ -281,6 +302,16 @@ class Tracker:
         if any(history.values()):
             self.client.log_figure(parent_run_id, bias_figure(history, f"{name}: meta-judge biases by iteration "
                                                                        "(cf. paper Table 5)"), "meta_judge_bias.png")
+
+    def _log_win_rate_figure(self, parent_run_id: str) -> None:
+        """win_rate.png on the campaign run: win rate and LC win rate of M_{t+1} with their 95% CIs, by iteration,
+        from the campaign run's eval/ metrics."""
+        history = {name: {m.step: m.value for m in self.client.get_metric_history(parent_run_id, f"eval/{name}")}
+                   for name in WIN_RATE_SERIES}
+        evaluation = self.config.evaluation
+        self.client.log_figure(parent_run_id, win_rate_figure(history, (
+            f"{self.config.name}: M_t+1 against {REFERENCE_LABELS[evaluation.reference]}, by iteration")),
+            "win_rate.png")
 
     # Evaluations -----------------------------------------------------------------------------------------
 
@@ -362,12 +393,19 @@ def finish_iteration(config: CampaignConfig, iteration: int, runs: dict[str, str
         tracker.end_run(runs["campaign"], failure)
 
 
-_LINKED_DATASETS = {"pairs/actor": "actor_pairs", "pairs/judge": "judge_pairs", "pairs/dpo": "dpo_dataset",
-                    "train/pairs_trained": "dpo_dataset", "train/pairs_too_long": "dpo_dataset",
-                    "train/epochs_trained": "dpo_dataset", "train/epochs_scheduled": "dpo_dataset",
-                    "train/loss_after_training": "dpo_dataset", "train/rewards_accuracies_after_training": "dpo_dataset",
-                    "train/rewards_margins_after_training": "dpo_dataset"}
-"""Metrics linked to M_{t+1} and the training table they describe: the model page lists those tables."""
+_LINKED_PAIRS = {"pairs/actor": "actor_pairs", "pairs/judge": "judge_pairs", "pairs/dpo": "dpo_dataset"}
+"""Pair counts linked to M_{t+1} and the table they count (train/… metrics link to the training table): the model
+page lists those tables."""
+
+REFERENCE_LABELS = {"previous": "M_t", "seed": "M_1", "outputs": "the reference outputs"}
+
+
+def _logged_key(manifests: dict[str, dict]) -> str:
+    """A digest of the cache keys of every stage logged: a re-run that adds stages (an evaluation after the
+    checkpoint) logs again, one that adds nothing does not."""
+    keys = sorted((name, shard["cache_key"]) for name, manifest in manifests.items()
+                  for shard in manifest["shards"].values())
+    return hashlib.blake2b(json.dumps(keys).encode(), digest_size=8).hexdigest()
 
 
 def _millis() -> int:

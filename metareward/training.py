@@ -1,4 +1,5 @@
-"""DPO of M_t into M_{t+1} with TRL (full or LoRA, merged), keeping the configured epoch's checkpoint."""
+"""Training with TRL — DPO of M_t into M_{t+1}, and the seed's SFT on judge data into M_1 — full or LoRA (merged),
+stopped at the kept epoch of the full schedule, in one process or under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -15,32 +16,47 @@ from typing import Any
 
 import polars as pl
 
-from metareward.config import DPOConfig
+from metareward.config_training import DPOConfig, TrainingConfig
 from metareward.models import write_model_digest
 
-TRAINING_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "learning_rate", "grad_norm", "epoch")
+TRAINING_METRICS = {
+    "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "learning_rate",
+            "grad_norm", "epoch"),
+    "sft": ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "epoch"),
+}
+"""What TRL logs every step of each kind of training, kept in the stage's table."""
+
+AFTER_TRAINING = {"dpo": ("loss", "rewards/accuracies", "rewards/margins"), "sft": ("loss", "mean_token_accuracy")}
+"""What the trained model scores on its own training set, kept as {name}_after in the stage's statistics."""
 
 
-AFTER_TRAINING = ("loss", "rewards/accuracies", "rewards/margins")
-"""What the trained policy scores on its own training pairs, kept as {name}_after in the stage's statistics."""
-
-TRAINING_LOG = pl.Schema({"step": pl.Int64, **{name.replace("/", "_"): pl.Float64 for name in TRAINING_METRICS}})
-"""The checkpoint stage's table: one row per logged training step (TRL's loss, rewards/…, learning rate)."""
+def log_schema(kind: str) -> pl.Schema:
+    """A training stage's table: one row per logged step with TRL's metrics of that kind ("dpo", "sft")."""
+    return pl.Schema({"step": pl.Int64, **{name.replace("/", "_"): pl.Float64 for name in TRAINING_METRICS[kind]}})
 
 
-def training_log_table(history: list[dict[str, Any]]) -> pl.DataFrame:
-    """TRL's log_history as a table with the TRAINING_LOG schema (the final summary entry left out)."""
+TRAINING_LOG = log_schema("dpo")
+"""The checkpoint stage's table: one row per logged DPO step (TRL's loss, rewards/…, learning rate)."""
+SFT_LOG = log_schema("sft")
+"""The seed SFT stage's table: one row per logged SFT step (loss, token accuracy, learning rate)."""
+
+
+def training_log_table(history: list[dict[str, Any]], kind: str = "dpo") -> pl.DataFrame:
+    """TRL's log_history as a table with log_schema(kind) (the final summary entry left out)."""
     rows = [
         {"step": int(entry.get("step", index + 1)),
-         **{name.replace("/", "_"): float(entry[name]) if name in entry else None for name in TRAINING_METRICS}}
+         **{name.replace("/", "_"): float(entry[name]) if name in entry else None for name in TRAINING_METRICS[kind]}}
         for index, entry in enumerate(history)
         if "loss" in entry
     ]
-    return pl.DataFrame(rows, schema=TRAINING_LOG)
+    return pl.DataFrame(rows, schema=log_schema(kind))
 
 
-class EmptyPreferenceSetError(ValueError):
+class EmptyTrainingSetError(ValueError):
+    """Nothing left to train on."""
+
+
+class EmptyPreferenceSetError(EmptyTrainingSetError):
     """No usable preference pair: nothing to train on (e.g. every prompt's scores tied)."""
 
 
@@ -57,18 +73,23 @@ class TrainingResult:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-def drop_overlong_pairs(dataset: pl.DataFrame, tokenizer, max_length: int | None) -> tuple[pl.DataFrame, int]:
-    """Pairs whose prompt plus longer completion exceeds max_length tokens are dropped and counted: TRL would
-    truncate them, and a truncated judge pair loses its verdict line."""
+def drop_overlong(dataset: pl.DataFrame, tokenizer, max_length: int | None,
+                  completions: tuple[str, ...]) -> tuple[pl.DataFrame, int]:
+    """Rows whose prompt plus longest completion column exceeds max_length tokens are dropped and counted: TRL
+    would truncate them, and a truncated judgment loses its verdict line."""
     if max_length is None or dataset.is_empty():
         return dataset, 0
     keep = []
-    for prompt, chosen, rejected in dataset.select("prompt", "chosen", "rejected").iter_rows():
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        completion = max(len(tokenizer.encode(m[0]["content"], add_special_tokens=False)) for m in (chosen, rejected))
+    for row in dataset.select("prompt", *completions).iter_rows():
+        prompt_ids = tokenizer.apply_chat_template(row[0], add_generation_prompt=True, tokenize=True, return_dict=True)
+        completion = max(len(tokenizer.encode(m[0]["content"], add_special_tokens=False)) for m in row[1:])
         keep.append(len(prompt_ids["input_ids"]) + completion + 1 <= max_length)
     mask = pl.Series(keep, dtype=pl.Boolean)
     return dataset.filter(mask), int((~mask).sum())
+
+
+COLUMNS = {"dpo": ("chosen", "rejected"), "sft": ("completion",)}
+"""The completion columns beside `prompt` that each kind of training reads."""
 
 
 def train_dpo(
@@ -86,29 +107,50 @@ def train_dpo(
     processes). Training stops after `checkpoint_epoch` (default: the last) with the learning-rate schedule
     of all `num_epochs` — the weights the full run has at the end of that epoch — and that model is saved
     with save_pretrained (model, tokenizer, chat template) into output_dir/"model" with its digest written
-    last; no other epoch is written. The summary counts epochs_trained and epochs_scheduled. LoRA adapters are merged so the result loads without peft. With num_processes > 1
-    the training runs in that many processes under `accelerate launch` (settings.accelerate_config).
-    chat_template (model.chat_template) replaces the tokenizer's own, as it does for inference.
-    Raises EmptyPreferenceSetError when no pair is left after dropping over-long ones.
+    last; no other epoch is written. The summary counts epochs_trained and epochs_scheduled. LoRA adapters are
+    merged so the result loads without peft. With num_processes > 1 the training runs in that many processes
+    under `accelerate launch` (settings.accelerate_config). chat_template (model.chat_template) replaces the
+    tokenizer's own, as it does for inference. Raises EmptyPreferenceSetError when no pair is left after
+    dropping over-long ones.
     """
+    return _train("dpo", model_path, dataset, settings, output_dir, seed, dtype, chat_template)
+
+
+def train_sft(
+    model_path: str | Path,
+    examples: pl.DataFrame,
+    settings: TrainingConfig,
+    output_dir: str | Path,
+    seed: int = 0,
+    dtype: str = "auto",
+    chat_template: str | None = None,
+) -> TrainingResult:
+    """Fine-tune the base model with TRL's SFTTrainer on the seed's judge examples (tables.SFT_EXAMPLES: prompt
+    and completion messages; the loss on the completion only) and save M_1 — stopped at the kept epoch, saved,
+    merged and launched as train_dpo does. Raises EmptyTrainingSetError when no example is left after dropping
+    over-long ones."""
+    return _train("sft", model_path, examples, settings, output_dir, seed, dtype, chat_template)
+
+
+def _train(kind: str, model_path, table: pl.DataFrame, settings: TrainingConfig, output_dir, seed: int, dtype: str,
+           chat_template: str | None) -> TrainingResult:
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(model_path, chat_template)
-    dataset, too_long = drop_overlong_pairs(dataset, tokenizer, settings.max_length)
-    if dataset.is_empty():
-        raise EmptyPreferenceSetError(
-            f"no preference pair to train on ({too_long} dropped as longer than max_length={settings.max_length})"
-        )
+    table, too_long = drop_overlong(table, tokenizer, settings.max_length, COLUMNS[kind])
+    if table.is_empty():
+        error, what = (EmptyPreferenceSetError, "preference pair") if kind == "dpo" else (EmptyTrainingSetError,
+                                                                                          "SFT example")
+        raise error(f"no {what} to train on ({too_long} dropped as longer than max_length={settings.max_length})")
     # One file that every training process reads (under `accelerate launch` the ranks must share the
     # tokenised datasets cache that the main process writes beside it).
-    pairs_file = output_dir / PAIRS_FILE
-    dataset.select("prompt", "chosen", "rejected").write_parquet(pairs_file)
+    table.select("prompt", *COLUMNS[kind]).write_parquet(output_dir / PAIRS_FILE)
     if settings.num_processes > 1:
-        result = _train_with_accelerate(model_path, settings, output_dir, seed, dtype, chat_template)
+        result = _train_with_accelerate(kind, model_path, settings, output_dir, seed, dtype, chat_template)
     else:
-        result = _train_in_process(model_path, settings, output_dir, seed, dtype, chat_template)
-    result.pairs_trained, result.pairs_too_long = len(dataset), too_long
+        result = _train_in_process(kind, model_path, settings, output_dir, seed, dtype, chat_template)
+    result.pairs_trained, result.pairs_too_long = len(table), too_long
     result.seconds = time.perf_counter() - started
     return result
 
@@ -128,15 +170,30 @@ def _tokenizer(model_path, chat_template: str | None):
 
 
 def dpo_arguments(settings: DPOConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool):
-    """TRL's DPOConfig for our settings: the paper's β, learning rate, schedule and global batch over all
-    `num_epochs` (so that epoch e of a run stopped there is epoch e of the full run), logging every step, no
-    checkpoint writes (the kept model is saved once, at the end), bf16 on a GPU that has it."""
-    import torch
+    """TRL's DPOConfig for our settings: the paper's β and reference log-probs, and the common arguments."""
     from trl import DPOConfig as TRLDPOConfig
 
-    return TRLDPOConfig(
+    return TRLDPOConfig(beta=settings.beta, precompute_ref_log_probs=settings.precompute_ref_log_probs,
+                        **_common_arguments(settings, output_dir, seed, torch_dtype, on_gpu))
+
+
+def sft_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool):
+    """TRL's SFTConfig for our settings: loss on the completion (the judgment) only, no packing, and the
+    common arguments."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    return TRLSFTConfig(completion_only_loss=True, packing=False,
+                        **_common_arguments(settings, output_dir, seed, torch_dtype, on_gpu))
+
+
+def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool) -> dict:
+    """The paper's learning rate, schedule and global batch over all `num_epochs` (so that epoch e of a run
+    stopped there is epoch e of the full run), logging every step, no checkpoint writes (the kept model is
+    saved once, at the end), bf16 on a GPU that has it."""
+    import torch
+
+    return dict(
         output_dir=str(output_dir),
-        beta=settings.beta,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler_type,
         warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
@@ -145,7 +202,6 @@ def dpo_arguments(settings: DPOConfig, output_dir: Path, seed: int, torch_dtype,
         per_device_eval_batch_size=settings.per_device_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
         save_strategy="no",
         logging_steps=1,
         report_to=[],
@@ -172,14 +228,14 @@ def stop_after_epoch(epoch: int):
     return StopAfterEpoch()
 
 
-def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
+def _train_in_process(kind: str, model_path, settings: TrainingConfig, output_dir: Path, seed: int, dtype: str,
                       chat_template: str | None) -> TrainingResult | None:
     """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank under
     `accelerate launch` (then ranks other than 0 return None). Stops at the kept epoch."""
     import torch
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoModelForCausalLM, PrinterCallback
-    from trl import DPOTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     disable_progress_bars()
 
@@ -193,16 +249,17 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
 
         peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    kept_epoch = settings.checkpoint_epoch or settings.num_epochs
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
-    trainer = DPOTrainer(model=model, args=dpo_arguments(settings, output_dir / "trainer", seed, torch_dtype, on_gpu),
-                         train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[stop_after_epoch(kept_epoch)] if kept_epoch < settings.num_epochs else None)
+    trainer_type, arguments = (DPOTrainer, dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
+    trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype, on_gpu),
+                           train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
+                           callbacks=[stop_after_epoch(settings.kept_epoch)]
+                           if settings.kept_epoch < settings.num_epochs else None)
     # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    # How the kept policy does on its own pairs, against the reference log-probs computed before training: a
-    # step's logged loss is the one it starts from, so a one-step run logs only ln 2 (policy = reference).
+    # How the kept model does on its own training set (DPO: against the reference log-probs computed before
+    # training): a step's logged loss is the one it starts from, so a one-step DPO logs only ln 2.
     trainer.eval_dataset = trainer.train_dataset
     after = trainer.evaluate()
     trained = output_dir / "trained"
@@ -217,22 +274,22 @@ def _train_in_process(model_path, settings: DPOConfig, output_dir: Path, seed: i
         trained.rename(final)
     model_id = write_model_digest(final)
     history = [dict(entry) for entry in trainer.state.log_history]
-    summary = {**summarize_log(history), "epochs_trained": float(round(trainer.state.epoch or 0)),
+    summary = {**summarize_log(history, kind), "epochs_trained": float(round(trainer.state.epoch or 0)),
                "epochs_scheduled": float(settings.num_epochs),
-               **{f"{name.replace('/', '_')}_after": float(after[f"eval_{name}"]) for name in AFTER_TRAINING
+               **{f"{name.replace('/', '_')}_after": float(after[f"eval_{name}"]) for name in AFTER_TRAINING[kind]
                   if f"eval_{name}" in after}}
     return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
                           seconds=0.0, summary=summary)
 
 
-def _train_with_accelerate(model_path, settings: DPOConfig, output_dir: Path, seed: int, dtype: str,
+def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, output_dir: Path, seed: int, dtype: str,
                            chat_template: str | None) -> TrainingResult:
     """The training in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, DDP, as
     settings.accelerate_config says); rank 0 saves the checkpoint and reports the result in result.json."""
     config_file = Path(settings.accelerate_config)
     if not config_file.is_file():
-        raise FileNotFoundError(f"dpo.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
-    (output_dir / "settings.json").write_text(json.dumps({"dpo": settings.model_dump(mode="json"),
+        raise FileNotFoundError(f"{kind}.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
+    (output_dir / "settings.json").write_text(json.dumps({"kind": kind, "settings": settings.model_dump(mode="json"),
                                                           "chat_template": chat_template}))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
@@ -258,7 +315,7 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each process under `accelerate launch` (see _train_with_accelerate)."""
-    parser = argparse.ArgumentParser(description="one DPO training process")
+    parser = argparse.ArgumentParser(description="one training process (DPO or SFT)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -266,8 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     output = Path(arguments.output)
     written = json.loads((output / "settings.json").read_text())
-    result = _train_in_process(arguments.model, DPOConfig.model_validate(written["dpo"]), output, arguments.seed,
-                               arguments.dtype, written["chat_template"])
+    kind = written["kind"]
+    settings = (DPOConfig if kind == "dpo" else TrainingConfig).model_validate(written["settings"])
+    result = _train_in_process(kind, arguments.model, settings, output, arguments.seed, arguments.dtype,
+                               written["chat_template"])
     if result is not None:
         report = {**{k: v for k, v in result.__dict__.items()}, "checkpoint": str(result.checkpoint)}
         (output / "result.json").write_text(json.dumps(report, default=float))
@@ -286,10 +345,10 @@ def _save_merged(adapter: Path, base_path, target: Path, tokenizer, torch_dtype)
     return target
 
 
-def summarize_log(history: list[dict[str, Any]]) -> dict[str, float]:
-    """First and last value of each DPO metric TRL logged (loss, rewards/…), e.g. {'loss_first': …}."""
+def summarize_log(history: list[dict[str, Any]], kind: str = "dpo") -> dict[str, float]:
+    """First and last value of each metric TRL logged (loss, rewards/…), e.g. {'loss_first': …}."""
     summary: dict[str, float] = {}
-    for name in TRAINING_METRICS:
+    for name in TRAINING_METRICS[kind]:
         values = [entry[name] for entry in history if name in entry and "train_runtime" not in entry]
         if values:
             key = name.replace("/", "_")

@@ -109,13 +109,16 @@ class IterationStages:
         """Combined statistics of each stage this flow run finished, in the order they ran."""
         self._storage = result_storage(config)
 
-    def run(self, name: str, wait_for: list | None = None, **upstream: list[JobResult] | None) -> list[JobResult]:
+    def run(self, name: str, wait_for: list | None = None, model: ModelRef | None = None,
+            **upstream: list[JobResult] | None) -> list[JobResult]:
         """Run stage `name` on the given upstream results (None for an optional input the iteration skips):
         one task, or one per shard (in this process, or as flow runs of orchestration.shard_deployment);
-        returns its results in shard order."""
+        returns its results in shard order. The stage runs this flow's model (M_t, or the base model of the
+        seed's SFT) unless its role is another one, whose model is given as `model`."""
         entry = stage(name)
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
-        model = self.model if entry.uses_model else None
+        if entry.model in ("policy", "base"):
+            model = self.model
         options = {"name": name, "result_storage": self._storage, **retried(self.config)}
         if not entry.sharded:
             result = run_stage.with_options(**options, tags=self._tags(name, given, model, None))(

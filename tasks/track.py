@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from metareward import tracking
 from metareward.config import CampaignConfig
 from metareward.context import ModelRef
-from metareward.summary import summary_markdown
+from metareward.summary import iteration_title, summary_markdown
 from tasks.common import RETRIED
 from tasks.stages import IterationStages
 
@@ -40,14 +40,14 @@ def track_iteration(config: CampaignConfig, iteration: int, runs: dict, stages: 
 
 @contextmanager
 def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> Iterator[IterationStages]:
-    """The stages of iteration t on M_t: MLflow runs opened on entry and, on exit, the stages that finished
+    """The stages of iteration t on M_t (t = 0: the seed's SFT on the base model): MLflow runs opened on entry and, on exit, the stages that finished
     logged (FAILED with the error when the block raised) and the iteration's summary published as a markdown
     artifact."""
     runs = start_tracking(config, iteration, model.model_id, model.uri)
     logger = get_run_logger()
     if runs:
-        logger.info("MLflow: iteration %d is logged to %s (campaign run: %s)", iteration, runs["iteration_link"],
-                    runs["campaign_link"])
+        logger.info("MLflow: %s is logged to %s (campaign run: %s)", iteration_title(iteration),
+                    runs["iteration_link"], runs["campaign_link"])
     stages = IterationStages(config, iteration, model, runs["iteration_link"] if runs else None)
     try:
         yield stages
@@ -60,9 +60,9 @@ def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> It
         raise
     finally:
         create_markdown_artifact(
-            key=artifact_key(config.name, f"iter-{iteration}"),
+            key=artifact_key(config.name, "seed-sft" if iteration == 0 else f"iter-{iteration}"),
             markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link),
-            description=f"{config.name}: iteration {iteration} stage summary",
+            description=f"{config.name}: {iteration_title(iteration)} stage summary",
         )
     if runs:
         track_iteration(config, iteration, runs, list(stages.finished))

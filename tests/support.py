@@ -10,15 +10,17 @@ from metareward.inference.base import ChoiceRequest, Completion, GenerationReque
 
 class ScriptedBackend:
     """Implements the Backend protocol with canned completions: respond(prompt_text, n, seed) -> texts,
-    choose(assistant_prefix, choices) -> index. Records every request it receives."""
+    choose(assistant_prefix, choices) -> index, or choose_request(ChoiceRequest) -> index when the answer depends
+    on the whole request. Records every request it receives."""
 
     name = "scripted"
     engines = 1
 
     def __init__(self, respond: Callable[[str, int, int], list[str]],
-                 choose: Callable[[str, tuple[str, ...]], int] | None = None):
+                 choose: Callable[[str, tuple[str, ...]], int] | None = None,
+                 choose_request: Callable[[ChoiceRequest], int] | None = None):
         self.respond = respond
-        self.choose_answer = choose
+        self.choose_answer = choose_request or (lambda request: choose(request.assistant_prefix, request.choices))
         self.requests: list[GenerationRequest] = []
         self.choice_requests: list[ChoiceRequest] = []
         self.closed = False
@@ -36,7 +38,7 @@ class ScriptedBackend:
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
         self.choice_requests.extend(requests)
-        return [self.choose_answer(r.assistant_prefix, r.choices) for r in requests]
+        return [self.choose_answer(request) for request in requests]
 
     def close(self) -> None:
         self.closed = True

@@ -1,4 +1,4 @@
-"""DPO with TRL on the tiny model: the loss falls, training stops at the kept epoch with the full run's weights of
+"""DPO and the seed's SFT with TRL on the tiny model: the loss falls, training stops at the kept epoch with the full run's weights of
 that epoch, the model reloads and generates, LoRA is merged, over-long pairs are dropped and counted, and an empty
 preference set stops or carries M_t forward."""
 
@@ -9,12 +9,21 @@ import json
 import polars as pl
 import pytest
 
-from metareward.config import DPOConfig
+from metareward.config import DPOConfig, SFTConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
+from metareward.input_files import load_sft_examples
 from metareward.models import compute_model_digest, model_digest
 from metareward.tables import DPO_DATASET
-from metareward.training import EmptyPreferenceSetError, train_dpo, training_log_table
+from metareward.training import (
+    SFT_LOG,
+    EmptyPreferenceSetError,
+    EmptyTrainingSetError,
+    train_dpo,
+    train_sft,
+    training_log_table,
+)
+from tests.conftest import REPO
 from tests.integration.campaigns import cli_environment, run_cli, write_config
 
 pytestmark = pytest.mark.slow
@@ -95,6 +104,24 @@ def test_dpo_stops_at_the_kept_epoch_with_the_weights_of_the_full_run(tmp_path, 
         assert output[0].completions[0].n_tokens >= 1
     finally:
         backend.close()
+
+
+def test_seed_sft_learns_the_judgments_and_stops_at_the_kept_epoch(tmp_path, tiny_model):
+    examples = load_sft_examples(REPO / "deployments" / "sft" / "eft-example.jsonl")
+    settings = SFTConfig(path="unused", num_epochs=3, checkpoint_epoch=2, **{**FAST, "max_length": 2048}).training()
+    result = train_sft(tiny_model, examples, settings, tmp_path / "sft")
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.1
+    assert (result.summary["epochs_trained"], result.summary["epochs_scheduled"]) == (2, 3)
+    assert result.summary["loss_after"] < losses[0] and "mean_token_accuracy_after" in result.summary
+    assert result.pairs_trained == examples.height and result.pairs_too_long == 0
+    assert result.model_id == compute_model_digest(result.checkpoint) != model_digest(tiny_model)
+    assert not list((tmp_path / "sft").rglob("checkpoint-*"))
+    table = training_log_table(result.log_history, "sft")
+    assert table.columns == list(SFT_LOG) and table["loss"].to_list() == losses
+    # Examples longer than max_length are dropped and counted; none left is an error that says so.
+    with pytest.raises(EmptyTrainingSetError, match="no SFT example to train on"):
+        train_sft(tiny_model, examples, settings.model_copy(update={"max_length": 16}), tmp_path / "short")
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(tmp_path, tiny_model):

@@ -6,9 +6,10 @@ from metareward.config import SamplingConfig
 from metareward.inference.base import ChoiceRequest, GenerationRequest, InferenceError
 from metareward.inference.rendering import ChatRenderer
 from metareward.inference.transformers_backend import TransformersBackend
+from metareward.input_files import load_prompts
 from metareward.preferences import score_responses, select_judged_responses
 from metareward.roles import generate_responses, judge_responses, meta_judge
-from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES, load_prompts
+from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES
 from tests.conftest import PROMPT_FILE
 
 USER = ({"role": "user", "content": "Explain recursion."},)

@@ -101,3 +101,47 @@ def test_assignment_is_validated_too():
     iteration = IterationConfig()
     with pytest.raises(ValueError, match="0.5"):
         iteration.rho = 0.7
+
+
+def test_sft_section_defaults_are_a3():
+    config = CampaignConfig.from_dict({**MINIMAL, "sft": {"path": "eft.jsonl"}})
+    sft = config.sft
+    assert (sft.num_epochs, sft.learning_rate, sft.global_batch_size, sft.lr_scheduler_type, sft.checkpoint_epoch) == (
+        10, 5e-8, 32, "cosine", 5)
+    assert sft.kept_epoch == 5 and "path" not in sft.training().model_dump()
+    assert CampaignConfig.from_dict(MINIMAL).sft is None
+    with pytest.raises(ConfigError, match=r"sft\.path: Field required"):
+        CampaignConfig.from_dict({**MINIMAL, "sft": {}})
+    with pytest.raises(ConfigError, match=r"sft.*keep an epoch that is trained"):
+        CampaignConfig.from_dict({**MINIMAL, "sft": {"path": "eft.jsonl", "num_epochs": 3}})
+
+
+def test_ablation_switch_defaults_are_the_papers_and_unknown_values_are_named():
+    iteration = CampaignConfig.from_dict(MINIMAL).iterations[0]
+    assert (iteration.positional_weights, iteration.battle_rule, iteration.meta_judge_sees_scores,
+            iteration.meta_judged_responses) == (True, "weighted", True, "highest_variance")
+    for field, value in (("battle_rule", "majority"), ("meta_judged_responses", "lowest_variance")):
+        with pytest.raises(ConfigError, match=rf"iterations\[0\]\.{field}"):
+            CampaignConfig.from_dict({**MINIMAL, "iterations": [{field: value}]})
+
+
+EVALUATION = {"prompts": {"path": "heldout.jsonl"}, "evaluator": {"model": {"path": "judge"}}}
+
+
+def test_evaluation_section_defaults_and_rules():
+    evaluation = CampaignConfig.from_dict({**MINIMAL, "evaluation": EVALUATION}).evaluation
+    assert (evaluation.reference, evaluation.bootstrap, evaluation.num_prompts) == ("previous", 1000, None)
+    assert evaluation.evaluator.inference.verdict_mode == "forced" and not evaluation.evaluator.allow_trained_model
+    endpoint = {"inference": {"backend": "openai", "base_url": "http://judge:8000/v1", "api_model": "llama-70b"}}
+    assert CampaignConfig.from_dict({**MINIMAL, "evaluation": {**EVALUATION, "evaluator": endpoint}}).evaluation
+    for evaluation, message in [
+        ({**EVALUATION, "reference": "outputs"}, "set reference_outputs exactly when reference is outputs"),
+        ({**EVALUATION, "reference_outputs": "gpt4.json"}, "set reference_outputs exactly when reference is outputs"),
+        ({**EVALUATION, "bootstrap": 0}, r"evaluation\.bootstrap"),
+        ({**EVALUATION, "evaluator": {}}, "the evaluator needs model"),
+        ({**EVALUATION, "evaluator": {"inference": {"backend": "openai", "base_url": "http://judge:8000/v1"}}},
+         "the evaluator needs model"),
+        ({**EVALUATION, "reference": "best"}, r"evaluation\.reference"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            CampaignConfig.from_dict({**MINIMAL, "evaluation": evaluation})

@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from metareward.elo import battle_matrices, battle_matrix, elo_scores, elo_scores_batch, positional_weights
+from metareward.elo import (
+    agreed_battles,
+    battle_matrices,
+    battle_matrix,
+    elo_scores,
+    elo_scores_batch,
+    positional_weights,
+)
 
 
 def test_positional_weights_hand_computed():
@@ -153,3 +160,19 @@ def test_batched_rejects_entries_beyond_size():
     B = np.ones((1, 3, 3))
     with pytest.raises(ValueError, match="beyond"):
         elo_scores_batch(B, [2])
+
+
+def test_agreed_battles_count_a_win_only_when_both_orders_agree():
+    # Judgments 0, 1, 2 of one response: 0 beats 1 in both orders; 0 and 2 split; 1 and 2 were judged in one
+    # order only; 1 vs 2 of another response (group 1) — 2 wins shown second, then ties shown first.
+    group = [0, 0, 0, 0, 0, 1, 1]
+    first = [0, 1, 0, 2, 1, 1, 2]
+    second = [1, 0, 2, 0, 2, 2, 1]
+    verdict = [1, -1, 1, 1, -1, -1, 0]
+    rows = list(zip(*agreed_battles(group, first, second, verdict)))
+    assert sorted(rows) == [(0, 0, 1, 1), (0, 0, 2, 0), (0, 1, 2, 0), (1, 1, 2, 0)]
+    matrices = battle_matrices(*agreed_battles(group, first, second, verdict), 2, 3, 1.0, 1.0)
+    assert matrices[0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]] and not matrices[1].any()
+    # Judgment 1 wins in both orders against 2: counted for 1.
+    assert list(zip(*agreed_battles([0, 0], [1, 2], [2, 1], [1, -1]))) == [(0, 1, 2, 1)]
+    assert [a.size for a in agreed_battles([], [], [], [])] == [0, 0, 0, 0]

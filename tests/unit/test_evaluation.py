@@ -5,7 +5,7 @@ import math
 import polars as pl
 import pytest
 
-from metareward.evaluation import alpaca_eval_outputs, judge_agreement, load_labelled_rankings
+from metareward.evaluation import alpaca_eval_outputs, evaluate_judge_agreement, judge_agreement, load_labelled_rankings
 
 
 def test_agreement_ties_and_spearman_by_hand():
@@ -37,3 +37,22 @@ def test_labelled_rankings_loader(tmp_path):
 
 def test_alpaca_eval_format():
     assert alpaca_eval_outputs(["Q"], ["A"], "m2") == [{"instruction": "Q", "output": "A", "generator": "m2"}]
+
+
+def test_nan_scores_are_missing_like_nulls():
+    base = {"prompt": ["p1"] * 3 + ["p2"] * 2, "rank": [1, 2, 3, 1, 2]}
+    with_nan = judge_agreement(pl.DataFrame({**base, "score": [4.0, float("nan"), 1.0, 2.0, 3.0]}), bootstrap=50)
+    with_null = judge_agreement(pl.DataFrame({**base, "score": [4.0, None, 1.0, 2.0, 3.0]}), bootstrap=50)
+    # p1 keeps (1,3): agrees → 1; p2 (1,2) disagrees → 0.
+    assert with_nan["agreement"].value == with_null["agreement"].value == pytest.approx(0.5)
+    assert with_nan["spearman"].value == pytest.approx(with_null["spearman"].value)
+
+
+@pytest.mark.parametrize("bootstrap", [0, -3, True, 2.5])
+def test_bootstrap_below_one_is_rejected_before_any_work(bootstrap):
+    table = pl.DataFrame({"prompt": ["p"] * 2, "rank": [1, 2], "score": [4.0, 1.0]})
+    with pytest.raises(ValueError, match="bootstrap must be a positive number of resamples"):
+        judge_agreement(table, bootstrap=bootstrap)
+    with pytest.raises(ValueError, match="bootstrap"):
+        # Before the config is read or a model loaded: neither argument is looked at.
+        evaluate_judge_agreement(None, "no-such-rankings.jsonl", bootstrap=bootstrap)

@@ -38,8 +38,10 @@ def changed(original: dict[str, str], after: dict[str, str]) -> set[str]:
     return {name for name in original if original[name] != after[name]}
 
 
-def test_every_stage_has_its_own_fingerprint(original):
-    assert len(set(original.values())) == len(STAGES)
+def test_every_runner_has_its_own_fingerprint(original):
+    runners = {entry.runner for entry in STAGES}
+    assert len(set(original.values())) == len(runners) > 1
+    assert original["eval_answers"] == original["reference_answers"]  # one runner, two models
 
 
 def test_tracking_code_recomputes_nothing_comment_or_not(tmp_path, original):
@@ -76,16 +78,19 @@ def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
                                     "def _unused():\n    pass\n\n\ndef select_actor_pair(")) == set()
     assert changed(original, edited(tmp_path / "c", "elo.py", "RIDGE = ", "RIDGE = 2 * ")) == {"judgment_elo"}
     assert changed(original, edited(tmp_path / "d", "training.py", "logging_steps=1,", "logging_steps=2,")) == {
-        "checkpoint"}
+        "checkpoint", "sft"}
     assert changed(original, edited(tmp_path / "e", "inference/vllm_backend.py", "def _free_port() -> int:",
                                     "def _free_port(start: int = 0) -> int:")) == {
-        "responses", "judgments", "meta_judgments"}
+        "responses", "judgments", "meta_judgments", "eval_answers", "reference_answers", "win_rate"}
 
 
 def test_a_template_recomputes_the_stages_that_render_it(tmp_path, original):
     assert changed(original, edited(tmp_path / "a", "prompts.py", "Briefly justify your total score, up to 100 words.",
-                                    "Briefly justify your total score, up to 50 words.")) == {"judgments", "judge_pairs"}
+                                    "Briefly justify your total score, up to 50 words.")) == {
+        "judgments", "judge_pairs", "sft_data"}
     assert changed(original, edited(tmp_path / "b", "prompts.py", "Explain which judgment is more accurate",
                                     "Say which judgment is more accurate")) == {"meta_judgments"}
     assert changed(original, edited(tmp_path / "c", "prompts.py", "- Add 1 point if", "- Add one point if")) == {
-        "judgments", "meta_judgments", "judge_pairs"}
+        "judgments", "meta_judgments", "judge_pairs", "sft_data"}
+    assert changed(original, edited(tmp_path / "d", "prompts.py", "Evaluate the models based on",
+                                    "Evaluate the two models based on")) == {"win_rate"}

@@ -20,7 +20,9 @@ def test_prefect_yaml_configs_are_the_shipped_config_files():
     demo = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "demo.yaml")
     for name in ("demo", "demo-iteration", "demo-evaluation"):
         assert CampaignConfig.from_dict(deployments[name]["parameters"]["config"]) == demo, name
-    for name, gpus in (("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1)):
+    baseline = CampaignConfig.from_dict(deployments["demo-self-rewarding"]["parameters"]["config"])
+    assert baseline == CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "self-rewarding-demo.yaml")
+    for name, gpus in (("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1), ("self-rewarding-llama3-8b", 8)):
         paper = CampaignConfig.from_dict(deployments[name]["parameters"]["config"])
         assert paper == CampaignConfig.from_yaml(REPO / "deployments" / "configs" / f"{name}.yaml"), name
         # One GPU-pool job holds the GPUs that the config's engines and DPO processes use.

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metareward.parsing import parse_score, parse_winner
+from metareward.parsing import parse_model_identifier, parse_score, parse_winner, without_score
 from metareward.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
 
 
@@ -81,3 +81,21 @@ def test_winner_last_one_wins_and_failures():
     assert parse_winner("Winner: Judgement C") is None
     assert parse_winner("Winner: Judgement Apple") is None
     assert parse_winner("") is None
+
+
+def test_a_judgment_without_its_score_line_keeps_its_reasoning():
+    assert without_score("Relevant and complete.\nScore: 4") == "Relevant and complete."
+    assert without_score("Good.\n**Score:** 3 points\nThanks.") == "Good.\nThanks."
+    assert without_score("Score: 1 at first.\nOn reflection:\nScore: 5") == "Score: 1 at first.\nOn reflection:"
+    assert without_score("No verdict here.") == "No verdict here."
+    assert without_score("Poor. Score: 1") == "Poor."
+    assert without_score("Weak overall.\nThe answer is off topic. Score: 2/5\nSorry.") == (
+        "Weak overall.\nThe answer is off topic.\nSorry.")
+    assert without_score("Score: 3") == ""
+    assert parse_score(without_score("Fine.\nScore: 4")) is None
+
+
+def test_the_evaluators_identifier_is_m_or_M_and_nothing_else():
+    for text, expected in [("m", "m"), ("M", "M"), (" M\n", "M"), ('"m"', "m"), ("**M**", "M"), ("[m]", "m"),
+                           ("M.", "M"), ("Mm", None), ("model m", None), ("", None), ("The best is M", None)]:
+        assert parse_model_identifier(text) == expected, text

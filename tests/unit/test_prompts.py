@@ -1,10 +1,13 @@
-"""The paper's judge and meta-judge prompts: verbatim text, placeholders, rendering and hashes."""
+"""The paper's judge, meta-judge and evaluator prompts: verbatim text, placeholders, rendering and hashes."""
 
 from metareward.prompts import (
+    EVALUATOR_SYSTEM,
+    EVALUATOR_TEMPLATE,
     JUDGE_TEMPLATE,
     JUDGE_TEMPLATE_HASH,
     META_JUDGE_TEMPLATE,
     META_JUDGE_TEMPLATE_HASH,
+    render_evaluator_messages,
     render_judge_prompt,
     render_meta_judge_prompt,
     template_hash,
@@ -51,3 +54,28 @@ def test_hashes_are_stable_and_distinguish_templates():
     assert len(JUDGE_TEMPLATE_HASH) == 16
     assert JUDGE_TEMPLATE_HASH != META_JUDGE_TEMPLATE_HASH
     assert template_hash(JUDGE_TEMPLATE + " ") != JUDGE_TEMPLATE_HASH
+
+
+def test_evaluator_prompt_is_paper_a2():
+    assert EVALUATOR_SYSTEM.startswith("You are a highly efficient assistant, who evaluates and selects the best large "
+                                       "language model (LLMs)")
+    for phrase in [
+        "I require a leaderboard for various large language models.",
+        '"instruction": """{instruction}""",',
+        '"model_identifier": "m",\n        "output": """{output_1}"""',
+        '"model_identifier": "M",\n        "output": """{output_2}"""',
+        "Evaluate the models based on the quality and relevance of their outputs, and select the model that generated "
+        "the best output.",
+        "(no quotes, no spaces, no new lines, ...): m or M.",
+    ]:
+        assert phrase in EVALUATOR_TEMPLATE
+    assert EVALUATOR_TEMPLATE.endswith("Best Model Identifier")
+
+
+def test_evaluator_messages_put_output_1_as_m_verbatim():
+    system, user = render_evaluator_messages("Say {output_2}", "first {instruction}", "second")
+    assert system == {"role": "system", "content": EVALUATOR_SYSTEM}
+    assert user["role"] == "user"
+    content = user["content"]
+    assert '"instruction": """Say {output_2}"""' in content
+    assert content.index('"""first {instruction}"""') < content.index('"""second"""')

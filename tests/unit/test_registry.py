@@ -12,74 +12,106 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from metareward.config import CampaignConfig
+from metareward.config import CampaignConfig, ConfigError
 from metareward.context import ModelRef
 from metareward.jobs import JobResult, plan_job, settings_digest, shard_inputs, sharding
-from metareward.stages import NOT_IN_ANY_TABLE, STAGE, STAGES, stage
+from metareward.stages import (
+    EVALUATION_STAGES,
+    ITERATION_STAGES,
+    MODEL_ROLES,
+    NOT_IN_ANY_TABLE,
+    SEED_STAGES,
+    STAGE,
+    STAGES,
+    stage,
+)
 from metareward.store import TableRef
-from tests.conftest import PROMPT_FILE
+from tests.conftest import PROMPT_FILE, REPO
 
 ITERATION = {"num_prompts": 4, "num_responses": 3, "num_judgments": 3}
+SFT_FILE = REPO / "deployments" / "sft" / "eft-example.jsonl"
+HELD_OUT = REPO / "deployments" / "prompts" / "heldout-20.jsonl"
 
 
 def base(backend: str = "transformers") -> dict:
-    """A two-iteration campaign as the raw mapping a user writes (train_judge left to `mode`)."""
+    """A two-iteration campaign with a seed SFT and an evaluation, as the raw mapping a user writes (train_judge
+    left to `mode`); the campaign's and the evaluator's engines both on `backend`."""
     inference = {"backend": backend}
     if backend == "openai":
         inference["base_url"] = "http://127.0.0.1:9"
     return {"name": "c", "model": {"path": "m"}, "prompts": {"path": str(PROMPT_FILE)}, "inference": inference,
-            "shard_size": 2, "iterations": [dict(ITERATION), dict(ITERATION)]}
+            "shard_size": 2, "iterations": [dict(ITERATION), dict(ITERATION)],
+            "sft": {"path": str(SFT_FILE)},
+            "evaluation": {"prompts": {"path": str(HELD_OUT)}, "num_prompts": 4,
+                           "evaluator": {"model": {"path": "e"}, "inference": {**inference, "verdict_mode": "free"}}}}
+
+
+def stage_iteration(entry, t: int) -> int:
+    """The iteration number a stage runs under: 0 for the seed's stages."""
+    return 0 if entry in SEED_STAGES else t
 
 
 def settings_by_stage(config: CampaignConfig) -> dict[tuple[int, str], str]:
-    return {(t, entry.name): settings_digest(entry.settings(config, t))
+    return {(t, entry.name): settings_digest(entry.settings(config, stage_iteration(entry, t)))
             for t in range(1, len(config.iterations) + 1) for entry in STAGES}
 
 
 # Values that the generic rule below would make invalid.
 SPECIAL = {"iterations[].dpo.global_batch_size": 64, "iterations[].dpo.checkpoint_epoch": 4, "iterations[].dpo.per_device_batch_size": 8,
+           "sft.global_batch_size": 64, "sft.checkpoint_epoch": 4, "sft.per_device_batch_size": 8,
            "inference.backend": "vllm", "mode": "self_rewarding"}
+FILES = {"prompts.path": '{"prompt": "a prompt of another file"}\n',
+         "evaluation.prompts.path": '{"prompt": "a held-out prompt of another file"}\n',
+         "sft.path": '{"instruction": "i", "response": "r", "judgment": "Fine.\\nScore: 3"}\n'}
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:
-    """(path, annotation) of every setting, "iterations[].dpo.beta" for a field of every iteration."""
+    """(path, annotation) of every setting, "iterations[].dpo.beta" for a field of every iteration; an optional
+    section ("sft", "evaluation.evaluator.model") is walked into."""
     found = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         args = typing.get_args(annotation)
+        sections = [arg for arg in args if isinstance(arg, type) and issubclass(arg, BaseModel)]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             found += leaf_fields(annotation, f"{prefix}{name}.")
         elif typing.get_origin(annotation) is list and args and issubclass(args[0], BaseModel):
             found += leaf_fields(args[0], f"{prefix}{name}[].")
+        elif sections:
+            found += leaf_fields(sections[0], f"{prefix}{name}.")
         else:
             found.append((f"{prefix}{name}", annotation))
     return found
 
 
-def alternative(path: str, annotation, value, tmp_path: Path):
-    """Another valid value of the setting."""
+def alternative(path: str, annotation, value, tmp_path: Path) -> dict:
+    """Another valid value of the setting, as the changes to make (one, or the ones it needs to be valid)."""
     if path in SPECIAL:
-        return SPECIAL[path]
-    if path == "prompts.path":
-        other = tmp_path / "other.jsonl"
-        other.write_text('{"prompt": "a prompt of another file"}\n')
-        return str(other)
+        return {path: SPECIAL[path]}
+    if path in FILES:
+        other = tmp_path / (path.replace(".", "-") + ".jsonl")
+        other.write_text(FILES[path])
+        return {path: str(other)}
+    if path == "evaluation.reference_outputs":
+        other = tmp_path / "reference.json"
+        other.write_text('[{"instruction": "x", "output": "y"}]')
+        return {"evaluation.reference": "outputs", path: str(other)}
     if typing.get_origin(annotation) is typing.Literal:
-        return next(choice for choice in typing.get_args(annotation) if choice != value)
+        return {path: next(choice for choice in typing.get_args(annotation) if choice != value)}
     if typing.get_origin(annotation) is list:
-        return ["--max-num-seqs", "8"]
+        return {path: ["--max-num-seqs", "8"]}
     kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
     kind = typing.get_origin(kinds[0]) or kinds[0]
     if typing.get_origin(kinds[0]) is typing.Literal:
-        return next(choice for choice in typing.get_args(kinds[0]) if choice != value)
+        return {path: next(choice for choice in typing.get_args(kinds[0]) if choice != value)}
     if kind is bool:
-        return not value
+        return {path: not value}
     if kind is int:
-        return 64 if value is None else value + 1
+        return {path: 64 if value is None else value + 1}
     if kind is float:
-        return 0.5 if value is None else value + 0.05
+        return {path: 0.5 if value is None else value + 0.05}
     if kind is str:
-        return "http://127.0.0.1:9/x" if value is None else value + "x"
+        return {path: "http://127.0.0.1:9/x" if value is None else value + "x"}
     raise AssertionError(f"{path}: no alternative for {annotation}")
 
 
@@ -111,10 +143,12 @@ def test_every_setting_is_in_a_stage_key_or_declared_unable_to_change_a_table(tm
         for backend in ("transformers", "vllm", "openai"):
             raw = base(backend)
             config = CampaignConfig.from_dict(raw)
-            value = alternative(path, annotation, current(config, path), tmp_path)
-            if path == "inference.backend" and value == backend:
-                value = "transformers"
-            other = CampaignConfig.from_dict(perturbed(raw, path, value))
+            changes = alternative(path, annotation, current(config, path), tmp_path)
+            if path == "inference.backend" and changes[path] == backend:
+                changes[path] = "transformers"
+            for changed_path, value in changes.items():
+                raw = perturbed(raw, changed_path, value)
+            other = CampaignConfig.from_dict(raw)
             before, after = settings_by_stage(config), settings_by_stage(other)
             changed |= {key for key in before if before[key] != after[key]}
         if path in NOT_IN_ANY_TABLE and changed:
@@ -139,38 +173,61 @@ def test_each_runner_takes_exactly_its_stages_settings():
         parameters = inspect.signature(entry.runner).parameters
         keywords = {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert list(parameters)[0] == "context", entry.name
-        assert keywords == set(entry.settings(config, 1)), entry.name
+        assert keywords == set(entry.settings(config, stage_iteration(entry, 1))), entry.name
 
 
-def test_registry_is_in_figure_1_order_and_consistent():
+def test_registry_is_in_campaign_order_and_consistent():
+    assert [entry.name for entry in SEED_STAGES] == ["sft_data", "sft"]
+    assert [entry.name for entry in ITERATION_STAGES] == [
+        "prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs",
+        "dpo_dataset", "checkpoint"]
+    assert [entry.name for entry in EVALUATION_STAGES] == ["eval_prompts", "eval_answers", "reference_answers",
+                                                           "win_rate"]
     names = [entry.name for entry in STAGES]
-    assert names == ["prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judgment_elo",
-                     "judge_pairs", "dpo_dataset", "checkpoint"]
     for index, entry in enumerate(STAGES):
         assert set(entry.inputs) <= set(names[:index]), f"{entry.name} reads a later stage"
         assert set(entry.optional_inputs) <= set(entry.inputs)
         assert set(entry.report_columns) <= set(entry.schema), entry.name
         assert entry.dataset_context in (None, "generation", "evaluation", "training")
+        assert entry.model in (None, *MODEL_ROLES), entry.name
         if entry.sharded:
-            assert "prompts" in entry.inputs and entry.uses_model, entry.name
+            assert "prompts" in entry.inputs and entry.model == "policy", entry.name
     with pytest.raises(KeyError, match="no stage 'judgment'; the stages are"):
         stage("judgment")
 
 
+def test_a_stage_of_a_section_the_config_lacks_says_so():
+    raw = base()
+    del raw["sft"], raw["evaluation"]
+    config = CampaignConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match="no sft section"):
+        STAGE["sft"].settings(config, 0)
+    with pytest.raises(ConfigError, match="no evaluation section"):
+        STAGE["win_rate"].settings(config, 1)
+
+
 def planned_keys(config: CampaignConfig, iteration: int = 1) -> dict[str, list[str]]:
-    """Every job key of an iteration, each table's digest standing for its key: a job whose key changes
-    writes a different table, as recomputing it would."""
-    model = ModelRef("m", "model-digest")
+    """Every job key of the seed's SFT and of an iteration with its evaluation, each table's digest standing
+    for its key: a job whose key changes writes a different table, as recomputing it would. A trained model's
+    digest stands for its training job's key (M_1 the seed SFT's, M_{t+1} the checkpoint's)."""
+    models = {"base": ModelRef("m", "base-digest"), "policy": ModelRef("m", "base-digest"),
+              "evaluator": ModelRef("e", "evaluator-digest")}
     results: dict[str, list[JobResult]] = {}
     for entry in STAGES:
+        t = stage_iteration(entry, iteration)
         given = {name: results[name] for name in entry.inputs if name in results}
-        owner = model if entry.uses_model else None
+        models["reference"] = models["policy"]
+        owner = models[entry.model] if entry.model else None
         if entry.sharded:
-            jobs = [plan_job(config, entry.name, iteration, shard_inputs(given, index), owner, index)
+            jobs = [plan_job(config, entry.name, t, shard_inputs(given, index), owner, index)
                     for index in range(sharding(config, given))]
         else:
-            jobs = [plan_job(config, entry.name, iteration, given, owner)]
+            jobs = [plan_job(config, entry.name, t, given, owner)]
         results[entry.name] = [JobResult(job, TableRef(job.key, 4, job.cache_key), {}) for job in jobs]
+        if entry.name == "sft":
+            models["policy"] = ModelRef("m1", f"trained-by-{jobs[0].cache_key}")
+        if entry.name == "checkpoint":
+            models["trained"] = ModelRef("m2", f"trained-by-{jobs[0].cache_key}")
     return {name: [result.job.cache_key for result in shard] for name, shard in results.items()}
 
 
@@ -182,22 +239,61 @@ def recomputed(change: dict) -> set[str]:
     return {name for name in before if before[name] != after[name]}
 
 
+AFTER_TRAINING = {"checkpoint", "eval_answers", "win_rate"}
+"""What a new M_{t+1} recomputes: its training, its answers and their comparison (not the reference's answers)."""
+
+
 def test_a_changed_judge_sampling_setting_recomputes_judgments_and_what_follows_not_responses():
     assert recomputed({"iterations[].judge_sampling": {"temperature": 0.7}}) == {
-        "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs", "dpo_dataset", "checkpoint"}
+        "judgments", "actor_pairs", "meta_judgments", "judgment_elo", "judge_pairs", "dpo_dataset"} | AFTER_TRAINING
 
 
 def test_a_changed_rho_recomputes_actor_pairs_and_what_follows_only():
-    assert recomputed({"iterations[].rho": 0.32}) == {"actor_pairs", "dpo_dataset", "checkpoint"}
+    assert recomputed({"iterations[].rho": 0.32}) == {"actor_pairs", "dpo_dataset"} | AFTER_TRAINING
 
 
 def test_on_empty_preferences_is_in_the_checkpoint_key():
-    assert recomputed({"on_empty_preferences": "keep_model"}) == {"checkpoint"}
+    assert recomputed({"on_empty_preferences": "keep_model"}) == AFTER_TRAINING
+
+
+@pytest.mark.parametrize("switch, value, first", [
+    ("positional_weights", False, "judgment_elo"),
+    ("battle_rule", "both_orders_agree", "judgment_elo"),
+    ("meta_judge_sees_scores", False, "meta_judgments"),
+    ("meta_judged_responses", "all", "meta_judgments"),
+])
+def test_each_ablation_switch_recomputes_its_stage_and_what_follows(switch, value, first):
+    meta_judge_step = ["meta_judgments", "judgment_elo", "judge_pairs", "dpo_dataset"]
+    assert recomputed({f"iterations[].{switch}": value}) == set(meta_judge_step[meta_judge_step.index(first):]) | (
+        AFTER_TRAINING)
+
+
+def test_positional_weights_are_not_in_the_key_under_the_agreement_rule():
+    agreed = {"iterations[].battle_rule": "both_orders_agree"}
+    assert recomputed(agreed) == recomputed({**agreed, "iterations[].positional_weights": False})
+
+
+def test_the_seed_sft_recomputes_m1_and_everything_after_it_its_file_the_examples_too():
+    everything = set(planned_keys(CampaignConfig.from_dict(base()))) - {"prompts", "eval_prompts", "sft_data"}
+    assert recomputed({"sft.learning_rate": 1e-7}) == everything
+    other = REPO / "deployments" / "sft" / "eft-example.jsonl"
+    assert recomputed({"sft.path": str(other)}) == set()  # the same file: the same content
+
+
+def test_evaluation_settings_recompute_the_evaluation_only():
+    assert recomputed({"evaluation.sampling": {"temperature": 0.5}}) == {"eval_answers", "reference_answers",
+                                                                          "win_rate"}
+    assert recomputed({"evaluation.bootstrap": 200}) == {"win_rate"}
+    assert recomputed({"evaluation.evaluator.inference.verdict_mode": "forced"}) == {"win_rate"}
+    assert recomputed({"evaluation.num_prompts": 3}) == {"eval_prompts", "eval_answers", "reference_answers",
+                                                         "win_rate"}
 
 
 def test_deployment_settings_recompute_nothing():
     assert recomputed({"tracking": {"uri": "http://mlflow:5000"}, "health": {"action": "warn"},
-                       "inference.max_concurrency": 64, "orchestration": {"shard_deployment": "a/b"}}) == set()
+                       "inference.max_concurrency": 64, "orchestration": {"shard_deployment": "a/b"},
+                       "evaluation.evaluator.inference.max_concurrency": 64,
+                       "evaluation.evaluator.allow_trained_model": True}) == set()
 
 
 def test_verdict_mode_recomputes_judging_not_generation():

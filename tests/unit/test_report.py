@@ -107,3 +107,14 @@ def test_bias_figure_plots_table_5_over_iterations():
     [line] = axes.get_lines()[:1]
     assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [0.6, 0.7]
     assert axes.get_ylim() == (0, 1) and "higher score won" in [t.get_text() for t in figure.legends[0].get_texts()]
+
+
+def test_nan_scores_are_missing_like_nulls():
+    nan_judgments = JUDGMENTS.with_columns(pl.Series("score", [5.0, 3.0, 3.0, float("nan")]))
+    battles = meta([("a", "d", "A"), ("d", "b", "B"), ("b", "c", "A")])
+    assert meta_judge_bias(battles, nan_judgments) == pytest.approx(meta_judge_bias(battles, JUDGMENTS), nan_ok=True)
+    # Only b-c compares two scores (the same): no different-score battle.
+    assert math.isnan(meta_judge_bias(battles, nan_judgments)["higher_win"])
+    nan_scores = score_distribution(nan_judgments)
+    assert nan_scores == score_distribution(JUDGMENTS) and nan_scores["valid"] == 3.0
+    assert nan_scores["mean"] == pytest.approx(11 / 3)

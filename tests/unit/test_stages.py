@@ -1,9 +1,11 @@
 """The stage functions end to end on a scripted backend: exact expected tables, computed by hand."""
 
+import numpy as np
 import polars as pl
 import pytest
 
 from metareward.config import SamplingConfig
+from metareward.elo import elo_scores
 from metareward.preferences import (
     build_dpo_dataset,
     rank_judgments,
@@ -175,3 +177,81 @@ def test_same_seed_same_tables(prompts):
     second = run_pipeline(prompts, ScriptedBackend(script))
     for name in ("responses", "judgments", "meta", "elo", "actor_pairs", "judge_pairs"):
         assert first[name].equals(second[name]), name
+
+
+# Ablation switches (defaults = the paper), each checked by hand on the scripted campaign above. In Q1 the judged
+# response is "bad", its valid judgments P "Poor. Score: 1", W "Weak. Score: 2", Z "Useless. Score: 0" (sample order):
+# Z wins both orders against P and against W; P and W each win once, in position A.
+def q1_elo(out):
+    table = out["elo"].filter(pl.col("prompt_id") == content_id("Q1")).join(
+        out["judgments"].select("judgment_id", "sample_idx"), on="judgment_id").sort("sample_idx")
+    return table["elo"].to_numpy()
+
+
+def test_positional_weights_off_weighs_every_win_a_half(prompts):
+    # A meta-judge under which P beats W in both orders, P and Z win once each in position A, Z and W once each
+    # in position B; every other battle goes to position A.
+    second_wins = {("Weak. Score: 2", "Poor. Score: 1"), ("Weak. Score: 2", "Useless. Score: 0"),
+                   ("Useless. Score: 0", "Weak. Score: 2")}
+
+    def positional_script(prompt, n, seed):
+        if prompt.startswith("Review the user's question and the corresponding response using"):
+            return JUDGE[judged_response(prompt)][:n]
+        if prompt in ACTOR:
+            return ACTOR[prompt][:n]
+        return ["Winner: Judgement B" if meta_judged_pair(prompt) in second_wins else "Winner: Judgement A"]
+
+    out = run_pipeline(prompts, ScriptedBackend(positional_script))
+    assert (out["rank_stats"].counts["win_first"], out["rank_stats"].counts["win_second"]) == (9, 3)
+    w1, w2 = out["rank_stats"].counts["w1"], out["rank_stats"].counts["w2"]
+    assert (w1, w2) == pytest.approx((1 / 4, 3 / 4))
+    flat, stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", positional=False)
+    assert (stats.counts["w1"], stats.counts["w2"]) == (0.5, 0.5)
+    # The battle matrices by hand, rows and columns P, W, Z.
+    def matrix(first, second):
+        return np.array([[0, first + second, first], [0, 0, second], [first, second, 0]])
+
+    np.testing.assert_allclose(q1_elo(out), elo_scores(matrix(w1, w2)), atol=1e-6)
+    np.testing.assert_allclose(q1_elo({**out, "elo": flat}), elo_scores(matrix(0.5, 0.5)), atol=1e-6)
+    assert np.abs(elo_scores(matrix(w1, w2)) - elo_scores(matrix(0.5, 0.5))).max() > 0.1
+
+
+def test_both_orders_agree_counts_only_unanimous_battles(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    agreed, stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="both_orders_agree")
+    # Q1: Z-P and Z-W agree, P-W splits; Q2 (3 judgments, the meta-judge always says A): 3 split pairs.
+    assert (stats.counts["agreed_battles"], stats.counts["split_battles"]) == (2, 4)
+    np.testing.assert_allclose(q1_elo({**out, "elo": agreed}), elo_scores(np.array([[0, 0, 0], [0, 0, 0], [1, 1, 0]])),
+                               atol=1e-6)
+    q2 = agreed.filter(pl.col("prompt_id") == content_id("Q2"))["elo"].to_numpy()
+    np.testing.assert_allclose(q2, 0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="battle_rule"):
+        rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="majority")
+
+
+def test_meta_judge_without_scores_sees_no_score_line(prompts):
+    backend = ScriptedBackend(script)
+    out = run_pipeline(prompts, backend)
+    blind, _ = meta_judge(out["judged"], out["judgments"], out["responses"], prompts, backend, SAMPLING, 7, "free", 1,
+                          "m0", sees_scores=False)
+    blind_requests = backend.requests[-blind.height:]
+    shown = [meta_judged_pair(r.messages[0]["content"]) for r in blind_requests]
+    assert all("Score:" not in first + second for first, second in shown)
+    # "Good. Score: 4" is shown as "Good.", a judgment that is only its score line as nothing.
+    assert ("Good.", "Fine.") in shown and any(first == "" for first, _ in shown)
+    # Same battles, and the scripted meta-judge can no longer spot "Score: 0": position A wins every battle.
+    assert blind.select("first_id", "second_id").equals(out["meta"].select("first_id", "second_id"))
+    assert set(blind["winner"]) == {"A"}
+
+
+def test_all_judged_responses_meta_judges_every_response_with_two_valid_judgments(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(script))
+    scores = out["scores"]
+    every = select_judged_responses(scores, seed=7, which="all")
+    eligible = scores.filter(pl.col("n_valid") >= 2)
+    assert sorted(every["response_id"]) == sorted(eligible["response_id"]) and every.height > out["judged"].height
+    meta, _ = meta_judge(every, out["judgments"], out["responses"], prompts, ScriptedBackend(script), SAMPLING, 7,
+                         "free", 1, "m0")
+    assert meta.height == sum(v * (v - 1) for v in eligible["n_valid"])
+    with pytest.raises(ValueError, match="which"):
+        select_judged_responses(scores, seed=7, which="lowest_variance")

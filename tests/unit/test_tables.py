@@ -6,15 +6,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from metareward.tables import (
-    PROMPTS,
-    PromptFileError,
-    TableSchemaError,
-    content_id,
-    load_prompts,
-    select_iteration_prompts,
-    validate_table,
-)
+from metareward.input_files import PromptFileError, load_prompts
+from metareward.tables import PROMPTS, TableSchemaError, content_id, select_iteration_prompts, validate_table
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,66 @@
+"""The models a campaign's stages run, by role (stages.MODEL_ROLES): M_t to start an iteration from, M_1, the
+reference M_{t+1} is compared with, the evaluator — and the rule that keeps the evaluator off the model being
+trained."""
+
+from __future__ import annotations
+
+from metareward.config import CampaignConfig, ConfigError
+from metareward.context import ModelRef
+from metareward.manifests import stage_manifests
+from metareward.models import MODEL_DIGEST_FILE, model_id_of
+from metareward.store import ArtifactStore, open_store
+from metareward.tables import content_id
+
+
+def starting_model(config: CampaignConfig, start_iteration: int, store: ArtifactStore | None = None) -> str:
+    """The model iteration `start_iteration` generates with when no start model is given: M_1 for iteration 1 —
+    model.path, or with an sft section the seed SFT stage's model —; for a later one, M_t as the previous
+    iteration of this campaign left it in the artifact store (its checkpoint stage's model, complete with
+    model_id.txt). Raises ConfigError saying how to get it when the store holds none."""
+    if start_iteration == 1 and config.sft is None:
+        return config.model.path
+    store = store or open_store(config.artifact_root)
+    previous = start_iteration - 1
+    stage_name = "sft" if previous == 0 else "checkpoint"
+    stats = stage_manifests(store, config.name).get(previous, {}).get(stage_name, {}).get("stats", {})
+    model = stats.get("model_uri")
+    trained = model and not stats.get("kept_previous_model")
+    if not model or trained and not store.exists(f"{store.key_of(model)}/{MODEL_DIGEST_FILE}"):
+        done = "the seed's SFT (metareward run from iteration 1)" if previous == 0 else f"iterations 1..{previous}"
+        raise ConfigError(
+            f"start iteration {start_iteration}: no finished {stage_name} of iteration {previous} of {config.name} "
+            f"in {store.root}; run {done} first, or pass the model to start from "
+            "(metareward run --start-model URI, or the flow's start_model)")
+    return model
+
+
+def reference_model(config: CampaignConfig, policy: ModelRef) -> ModelRef:
+    """What M_{t+1} is compared with when the reference is a model: M_t (`policy`, evaluation.reference
+    previous) or M_1 (seed: model.path, or the seed SFT's model)."""
+    if config.evaluation.reference == "previous":
+        return policy
+    seed = starting_model(config, 1)
+    return ModelRef(seed, model_id_of(seed))
+
+
+def evaluator_model(config: CampaignConfig) -> ModelRef:
+    """The evaluation's evaluator as the win-rate stage's model: its weights and their digest, or, for an endpoint
+    without weights, its api_model with a digest of that name."""
+    evaluator = config.evaluation.evaluator
+    if evaluator.model is not None:
+        return ModelRef(evaluator.model.path, model_id_of(evaluator.model.path))
+    name = evaluator.inference.api_model
+    return ModelRef(name, "endpoint-" + content_id(name))
+
+
+def check_evaluator(config: CampaignConfig, evaluator: ModelRef, trained: list[ModelRef]) -> None:
+    """Raise ConfigError when the evaluator is one of the `trained` models (M_t, M_{t+1}: it would judge its own
+    answers) and evaluation.evaluator.allow_trained_model is off."""
+    if config.evaluation.evaluator.allow_trained_model:
+        return
+    for model in trained:
+        if model.model_id == evaluator.model_id:
+            raise ConfigError(
+                f"evaluation.evaluator {evaluator.uri} is the model being trained ({model.uri}, digest "
+                f"{model.model_id}): it would judge its own answers. Use a fixed model, or set "
+                "evaluation.evaluator.allow_trained_model: true")
