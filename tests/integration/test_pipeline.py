@@ -109,38 +109,30 @@ def test_two_iteration_campaign_lineage_caching_and_deleted_artifact(tmp_path, t
     assert time.monotonic() - started < 120
     assert logged_ids() == logged  # the resumed re-run continued the same runs, logged nothing twice
 
-    # A deleted artifact is recomputed, not silently missing; identical output keeps downstream cached.
+    # A deleted, a truncated and a garbled table (other bytes of the same size) are computed again, not silently
+    # missing or trusted; the log says why, and what reads them stays cached (the same rows come back).
     deleted = next((root / "tiny/iter-1/judgments").glob("shard-0001-*.parquet"))
     deleted.unlink()
-    third = run_cli(["run", str(config)], env)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert deleted.is_file()
-    after = markers(root, "tiny")
-    changed = {key for key in after if after[key]["finished_at"] != before[key]["finished_at"]}
-    assert changed == {str(deleted.relative_to(root)).removesuffix(".parquet") + ".json"}
-    assert after[next(iter(changed))]["digest"] == before[next(iter(changed))]["digest"]
-    assert logged_ids() == logged
-
-    # A truncated table and a table with other bytes of the same size are not trusted: both are computed again,
-    # the log says why, and what reads them stays cached (the same rows come back).
     truncated = next((root / "tiny/iter-1/responses").glob("shard-0000-*.parquet"))
     truncated.write_bytes(truncated.read_bytes()[:100])
     garbled = next((root / "tiny/iter-2/judgments").glob("shard-0002-*.parquet"))
     data = bytearray(garbled.read_bytes())
     data[len(data) // 2] ^= 0xFF
     garbled.write_bytes(bytes(data))
-    before = markers(root, "tiny")
-    fourth = run_cli(["run", str(config)], env)
-    assert fourth.returncode == 0, fourth.stderr[-3000:]
-    output = fourth.stdout + fourth.stderr
+    third = run_cli(["run", str(config)], env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert deleted.is_file()
+    output = third.stdout + third.stderr
     assert f"its table {truncated} is 100 bytes, its marker recorded" in output
     assert f"its table {garbled} has digest" in output
     after = markers(root, "tiny")
     changed = {key for key in after if after[key]["finished_at"] != before[key]["finished_at"]}
-    assert changed == {str(path.relative_to(root)).removesuffix(".parquet") + ".json" for path in (truncated, garbled)}
+    assert changed == {str(path.relative_to(root)).removesuffix(".parquet") + ".json"
+                       for path in (deleted, truncated, garbled)}
     assert all(after[key]["digest"] == before[key]["digest"] for key in changed)
     manifest = json.loads((root / "tiny/iter-1/responses/manifest.json").read_text())
     assert "is 100 bytes" in manifest["shards"]["shard-0000"]["recomputed"]
+    assert logged_ids() == logged
 
     # Starting at iteration 2 without a model takes M_2 from the store: iteration 1's checkpoint.
     resumed = run_cli(["run", str(config), "--start-iteration", "2"], env)
@@ -150,110 +142,114 @@ def test_two_iteration_campaign_lineage_caching_and_deleted_artifact(tmp_path, t
 
     # The password was used (the runs are there) and written nowhere: not in any output, not in Prefect's
     # database (flow-run parameters, logs), MLflow's store and artifacts, or the artifact store.
-    outputs = [first, second, third, fourth, resumed, shown]
+    outputs = [first, second, third, resumed, shown]
     assert not any(secret in run.stdout + run.stderr for run in outputs)
     leaks = [str(path) for path in tmp_path.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
     assert not leaks, f"the tracking password was written to {leaks}"
 
 
-def test_seed_sft_is_the_lineage_root_and_every_iteration_reports_a_win_rate(tmp_path, tiny_model, mlflow_server):
+def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_iteration(
+        tmp_path, tiny_model, mlflow_server):
     from mlflow import MlflowClient
 
-    root = tmp_path / "artifacts"
-    config = write_config(
-        tmp_path, tiny_model, str(root), tracking={},
-        sft={"path": str(REPO / "deployments/sft/eft-example.jsonl"), "num_epochs": 2, "checkpoint_epoch": 1,
-             "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3},
-        evaluation={"prompts": {"path": str(REPO / "deployments/prompts/heldout-20.jsonl")}, "num_prompts": 4,
-                    "sampling": {"max_tokens": 16}, "bootstrap": 50,
-                    # The tiny model judges as the fixed evaluator: the seed here, hence allowed explicitly.
-                    "evaluator": {"model": {"path": str(tiny_model), "dtype": "float32"}, "allow_trained_model": True}})
-    run = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", MLFLOW_TRACKING_URI=mlflow_server))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "tiny — seed SFT" in run.stdout and "M_t+1 against the reference: win rate" in run.stdout
-
-    tables = stage_tables(root, "tiny")
-    for name, table in tables.items():
-        assert table.schema == STAGE[name.split("/")[1]].schema, name
-    seed = json.loads(next((root / "tiny/iter-0/sft").glob("all-*.json")).read_text())["stats"]
-    trained = json.loads(next((root / "tiny/iter-1/checkpoint").glob("all-*.json")).read_text())["stats"]
-    # Stage 0 trained M_1 on the 16 examples, stopped at epoch 1 of 2; iteration 1 generated with it.
-    assert tables["iter-0/sft_data"].height == 16 and (seed["epochs_trained"], seed["epochs_scheduled"]) == (1, 2)
-    assert set(tables["iter-1/responses"]["model_id"]) == {seed["model_id"]}
-    # Evaluation: M_2 and the reference M_1 answered the 4 held-out prompts; each pair compared in both orders.
-    assert set(tables["iter-1/eval_answers"]["model_id"]) == {trained["model_id"]}
-    assert set(tables["iter-1/reference_answers"]["model_id"]) == {seed["model_id"]}
-    comparisons = tables["iter-1/win_rate"]
-    assert comparisons.height == 8 and comparisons.group_by("prompt_id").agg(pl.col("trained_first").sum())[
-        "trained_first"].to_list() == [1] * 4
-    assert set(comparisons["evaluator_id"]) == {model_digest(tiny_model)}
-
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    by_kind = {r.data.tags["metareward.kind"]: r for r in runs}
-    assert set(by_kind) == {"campaign", "seed", "iteration"}
-    seed_run, iteration_run, campaign_run = by_kind["seed"], by_kind["iteration"], by_kind["campaign"]
-    assert seed_run.info.run_name == "seed-sft" and seed_run.info.status == "FINISHED"
-    assert seed_run.data.tags["mlflow.parentRunId"] == campaign_run.info.run_id
-    assert [d.dataset.name for d in client.get_run(seed_run.info.run_id).inputs.dataset_inputs] == ["tiny/iter-0/sft_data"]
-    assert client.get_metric_history(seed_run.info.run_id, "train/loss")
-    # M_1 <- SFT dataset <- base model: the base is logged (not registered), M_1 is version 1.
-    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
-    assert set(models) == {"tiny-base", "tiny-M1", "tiny-M2"}
-    assert models["tiny-M1"].tags["metareward.parent_model_id"] == models["tiny-base"].model_id
-    assert models["tiny-M1"].source_run_id == seed_run.info.run_id
-    assert "tiny/iter-0/sft_data" in models["tiny-M1"].tags["metareward.training_datasets"]
-    assert models["tiny-M2"].tags["metareward.parent_model_id"] == models["tiny-M1"].model_id
-    versions = sorted(client.search_model_versions("name = 'tiny'"), key=lambda v: int(v.version))
-    assert [v.source for v in versions] == [f"models:/{models[name].model_id}" for name in ("tiny-M1", "tiny-M2")]
-    assert [v.run_id for v in versions] == [seed_run.info.run_id, iteration_run.info.run_id]
-
-    # The win rate on the iteration's run, with the evaluator's identity and the compared pairs as a dataset.
-    metrics = iteration_run.data.metrics
-    assert 0 <= metrics["eval/win_rate_ci_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_ci_high"] <= 1
-    assert 0 <= metrics["eval/lc_win_rate"] <= 1 and metrics["eval/prompts_compared"] == 4
-    tags = iteration_run.data.tags
-    assert (tags["metareward.evaluator"], tags["metareward.evaluator_digest"]) == (str(tiny_model), model_digest(tiny_model))
-    assert tags["metareward.evaluation_reference"] == "previous"
-    datasets = {d.dataset.name: d for d in client.get_run(iteration_run.info.run_id).inputs.dataset_inputs}
-    assert datasets["tiny/iter-1/win_rate"].tags[0].value == "evaluation"
-    # ...and over iterations on the campaign run.
-    assert [m.step for m in client.get_metric_history(campaign_run.info.run_id, "eval/win_rate")] == [1]
-    figure = client.download_artifacts(campaign_run.info.run_id, "win_rate.png", str(tmp_path))
-    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_shipped_self_rewarding_baseline_runs_end_to_end_beside_the_demo(tmp_path, tiny_model):
-    from mlflow import MlflowClient
-
-    # deployments/configs/self-rewarding-demo.yaml as shipped, with the tiny model for SmolLM2 (seed and evaluator).
+    # deployments/configs/self-rewarding-demo.yaml as shipped, with the tiny model for SmolLM2 (seed and evaluator),
+    # and a seed SFT stage on the shipped example file.
     raw = yaml.safe_load((REPO / "deployments/configs/self-rewarding-demo.yaml").read_text())
     raw["model"]["path"] = raw["evaluation"]["evaluator"]["model"]["path"] = str(tiny_model)
     raw["prompts"]["path"] = str(REPO / raw["prompts"]["path"])
     raw["evaluation"]["prompts"]["path"] = str(REPO / raw["evaluation"]["prompts"]["path"])
-    raw["artifact_root"] = str(tmp_path / "artifacts")
+    raw["artifact_root"] = str(root := tmp_path / "artifacts")
+    raw["sft"] = {"path": str(REPO / "deployments/sft/eft-example.jsonl"), "num_epochs": 2, "checkpoint_epoch": 1,
+                  "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3}
     config = tmp_path / "baseline.yaml"
     config.write_text(yaml.safe_dump(raw))
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", MLFLOW_TRACKING_URI=tracking))
+    env = cli_environment(tmp_path / "prefect", MLFLOW_TRACKING_URI=mlflow_server)
+    run = run_cli(["run", str(config)], env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "demo-self-rewarding — seed SFT" in run.stdout and "M_t+1 against the reference: win rate" in run.stdout
 
-    tables = stage_tables(tmp_path / "artifacts", "demo-self-rewarding")
+    campaign_name = "demo-self-rewarding"
+    tables = stage_tables(root, campaign_name)
+    for name, table in tables.items():
+        assert table.schema == STAGE[name.split("/")[1]].schema, name
     # Actor and judge, no meta-judge: no meta-judgment, Elo or judge pair, actor pairs only in DPO.
     assert {name.split("/")[1] for name in tables} == {
-        "prompts", "responses", "judgments", "actor_pairs", "dpo_dataset", "checkpoint",
+        "sft_data", "sft", "prompts", "responses", "judgments", "actor_pairs", "dpo_dataset", "checkpoint",
         "eval_prompts", "eval_answers", "reference_answers", "win_rate"}
     assert set(tables["iter-1/dpo_dataset"]["kind"]) == set(tables["iter-2/dpo_dataset"]["kind"]) == {"actor"}
-    # Both iterations are compared with the same reference, M_1, as the demo's are.
-    assert set(tables["iter-1/reference_answers"]["model_id"]) == set(tables["iter-2/reference_answers"]["model_id"])
+    seed = json.loads(next((root / campaign_name / "iter-0/sft").glob("all-*.json")).read_text())["stats"]
+    trained = [json.loads(next((root / campaign_name / f"iter-{t}/checkpoint").glob("all-*.json")).read_text())[
+        "stats"]["model_id"] for t in (1, 2)]
+    # Stage 0 trained M_1 on the 16 examples, stopped at epoch 1 of 2; iteration 1 generated with it.
+    assert tables["iter-0/sft_data"].height == 16 and (seed["epochs_trained"], seed["epochs_scheduled"]) == (1, 2)
+    assert set(tables["iter-1/responses"]["model_id"]) == {seed["model_id"]} != {model_digest(tiny_model)}
+    # Each iteration: M_{t+1} against M_1 (reference: seed = the SFT's output, not the base model), 8 held-out
+    # prompts, each compared in both orders by the evaluator.
+    for t in (1, 2):
+        assert set(tables[f"iter-{t}/eval_answers"]["model_id"]) == {trained[t - 1]}
+        assert set(tables[f"iter-{t}/reference_answers"]["model_id"]) == {seed["model_id"]}
+        comparisons = tables[f"iter-{t}/win_rate"]
+        assert comparisons.height == 16 and comparisons.group_by("prompt_id").agg(pl.col("trained_first").sum())[
+            "trained_first"].to_list() == [1] * 8
+        assert set(comparisons["evaluator_id"]) == {model_digest(tiny_model)}
 
-    client = MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
-    [campaign] = [r for r in runs if r.data.tags["metareward.kind"] == "campaign"]
-    assert campaign.info.run_name == "demo-self-rewarding" and campaign.data.params["mode"] == "self_rewarding"
-    assert [m.step for m in client.get_metric_history(campaign.info.run_id, "eval/win_rate")] == [1, 2]
-    assert not any(name.startswith("meta_judge/") for r in runs for name in r.data.metrics)
+    # MLflow, experiment "demo" (beside the demo campaign): seed run, lineage base -> SFT dataset -> M_1 (version 1).
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id])
+    by_kind = {}
+    for logged_run in runs:
+        by_kind.setdefault(logged_run.data.tags["metareward.kind"], []).append(logged_run)
+    [campaign_run], [seed_run] = by_kind["campaign"], by_kind["seed"]
+    iteration_runs = sorted(by_kind["iteration"], key=lambda r: int(r.data.tags["metareward.iteration"]))
+    assert campaign_run.info.run_name == campaign_name and campaign_run.data.params["mode"] == "self_rewarding"
+    assert seed_run.info.run_name == "seed-sft" and seed_run.info.status == "FINISHED"
+    assert seed_run.data.tags["mlflow.parentRunId"] == campaign_run.info.run_id
+    assert [d.dataset.name for d in client.get_run(seed_run.info.run_id).inputs.dataset_inputs] == [
+        f"{campaign_name}/iter-0/sft_data"]
+    assert client.get_metric_history(seed_run.info.run_id, "train/loss")
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert set(models) == {f"{campaign_name}-{suffix}" for suffix in ("base", "M1", "M2", "M3")}
+    m1, base = models[f"{campaign_name}-M1"], models[f"{campaign_name}-base"]
+    assert m1.tags["metareward.parent_model_id"] == base.model_id and m1.source_run_id == seed_run.info.run_id
+    assert f"{campaign_name}/iter-0/sft_data" in m1.tags["metareward.training_datasets"]
+    assert models[f"{campaign_name}-M2"].tags["metareward.parent_model_id"] == m1.model_id
+    versions = sorted(client.search_model_versions(f"name = '{campaign_name}'"), key=lambda v: int(v.version))
+    assert [v.source for v in versions] == [f"models:/{models[f'{campaign_name}-M{t}'].model_id}" for t in (1, 2, 3)]
+    assert [v.run_id for v in versions] == [seed_run.info.run_id] + [r.info.run_id for r in iteration_runs]
+
+    # The win rate on each iteration's run, with the evaluator's identity and the compared pairs as a dataset...
+    for t, iteration_run in enumerate(iteration_runs, start=1):
+        metrics = iteration_run.data.metrics
+        assert 0 <= metrics["eval/win_rate_ci_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_ci_high"] <= 1
+        assert 0 <= metrics["eval/lc_win_rate"] <= 1 and metrics["eval/prompts_compared"] == 8
+        tags = iteration_run.data.tags
+        assert (tags["metareward.evaluator"], tags["metareward.evaluator_digest"]) == (
+            str(tiny_model), model_digest(tiny_model))
+        assert tags["metareward.evaluation_reference"] == "seed"
+        datasets = {d.dataset.name: d for d in client.get_run(iteration_run.info.run_id).inputs.dataset_inputs}
+        assert datasets[f"{campaign_name}/iter-{t}/win_rate"].tags[0].value == "evaluation"
+        assert not any(name.startswith("meta_judge/") for name in metrics)
+    # ...and over iterations on the campaign run.
+    assert [m.step for m in client.get_metric_history(campaign_run.info.run_id, "eval/win_rate")] == [1, 2]
+    figure = client.download_artifacts(campaign_run.info.run_id, "win_rate.png", str(tmp_path))
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # Against fixed reference outputs (AlpacaEval's JSON) instead: only the win rates are computed again.
+    outputs = tmp_path / "reference.json"
+    outputs.write_text(json.dumps([{"instruction": prompt, "output": "I do not know.", "generator": "fixed"}
+                                   for prompt in tables["iter-1/eval_prompts"]["prompt"]]))
+    raw["evaluation"].update(reference="outputs", reference_outputs=str(outputs))
+    config.write_text(yaml.safe_dump(raw))
+    before = markers(root, campaign_name)
+    again = run_cli(["run", str(config)], env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = markers(root, campaign_name)
+    assert {key: after[key] for key in before} == before
+    added = sorted(set(after) - set(before))
+    assert [key.split("/")[1:3] for key in added] == [["iter-1", "win_rate"], ["iter-2", "win_rate"]]
+    against_outputs = ArtifactStore(str(root)).read_table(added[0].removesuffix(".json") + ".parquet")
+    assert set(against_outputs["reference_chars"]) == {len("I do not know.")} and against_outputs.height == 16
 
 
 def test_sigkill_during_judging_then_resume_equals_uninterrupted(tmp_path, tiny_model):

@@ -145,29 +145,30 @@ def test_overlong_pairs_are_dropped_and_counted(tmp_path, tiny_model):
         train_dpo(tiny_model, dataset(8, prompt_words=400), DPOConfig(num_epochs=1, **FAST), tmp_path / "none")
 
 
-def _tied_campaign(tmp_path, tiny_model, policy: str):
+def test_empty_preference_set_stops_the_campaign_or_carries_the_model_forward(tmp_path, tiny_model):
     # Greedy everywhere: a prompt's K responses are identical (one left after de-duplication → no actor
     # pair) and so are its judgments, whose meta-judge battles are then symmetric (equal Elo → no judge pair).
     greedy = {role: {"temperature": 0.0, "max_tokens": 8}
               for role in ("actor_sampling", "judge_sampling", "meta_judge_sampling")}
     # Greedy meta-judging of identical judgments always picks one position: not what this test is about.
-    config = write_config(tmp_path, tiny_model, str(tmp_path / policy), on_empty_preferences=policy, iterations=2,
+    root = tmp_path / "artifacts"
+    env = cli_environment(tmp_path / "prefect")
+    config = write_config(tmp_path, tiny_model, str(root), on_empty_preferences="stop", iterations=2,
                           iteration_overrides=greedy, health={"max_position_a_share": None})
-    return run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
+    stopped = run_cli(["run", str(config)], env)
+    assert stopped.returncode != 0
+    assert "iteration 1: no preference pair to train on" in stopped.stdout + stopped.stderr
+    assert "set on_empty_preferences: keep_model" in stopped.stdout + stopped.stderr
+    assert not list(root.glob("tiny/iter-1/checkpoint/*.json"))
 
-
-def test_empty_preference_set_stops_the_campaign_with_a_message(tmp_path, tiny_model):
-    result = _tied_campaign(tmp_path, tiny_model, "stop")
-    assert result.returncode != 0
-    assert "iteration 1: no preference pair to train on" in result.stdout + result.stderr
-    assert "set on_empty_preferences: keep_model" in result.stdout + result.stderr
-
-
-def test_empty_preference_set_can_carry_the_model_forward(tmp_path, tiny_model):
-    result = _tied_campaign(tmp_path, tiny_model, "keep_model")
-    assert result.returncode == 0, result.stderr[-3000:]
-    root = tmp_path / "keep_model" / "tiny"
-    responses = pl.concat([pl.read_parquet(p) for p in (root / "iter-2/responses").glob("*.parquet")])
+    # Switched to keep_model, the same campaign goes on: the checkpoint's key changed, M_1 is carried to
+    # iteration 2, and the tables before it come from the store.
+    config = write_config(tmp_path, tiny_model, str(root), on_empty_preferences="keep_model", iterations=2,
+                          iteration_overrides=greedy, health={"max_position_a_share": None})
+    kept = run_cli(["run", str(config)], env)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert (kept.stdout + kept.stderr).count("Finished in state Cached") >= 8
+    responses = pl.concat([pl.read_parquet(p) for p in (root / "tiny" / "iter-2/responses").glob("*.parquet")])
     assert set(responses["model_id"]) == {model_digest(tiny_model)}
 
 
