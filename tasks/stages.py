@@ -12,6 +12,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.settings import get_current_settings
 
 from metareward.config import CampaignConfig
 from metareward.context import ModelRef
@@ -137,8 +138,13 @@ class IterationStages:
         return results
 
     def _tags(self, name: str, inputs: Upstream, model: ModelRef | None, shard: int | None) -> list[str]:
-        """The job's tags: the `gpu` tag of model stages (for concurrency limits) and its artifact key, so that
-        the task run that wrote a table is found by its key (Prefect 3 shows no cache key of its own)."""
+        """The job's tags on a Prefect server: the `gpu` tag of model stages (for concurrency limits) and its
+        artifact key, so that the task run that wrote a table is found by its key (Prefect 3 shows no cache key
+        of its own). None on the embedded ephemeral API (no PREFECT_API_URL), where no UI or concurrency limit
+        reads them and each tagged task's concurrency check waits ~2 s on SQLite's lock
+        (PrefectHQ/prefect#18934)."""
+        if get_current_settings().api.url is None:
+            return []
         job = plan_job(self.config, name, self.iteration, inputs, model, shard)
         return ([GPU_TAG] if stage(name).uses_model else []) + [f"key:{job.cache_key}"]
 

@@ -160,8 +160,12 @@ def test_demo_deployment_on_a_process_worker_retries_a_failed_stage_without_reco
     assert {name.split(" ")[0] for name in task_runs} >= {"prompts", "responses", "judgments", "actor_pairs",
                                                          "meta_judgments", "judgment_elo", "judge_pairs",
                                                          "dpo_dataset", "checkpoint"}
-    checkpoint = stage_manifests(ArtifactStore(str(root)), "tiny")[1]["checkpoint"]["stats"]
+    manifests = stage_manifests(ArtifactStore(str(root)), "tiny")[1]
+    checkpoint = manifests["checkpoint"]["stats"]
     assert Path(checkpoint["model_uri"], "model_id.txt").read_text().strip() == checkpoint["model_id"]
+    # A task run is found by the artifact key of the table it wrote; model stages carry the `gpu` tag.
+    assert set(failed_once.tags) == {"gpu", f"key:{manifests['judgments']['shards']['shard-0001']['cache_key']}"}
+    assert [tag for tag in task_runs["judgment_elo iter-1 all"].tags if tag == "gpu"] == []
     artifacts = _read(url, "read_artifacts")
     assert any(artifact.key == "tiny-iter-1" for artifact in artifacts)
 
