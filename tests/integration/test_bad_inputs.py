@@ -154,3 +154,27 @@ def test_show_on_a_damaged_manifest(tmp_path, env):
     manifest.write_text('{"stage": "judgments", "iteration": 1, "shards": {')
     fails_fast(["show", "tiny", "--artifact-root", str(tmp_path / "root")], env, str(manifest), "is damaged",
                "run the campaign again")
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("sft judgment without a score", ["sft.jsonl", "do not end in a line \"Score: X\"", "rows 2"]),
+    ("held-out prompts that are training prompts", ["heldout.jsonl", "also training prompts", "held-out prompts only"]),
+    ("the seed as evaluator", ["evaluation.evaluator", "it would judge its own answers", "allow_trained_model"]),
+    ("missing reference outputs", ["outputs.json", "no such reference outputs file"]),
+])
+def test_bad_seed_sft_and_evaluation_inputs(tmp_path, tiny_model, env, problem, expected):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"instruction": "Q", "response": "A", "judgment": "Fine.\nScore: 4"}) + "\n"
+                   + json.dumps({"instruction": "Q", "response": "A", "judgment": "Fine, no verdict."}) + "\n")
+    held_out = tmp_path / "heldout.jsonl"
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "root"))  # writes the training prompts file
+    training_prompts = (tmp_path / "prompts.jsonl").read_text().splitlines()
+    held_out.write_text("\n".join([json.dumps({"prompt": "A prompt nobody trains on."}),
+                                   *(training_prompts[:1] if problem.startswith("held-out") else [])]) + "\n")
+    evaluator = {"model": {"path": str(tiny_model)}, "allow_trained_model": problem != "the seed as evaluator"}
+    evaluation = {"prompts": {"path": str(held_out)}, "evaluator": evaluator}
+    if problem == "missing reference outputs":
+        evaluation.update(reference="outputs", reference_outputs=str(tmp_path / "outputs.json"))
+    overrides = {"evaluation": evaluation, **({"sft": {"path": str(sft)}} if problem.startswith("sft") else {})}
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "root"), **overrides)
+    fails_fast(["run", str(config)], env, *expected)
