@@ -32,6 +32,9 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
     # a task: Prefect links a task's returned strings to it by identity, and the model's URI is inside `config`.
     check_model(model_path, config.model.chat_template)
     model = ModelRef(model_path, model_id_of(model_path))
+    if config.evaluation:
+        # Before any work: the evaluator may not be M_t (M_{t+1} is checked once it exists).
+        check_evaluator(config, evaluator_model(config), [model])
     with iteration_run(config, iteration, model) as stages:
         prompts = stages.run("prompts")
         # Actor (sec. 2.1): K responses per prompt. Judge: N judgments per response; their mean is its reward.
@@ -60,9 +63,9 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
             reference = None
             if config.evaluation.reference != "outputs":
                 reference = stages.run("reference_answers", eval_prompts=held_out,
-                                       model=reference_model(config, model))
+                                       model=reference_model(config, model, iteration))
             evaluator = evaluator_model(config)
-            check_evaluator(config, evaluator, [model, trained])
+            check_evaluator(config, evaluator, [trained])
             stages.run("win_rate", eval_prompts=held_out, eval_answers=answers, reference_answers=reference,
                        model=evaluator)
     return stages.outcome(checkpoint)

@@ -34,12 +34,21 @@ def starting_model(config: CampaignConfig, start_iteration: int, store: Artifact
     return model
 
 
-def reference_model(config: CampaignConfig, policy: ModelRef) -> ModelRef:
+def reference_model(config: CampaignConfig, policy: ModelRef, iteration: int,
+                    store: ArtifactStore | None = None) -> ModelRef:
     """What M_{t+1} is compared with when the reference is a model: M_t (`policy`, evaluation.reference
-    previous) or M_1 (seed: model.path, or the seed SFT's model)."""
-    if config.evaluation.reference == "previous":
+    previous) or M_1 (seed): in iteration 1 `policy` itself, later the model iteration 1 of this campaign
+    generated with, as its responses' marker recorded it (so a --start-model of iteration 1 stays the
+    reference); model.path or the seed SFT's model when the store has no iteration 1."""
+    if config.evaluation.reference == "previous" or iteration == 1:
         return policy
-    seed = starting_model(config, 1)
+    store = store or open_store(config.artifact_root)
+    shards = stage_manifests(store, config.name).get(1, {}).get("responses", {}).get("shards", {})
+    if shards:
+        first = next(iter(shards.values()))["uri"]
+        model = store.read_json(store.key_of(first).removesuffix(".parquet") + ".json")["job"]["model"]
+        return ModelRef(model["uri"], model["model_id"])
+    seed = starting_model(config, 1, store)
     return ModelRef(seed, model_id_of(seed))
 
 

@@ -143,8 +143,8 @@ def rank_judgments(
     does — and give the positional weights (ω1, ω2), or ω1 = ω2 = ½ when `positional` is false; each
     response's battles make its battle matrix, and one batched fit gives the Elo scores. battle_rule
     "both_orders_agree" (NeMo-Aligner) counts a battle only for a judgment that won it in both orders
-    (elo.agreed_battles; the weights do not apply). The statistics carry win_first, win_second, w1, w2 (and
-    agreed_battles, split_battles under that rule).
+    (elo.agreed_battles; the weights do not apply). The statistics carry win_first, win_second, and w1, w2 under
+    the weighted rule or agreed_battles, split_battles under the other.
     """
     if battle_rule not in BATTLE_RULES:
         raise ValueError(f"battle_rule must be one of {BATTLE_RULES}, got {battle_rule!r}")
@@ -156,7 +156,9 @@ def rank_judgments(
     win_first = int((verdicts["r"] == 1).sum())
     win_second = int((verdicts["r"] == -1).sum())
     w1, w2 = positional_weights(win_first, win_second) if positional else (0.5, 0.5)
-    stats.counts.update(win_first=win_first, win_second=win_second, w1=w1, w2=w2)
+    stats.counts.update(win_first=win_first, win_second=win_second)
+    if battle_rule == "weighted":
+        stats.counts.update(w1=w1, w2=w2)
 
     ranked = (
         pl.concat([verdicts.select("response_id", judgment_id="first_id"),

@@ -37,14 +37,15 @@ def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str
     check_engine(config.inference)
     if config.sft is not None:
         load_sft_examples(config.sft.path)
-    check_evaluation_inputs(config)
+    check_evaluation_inputs(config, None if runs_sft else model)
     return model
 
 
-def check_evaluation_inputs(config: CampaignConfig) -> None:
+def check_evaluation_inputs(config: CampaignConfig, start_model: str | None = None) -> None:
     """With an evaluation section: the held-out prompts share none with the training prompts, the reference
-    outputs file reads, the evaluator's weights (or endpoint) can serve, and the evaluator is not the seed model
-    unless evaluator.allow_trained_model (later iterations' models are checked when they exist, check_evaluator)."""
+    outputs file reads, the evaluator's weights (or endpoint) can serve, and the evaluator is not `start_model`
+    (the model the campaign starts from) unless evaluator.allow_trained_model. Each iteration checks its own M_t
+    and M_{t+1} again (check_evaluator), the SFT's M_1 among them."""
     evaluation = config.evaluation
     if evaluation is None:
         return
@@ -54,9 +55,9 @@ def check_evaluation_inputs(config: CampaignConfig) -> None:
     evaluator = evaluation.evaluator
     if evaluator.model is not None:
         check_model(evaluator.model.path, evaluator.model.chat_template)
-    check_engine(evaluator.inference)
-    if config.sft is None:
-        check_evaluator(config, evaluator_model(config), [ModelRef(config.model.path, model_id_of(config.model.path))])
+    check_engine(evaluator.inference, "evaluation.evaluator.inference")
+    if start_model is not None:
+        check_evaluator(config, evaluator_model(config), [ModelRef(start_model, model_id_of(start_model))])
 
 
 def check_evaluation(config: CampaignConfig, model: str | None = None, output: str | None = None) -> None:
@@ -75,17 +76,17 @@ def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
         raise ConfigError(f"start iteration {start_iteration}: {config.name} has iterations 1..{len(config.iterations)}")
 
 
-def check_engine(inference: InferenceConfig) -> None:
+def check_engine(inference: InferenceConfig, field: str = "inference") -> None:
     """The vllm backend's interpreter exists; an OpenAI-compatible server given by inference.base_url answers
     /v1/models within 10 s (and serves inference.api_model when one is named). Raises ConfigError or
-    InferenceError."""
+    InferenceError naming the settings as `field` (the campaign's inference, or the evaluator's)."""
     if inference.backend == "vllm" and inference.base_url is None:
         from metareward.inference.vllm_backend import DEFAULT_VLLM_PYTHON
 
         python = Path(inference.vllm_python or os.environ.get("METAREWARD_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
         if not python.exists():
-            raise ConfigError(f"inference.backend vllm: vLLM's Python {python} does not exist "
-                              "(bash infra/setup.sh --vllm, or set inference.vllm_python)")
+            raise ConfigError(f"{field}.backend vllm: vLLM's Python {python} does not exist "
+                              f"(bash infra/setup.sh --vllm, or set {field}.vllm_python)")
         return
     if inference.backend == "transformers" or inference.base_url is None:
         return
@@ -96,8 +97,8 @@ def check_engine(inference: InferenceConfig) -> None:
         response.raise_for_status()
         served = [model["id"] for model in response.json().get("data", [])]
     except (httpx.HTTPError, ValueError) as error:
-        raise InferenceError(f"inference.base_url {inference.base_url}: no OpenAI-compatible server answers {url} "
+        raise InferenceError(f"{field}.base_url {inference.base_url}: no OpenAI-compatible server answers {url} "
                              f"({type(error).__name__}: {error}); start it or fix the URL") from None
     if inference.api_model and served and inference.api_model not in served:
-        raise InferenceError(f"inference.api_model {inference.api_model!r} is not served at {inference.base_url} "
+        raise InferenceError(f"{field}.api_model {inference.api_model!r} is not served at {inference.base_url} "
                              f"(it serves {served})")

@@ -155,7 +155,7 @@ SEED_STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="sft",
-        summary="SFT of the base model on the judge examples into M_1 with TRL, epoch 5 of 10 kept (A.3)",
+        summary="SFT of the base model on the judge examples into M_1 with TRL, stopped at the kept epoch (A.3: 5 of 10)",
         inputs=("sft_data",),
         settings=lambda config, t: {
             "training": _sft(config).training(), "dtype": config.model.dtype,
@@ -272,7 +272,6 @@ EVALUATION_STAGES: tuple[Stage, ...] = (
         inputs=("eval_prompts",),
         settings=lambda config, t: _answer_settings(config),
         schema=RESPONSES, runner=runners.answers, model="trained", dataset_context="evaluation",
-        report_columns=("n_chars",),
     ),
     Stage(
         name="reference_answers",
@@ -280,7 +279,6 @@ EVALUATION_STAGES: tuple[Stage, ...] = (
         inputs=("eval_prompts",),
         settings=lambda config, t: _answer_settings(config),
         schema=RESPONSES, runner=runners.answers, model="reference", dataset_context="evaluation",
-        report_columns=("n_chars",),
     ),
     Stage(
         name="win_rate",
@@ -291,7 +289,7 @@ EVALUATION_STAGES: tuple[Stage, ...] = (
             if _evaluation(config).reference == "outputs" else None,
             "evaluator": evaluator_settings(config), "bootstrap": _evaluation(config).bootstrap, "seed": config.seed},
         schema=EVAL_COMPARISONS, runner=runners.win_rate, model="evaluator", dataset_context="evaluation",
-        report_columns=("prompt_id", "preference", "identical"), parses_verdicts=True,
+        report_columns=("preference", "identical"), parses_verdicts=True,
     ),
 )
 """After an iteration's training, when the config has an evaluation section: M_{t+1} against a reference."""

@@ -269,7 +269,8 @@ class Tracker:
                       dataset_name=dataset["name"] if linked else None, dataset_digest=dataset["digest"] if linked else None)
 
     def _training_curves(self, curves: pl.DataFrame, model, dataset: dict | None) -> list:
-        """TRL's log as train/… curves by step; the last step's points linked to M_{t+1} and its DPO dataset."""
+        """TRL's log as train/… curves by step; the last step's points linked to the trained model (M_{t+1}, or the
+        seed SFT's M_1) and its training dataset (the DPO set, or the SFT examples)."""
         rows = curves.sort("step").iter_rows(named=True) if curves.height else []
         last = curves["step"].max() if curves.height else None
         return [self._metric(f"train/{column}", float(value), int(row["step"]), model if row["step"] == last else None,

@@ -221,6 +221,7 @@ def test_both_orders_agree_counts_only_unanimous_battles(prompts):
     agreed, stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="both_orders_agree")
     # Q1: Z-P and Z-W agree, P-W splits; Q2 (3 judgments, the meta-judge always says A): 3 split pairs.
     assert (stats.counts["agreed_battles"], stats.counts["split_battles"]) == (2, 4)
+    assert "w1" not in stats.counts and "w2" not in stats.counts  # no positional weight applies
     np.testing.assert_allclose(q1_elo({**out, "elo": agreed}), elo_scores(np.array([[0, 0, 0], [0, 0, 0], [1, 1, 0]])),
                                atol=1e-6)
     q2 = agreed.filter(pl.col("prompt_id") == content_id("Q2"))["elo"].to_numpy()
