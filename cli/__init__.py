@@ -87,7 +87,7 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
     check_evaluation(config, arguments.model, arguments.output)
-    load_prompts(arguments.prompts, arguments.column)
+    load_prompts(arguments.prompts, arguments.column, "--column")
     evaluation = export_alpaca_eval(config, arguments.prompts, arguments.output, arguments.model, arguments.generator,
                                     arguments.column)
     log_evaluation(config, evaluation)
@@ -150,7 +150,7 @@ def _config_check(arguments: argparse.Namespace) -> int:
 
 
 def _prompts_check(arguments: argparse.Namespace) -> int:
-    prompt_set = load_prompts(arguments.file, column=arguments.column)
+    prompt_set = load_prompts(arguments.file, column=arguments.column, column_setting="--column")
     print(f"{arguments.file}: {prompt_set.summary()}")
     return 0
 

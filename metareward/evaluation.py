@@ -234,7 +234,7 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
     iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
     from metareward.input_files import load_prompts
 
-    prompts = load_prompts(prompts_path, column).table["prompt"].to_list()
+    prompts = load_prompts(prompts_path, column, "--column").table["prompt"].to_list()
     with _evaluated_model(config, model_path) as (model, digest, backend):
         answers = answer_prompts(prompts, backend, config.iterations[-1].actor_sampling, config.seed)
     outputs = alpaca_eval_outputs(prompts, answers, generator or f"{config.name}-{digest}")

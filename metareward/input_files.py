@@ -40,7 +40,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
         raise error(f"{path}: no such {what}")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
-        raise error(f"{path}: unknown {what} type {path.suffix!r}: use .jsonl, .parquet or .csv")
+        raise error(f"{path}: unknown {what} type {path.suffix!r}: use .jsonl, .json, .parquet or .csv")
     hint = f"; {hint}" if hint else ""
     if suffix in (".jsonl", ".json"):
         return _json_rows(path, list(columns), list(optional), error, hint)
@@ -134,17 +134,17 @@ class PromptSet:
         return line
 
 
-def load_prompts(path: str | Path, column: str = "prompt") -> PromptSet:
+def load_prompts(path: str | Path, column: str = "prompt", column_setting: str = "prompts.column") -> PromptSet:
     """Read a JSONL, Parquet or CSV prompt file into the prompts table.
 
     Rows are numbered from 1 as a user sees them (read_rows). Empty or whitespace-only prompts are skipped and
     counted — one blank line should not stop a campaign of thousands, yet the user sees them in the summary.
     Exact duplicates are dropped by content hash, the first kept. An optional `source` column is kept;
-    otherwise the source is the file's name. Raises PromptFileError as read_rows does, and for a file with no
-    prompt left.
+    otherwise the source is the file's name. Raises PromptFileError as read_rows does (a missing column names
+    `column_setting`, the setting that picks it), and for a file with no prompt left.
     """
     path = Path(path)
-    rows = read_rows(path, [column], "prompt file", PromptFileError, hint="rename the field or set prompts.column",
+    rows = read_rows(path, [column], "prompt file", PromptFileError, hint=f"rename the field or set {column_setting}",
                      optional=["source"] if column != "source" else [])
     rows = rows.with_columns(pl.col(column).fill_null(""))
     is_empty = pl.col(column).str.strip_chars() == ""
@@ -226,7 +226,7 @@ def held_out_prompts(path: str | Path, column: str, training_path: str | Path, t
     """The evaluation's prompt file (load_prompts), checked to share no prompt with the training prompt file:
     InputFileError naming how many are shared and the first of them otherwise (a win rate on training prompts
     measures memory, not improvement)."""
-    held_out = load_prompts(path, column)
+    held_out = load_prompts(path, column, "evaluation.prompts.column")
     training = set(load_prompts(training_path, training_column).table["prompt_id"])
     shared = held_out.table.filter(pl.col("prompt_id").is_in(list(training)))["prompt"].to_list()
     if shared:

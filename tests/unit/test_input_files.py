@@ -103,6 +103,9 @@ def test_held_out_prompts_must_not_be_training_prompts(tmp_path):
     with pytest.raises(InputFileError, match=r"leaky.jsonl: 1 of its prompts are also training prompts in .*train"
                                              r".jsonl \(e.g. 'beta'\)"):
         held_out_prompts(leaky, "question", training, "prompt")
+    # A held-out file without its column names the setting that picks it.
+    with pytest.raises(InputFileError, match=r"heldout.jsonl: .*'prompt'.*set evaluation\.prompts\.column"):
+        held_out_prompts(held_out, "prompt", training, "prompt")
 
 
 def test_shipped_held_out_prompts_are_disjoint_from_the_shipped_training_prompts():
