@@ -299,9 +299,11 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
     ]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        errors = [line for line in (completed.stdout + completed.stderr).splitlines()
-                  if "Error" in line or "error" in line][-15:]
-        raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed:\n" + "\n".join(errors))
+        # The tail of the output, not only its "Error" lines: the failing rank's own traceback precedes torch's
+        # ChildFailedError summary, which alone does not say what went wrong.
+        output = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()][-40:]
+        raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed (exit "
+                           f"{completed.returncode}):\n" + "\n".join(output))
     report = json.loads((output_dir / "result.json").read_text())
     return TrainingResult(Path(report["checkpoint"]), report["model_id"], report["log_history"],
                           report["pairs_trained"], report["pairs_too_long"], report["seconds"], report["summary"])
