@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _tables(root: str, campaign: str, iteration: int) -> dict:
-    from metareward.manifests import read_stage_table, stage_manifests
-    from metareward.store import ArtifactStore
+    from metareward.pipeline.manifests import read_stage_table, stage_manifests
+    from metareward.artifacts.store import ArtifactStore
 
     store = ArtifactStore(root)
     manifests = stage_manifests(store, campaign)[iteration]
@@ -30,11 +30,11 @@ def _tables(root: str, campaign: str, iteration: int) -> dict:
 
 
 def _stage(root: str, campaign: str, iteration: int, stage: str, threads: int) -> dict:
-    from metareward.config import CampaignConfig
+    from metareward.config.campaign import CampaignConfig
     from metareward.inference.transformers_backend import TransformersBackend
-    from metareward.models import resolve_model
-    from metareward.preferences import score_responses, select_judged_responses
-    from metareward.roles import generate_responses, judge_responses, meta_judge
+    from metareward.training.models import resolve_model
+    from metareward.paper.preferences import score_responses, select_judged_responses
+    from metareward.inference.roles import generate_responses, judge_responses, meta_judge
 
     config = CampaignConfig.from_yaml(Path(__file__).resolve().parents[1] / "deployments/configs/demo.yaml")
     settings = config.iterations[iteration - 1]
@@ -70,9 +70,9 @@ def _stage(root: str, campaign: str, iteration: int, stage: str, threads: int) -
 def _dpo(root: str, campaign: str, iteration: int, per_device: int, threads: int) -> dict:
     import torch
 
-    from metareward.config import CampaignConfig
-    from metareward.models import resolve_model
-    from metareward.training import train_dpo
+    from metareward.config.campaign import CampaignConfig
+    from metareward.training.models import resolve_model
+    from metareward.training.trainer import train_dpo
 
     torch.set_num_threads(threads)
     config = CampaignConfig.from_yaml(Path(__file__).resolve().parents[1] / "deployments/configs/demo.yaml")

@@ -31,7 +31,7 @@ KEPT = (6, 4, 2, 2)
 def _dataset(pairs: int, words: int):
     import polars as pl
 
-    from metareward.tables import DPO_DATASET
+    from metareward.artifacts.tables import DPO_DATASET
 
     rows = [
         {"prompt_id": str(i), "prompt": [{"role": "user", "content": f"Question {i}: " + "explain this " * words}],
@@ -45,11 +45,11 @@ def _dataset(pairs: int, words: int):
 
 def _model(name: str, scratch: Path) -> Path:
     if name == "tiny":
-        from metareward.models import build_tiny_model
+        from metareward.training.models import build_tiny_model
 
         return build_tiny_model(scratch / "tiny")
     if name == "smollm2":
-        from metareward.models import smollm2_model
+        from metareward.training.models import smollm2_model
 
         return smollm2_model()
     if name == "random-1b":
@@ -63,7 +63,7 @@ def _random_llama(path: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from metareward.models import build_tiny_model
+    from metareward.training.models import build_tiny_model
 
     tokenizer_source = build_tiny_model(path.parent / "tokenizer-source")
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -84,7 +84,7 @@ def _all_epochs_saved(model: str, data, settings, folder: Path, dtype: str) -> N
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from metareward.training import dpo_arguments
+    from metareward.training.trainer import dpo_arguments
 
     torch_dtype = getattr(torch, dtype)
     data.select("prompt", "chosen", "rejected").write_parquet(folder / "pairs.parquet")
@@ -102,8 +102,8 @@ def _all_epochs_saved(model: str, data, settings, folder: Path, dtype: str) -> N
 def _one(setting: str, model: str, pairs: int, words: int, kept: int) -> dict:
     import torch
 
-    from metareward.config import DPOConfig
-    from metareward.training import train_dpo
+    from metareward.config.campaign import DPOConfig
+    from metareward.training.trainer import train_dpo
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     settings = DPOConfig(num_epochs=EPOCHS, checkpoint_epoch=kept, global_batch_size=8, per_device_batch_size=4,

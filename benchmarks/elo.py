@@ -17,7 +17,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402  (thread limits must be set before numpy loads its BLAS)
 
-from metareward.elo import battle_matrices, elo_scores, elo_scores_batch, positional_weights  # noqa: E402
+from metareward.paper.elo import battle_matrices, elo_scores, elo_scores_batch, positional_weights  # noqa: E402
 
 
 def iteration_battles(n_prompts: int, n_judgments: int, seed: int = 0) -> np.ndarray:

@@ -23,8 +23,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from prefect import flow  # noqa: E402
 
 from flows.iteration import iteration_flow  # noqa: E402
-from metareward.config import CampaignConfig  # noqa: E402
-from metareward.jobs import add_job_listener  # noqa: E402
+from metareward.config.campaign import CampaignConfig  # noqa: E402
+from metareward.pipeline.jobs import add_job_listener  # noqa: E402
 
 
 @flow(name="warm-up")

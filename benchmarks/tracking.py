@@ -23,10 +23,10 @@ import httpx
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from metareward.config import CampaignConfig  # noqa: E402
-from metareward.manifests import stage_manifests  # noqa: E402
-from metareward.store import ArtifactStore  # noqa: E402
-from metareward.tracking import Tracker  # noqa: E402
+from metareward.config.campaign import CampaignConfig  # noqa: E402
+from metareward.pipeline.manifests import stage_manifests  # noqa: E402
+from metareward.artifacts.store import ArtifactStore  # noqa: E402
+from metareward.tracking.tracker import Tracker  # noqa: E402
 
 
 def _time_logging(config: CampaignConfig) -> list[tuple[int, float, float, float]]:

@@ -17,19 +17,19 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.progress import StageProgress, print_summary
-from metareward.config import CampaignConfig, ConfigError
-from metareward.evaluation import EvaluationInputError
+from metareward.config.campaign import CampaignConfig, ConfigError
+from metareward.pipeline.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
-from metareward.input_files import InputFileError, load_prompts
-from metareward.jobs import code_fingerprint, settings_digest
-from metareward.models import ModelNotFoundError
+from metareward.pipeline.input_files import InputFileError, load_prompts
+from metareward.pipeline.jobs import code_fingerprint, settings_digest
+from metareward.training.models import ModelNotFoundError
 from metareward.preflight import check_evaluation, preflight
-from metareward.report import HealthCheckError
-from metareward.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
-from metareward.store import StoreError, open_store
-from metareward.summary import stored_outcomes
-from metareward.tracking import TrackingError, log_evaluation
-from metareward.training import EmptyTrainingSetError
+from metareward.paper.report import HealthCheckError
+from metareward.pipeline.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
+from metareward.artifacts.store import StoreError, open_store
+from metareward.pipeline.summary import stored_outcomes
+from metareward.tracking.tracker import TrackingError, log_evaluation
+from metareward.training.trainer import EmptyTrainingSetError
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def _show(arguments: argparse.Namespace) -> int:
 
 
 def _evaluate_agreement(arguments: argparse.Namespace) -> int:
-    from metareward.evaluation import evaluate_judge_agreement
+    from metareward.pipeline.evaluation import evaluate_judge_agreement
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
     check_evaluation(config, arguments.model, arguments.output)
@@ -83,7 +83,7 @@ def _evaluate_agreement(arguments: argparse.Namespace) -> int:
 
 
 def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
-    from metareward.evaluation import export_alpaca_eval
+    from metareward.pipeline.evaluation import export_alpaca_eval
 
     config = CampaignConfig.from_yaml(arguments.config).with_environment()
     check_evaluation(config, arguments.model, arguments.output)
@@ -123,7 +123,7 @@ def _config_show(arguments: argparse.Namespace) -> int:
 
 
 def _config_check(arguments: argparse.Namespace) -> int:
-    from metareward.resources import ASSUMPTIONS, GB, architecture, campaign_estimates, problems, visible_gpus
+    from metareward.placement.resources import ASSUMPTIONS, GB, architecture, campaign_estimates, problems, visible_gpus
 
     config = CampaignConfig.from_yaml(arguments.config)
     arch = architecture(config.model.path, arguments.model_config, config.model.dtype)

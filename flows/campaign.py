@@ -9,10 +9,10 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from flows.iteration import iteration_flow, seed_flow
-from metareward.config import CampaignConfig
-from metareward.model_roles import starting_model
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.model_roles import starting_model
 from metareward.preflight import check_start_iteration
-from metareward.summary import campaign_markdown
+from metareward.pipeline.summary import campaign_markdown
 from tasks.track import artifact_key
 
 

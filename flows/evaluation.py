@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from metareward.config import CampaignConfig
+from metareward.config.campaign import CampaignConfig
 from metareward.preflight import check_evaluation
 from tasks.evaluate import alpaca_eval_export, judge_agreement
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from metareward.config import CampaignConfig
-from metareward.context import ModelRef
-from metareward.inference import close_shared_backends
-from metareward.jobs import JobResult
-from metareward.model_roles import check_evaluator, evaluator_model, reference_model
-from metareward.models import check_model, model_id_of
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.context import ModelRef
+from metareward.inference.engines import close_shared_backends
+from metareward.pipeline.jobs import JobResult
+from metareward.pipeline.model_roles import check_evaluator, evaluator_model, reference_model
+from metareward.training.models import check_model, model_id_of
 from tasks.common import result_storage, retried
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run

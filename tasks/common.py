@@ -6,16 +6,16 @@ from pathlib import Path
 
 from prefect.tasks import exponential_backoff
 
-from metareward.config import CampaignConfig
-from metareward.faults import transient
-from metareward.store import open_store, s3_storage_options
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.faults import transient
+from metareward.artifacts.store import open_store, s3_storage_options
 
 GPU_TAG = "gpu"
 """Tag of every task that holds a model: a Prefect concurrency limit on it caps them at the GPU count."""
 
 
 def worth_retrying(task, task_run, state) -> bool:
-    """Retry only what can heal (metareward.faults.transient): an endpoint down for a while, a server error, a
+    """Retry only what can heal (metareward.pipeline.faults.transient): an endpoint down for a while, a server error, a
     timeout, an engine that died — never bad input, a missing file, a wrong setting or a corrupt artifact,
     which would fail the same way after every back-off."""
     try:

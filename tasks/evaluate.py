@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from metareward.config import CampaignConfig
-from metareward.evaluation import evaluate_judge_agreement, export_alpaca_eval
-from metareward.store import open_store
-from metareward.tracking import log_evaluation
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.evaluation import evaluate_judge_agreement, export_alpaca_eval
+from metareward.artifacts.store import open_store
+from metareward.tracking.tracker import log_evaluation
 from tasks.common import GPU_TAG, RETRIED
 
 _OPTIONS = {**RETRIED, "cache_policy": NO_CACHE, "tags": [GPU_TAG]}

@@ -10,10 +10,10 @@ from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 
-from metareward.config import CampaignConfig
-from metareward.context import ModelRef
-from metareward.jobs import JobResult, finished, plan_job
-from metareward.store import open_store
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.context import ModelRef
+from metareward.pipeline.jobs import JobResult, finished, plan_job
+from metareward.artifacts.store import open_store
 
 
 class ShardRunFailed(RuntimeError):
@@ -41,7 +41,7 @@ def run_shards_on_workers(config: CampaignConfig, stage: str, iteration: int, mo
             flow_run = run_deployment(
                 config.orchestration.shard_deployment, timeout=0,
                 # Unset optional settings are left out: the deployment's schema has them as plain, omittable
-                # fields (config_sections.form_schema), which refuse an explicit null.
+                # fields (metareward.config.sections.form_schema), which refuse an explicit null.
                 parameters={"config": config.model_dump(mode="json", exclude_none=True), "stage": stage,
                             "iteration": iteration, "shard": job.shard_index, "model": model, "upstream": inputs},
                 flow_run_name=f"{config.name} {job.run_name}", idempotency_key=f"{attempt}:{job.key}",

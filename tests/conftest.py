@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama + offline BPE tokenizer with a chat template, built once per session."""
-    from metareward.models import build_tiny_model
+    from metareward.training.models import build_tiny_model
 
     corpus = [json.loads(line)["prompt"] for line in PROMPT_FILE.read_text().splitlines()]
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus)

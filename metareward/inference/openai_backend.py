@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from metareward import progress
+from metareward.inference import progress
 from metareward.inference.base import (
     BackendUnavailableError,
     ChoiceRequest,

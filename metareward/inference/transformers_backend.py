@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metareward import progress
+from metareward.inference import progress
 from metareward.inference.base import (
     ChoiceRequest,
     Completion,

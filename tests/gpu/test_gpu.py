@@ -2,10 +2,10 @@
 
 import pytest
 
-from metareward.config import DPOConfig
+from metareward.config.campaign import DPOConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
-from metareward.training import train_dpo
+from metareward.training.trainer import train_dpo
 from tests.integration.test_training import FAST, dataset
 
 pytestmark = pytest.mark.gpu

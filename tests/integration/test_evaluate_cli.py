@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from metareward.tables import file_digest
+from metareward.artifacts.tables import file_digest
 from tests.integration.campaigns import cli_environment, run_cli, write_config
 
 RANKINGS = Path(__file__).parents[2] / "deployments" / "evaluation" / "rankings-example.jsonl"

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from moto.server import ThreadedMotoServer
 
-from metareward.store import ArtifactStore
+from metareward.artifacts.store import ArtifactStore
 from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
 
 pytestmark = pytest.mark.slow

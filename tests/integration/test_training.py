@@ -9,13 +9,13 @@ import json
 import polars as pl
 import pytest
 
-from metareward.config import DPOConfig, SFTConfig
+from metareward.config.campaign import DPOConfig, SFTConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
-from metareward.input_files import load_sft_examples
-from metareward.models import compute_model_digest, model_digest
-from metareward.tables import DPO_DATASET
-from metareward.training import (
+from metareward.pipeline.input_files import load_sft_examples
+from metareward.training.models import compute_model_digest, model_digest
+from metareward.artifacts.tables import DPO_DATASET
+from metareward.training.trainer import (
     SFT_LOG,
     EmptyPreferenceSetError,
     EmptyTrainingSetError,
@@ -53,7 +53,7 @@ def full_run_epoch_weights(model_path, data: pl.DataFrame, settings: DPOConfig, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from metareward.training import dpo_arguments
+    from metareward.training.trainer import dpo_arguments
 
     data.select("prompt", "chosen", "rejected").write_parquet(folder / "pairs.parquet")
     arguments = dataclasses.replace(dpo_arguments(settings, folder / "runs", 0, torch.float32, on_gpu=False),

@@ -2,14 +2,14 @@
 
 import pytest
 
-from metareward.config import SamplingConfig
+from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import ChoiceRequest, GenerationRequest, InferenceError
 from metareward.inference.rendering import ChatRenderer
 from metareward.inference.transformers_backend import TransformersBackend
-from metareward.input_files import load_prompts
-from metareward.preferences import score_responses, select_judged_responses
-from metareward.roles import generate_responses, judge_responses, meta_judge
-from metareward.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES
+from metareward.pipeline.input_files import load_prompts
+from metareward.paper.preferences import score_responses, select_judged_responses
+from metareward.inference.roles import generate_responses, judge_responses, meta_judge
+from metareward.artifacts.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES
 from tests.conftest import PROMPT_FILE
 
 USER = ({"role": "user", "content": "Explain recursion."},)
@@ -97,7 +97,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 def test_every_request_is_counted_as_it_finishes(backend):
-    from metareward import progress
+    from metareward.inference import progress
 
     events = []
     listener = lambda label, expected, done: events.append((label, expected, done))  # noqa: E731

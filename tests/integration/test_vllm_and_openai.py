@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from metareward.config import SamplingConfig
+from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import (
     BackendUnavailableError,
     ChoiceRequest,
@@ -17,9 +17,9 @@ from metareward.inference.base import (
 from metareward.inference.openai_backend import OpenAIBackend
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.inference.vllm_backend import VLLMBackend, _group_alive
-from metareward.input_files import load_prompts
-from metareward.roles import generate_responses, judge_responses
-from metareward.tables import JUDGMENTS
+from metareward.pipeline.input_files import load_prompts
+from metareward.inference.roles import generate_responses, judge_responses
+from metareward.artifacts.tables import JUDGMENTS
 from tests.conftest import PROMPT_FILE
 
 USER = ({"role": "user", "content": "Explain recursion."},)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from metareward.config import CampaignConfig, ConfigError, IterationConfig
+from metareward.config.campaign import CampaignConfig, ConfigError, IterationConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "c1", "model": {"path": "m"}, "prompts": {"path": "p.jsonl"}, "iterations": [{}]}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from metareward.elo import (
+from metareward.paper.elo import (
     agreed_battles,
     battle_matrices,
     battle_matrix,

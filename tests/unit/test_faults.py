@@ -6,7 +6,7 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from metareward.faults import transient
+from metareward.pipeline.faults import transient
 from metareward.inference.base import BackendUnavailableError, RequestRejectedError
 
 

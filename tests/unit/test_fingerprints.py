@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from metareward.fingerprints import CodeIndex
-from metareward.stages import STAGES
+from metareward.pipeline.fingerprints import CodeIndex
+from metareward.pipeline.stages import STAGES
 
 PACKAGE = Path(__file__).resolve().parents[2] / "metareward"
 
@@ -45,39 +45,39 @@ def test_every_runner_has_its_own_fingerprint(original):
 
 
 def test_tracking_code_recomputes_nothing_comment_or_not(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "tracking.py", "import hashlib\n",
+    assert changed(original, edited(tmp_path / "a", "tracking/tracker.py", "import hashlib\n",
                                     "import hashlib  # a comment\n")) == set()
-    assert changed(original, edited(tmp_path / "b", "tracking.py", "def _millis() -> int:\n",
+    assert changed(original, edited(tmp_path / "b", "tracking/tracker.py", "def _millis() -> int:\n",
                                     "def _seconds() -> float:\n    return 0.0\n\n\ndef _millis() -> int:\n")) == set()
 
 
 def test_comments_docstrings_type_hints_and_layout_recompute_nothing(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "roles.py", '    stats = StageStats("generate")\n',
+    assert changed(original, edited(tmp_path / "a", "inference/roles.py", '    stats = StageStats("generate")\n',
                                     '    # why, not what\n    stats = StageStats("generate")\n')) == set()
-    assert changed(original, edited(tmp_path / "b", "roles.py", "counted. Returns the responses table",
+    assert changed(original, edited(tmp_path / "b", "inference/roles.py", "counted. Returns the responses table",
                                     "counted; it returns the responses table")) == set()
-    assert changed(original, edited(tmp_path / "c", "preferences.py", "def score_responses(judgments: pl.DataFrame)",
+    assert changed(original, edited(tmp_path / "c", "paper/preferences.py", "def score_responses(judgments: pl.DataFrame)",
                                     "def score_responses(judgments: 'pl.LazyFrame')")) == set()
-    assert changed(original, edited(tmp_path / "d", "elo.py", "def positional_weights(win_first: int, win_second: int)",
+    assert changed(original, edited(tmp_path / "d", "paper/elo.py", "def positional_weights(win_first: int, win_second: int)",
                                     "def positional_weights(\n    win_first: int,\n    win_second: int,\n)")) == set()
 
 
 def test_a_new_schema_or_report_code_recomputes_nothing(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "tables.py", "DPO_DATASET = pl.Schema(",
+    assert changed(original, edited(tmp_path / "a", "artifacts/tables.py", "DPO_DATASET = pl.Schema(",
                                     'EVAL_WIN_RATE = pl.Schema({"prompt_id": pl.String})\nDPO_DATASET = pl.Schema(')) == set()
-    assert changed(original, edited(tmp_path / "b", "report.py", "    report: dict[str, float] = {}\n",
+    assert changed(original, edited(tmp_path / "b", "paper/report.py", "    report: dict[str, float] = {}\n",
                                     "    report: dict[str, float] = {'x': 1.0}\n")) == set()
-    assert changed(original, edited(tmp_path / "c", "evaluation.py", "bootstrap: int = 1000, seed: int = 0",
+    assert changed(original, edited(tmp_path / "c", "pipeline/evaluation.py", "bootstrap: int = 1000, seed: int = 0",
                                     "bootstrap: int = 2000, seed: int = 0")) == set()
 
 
 def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "preferences.py", 'stats = StageStats("judge_pairs")',
+    assert changed(original, edited(tmp_path / "a", "paper/preferences.py", 'stats = StageStats("judge_pairs")',
                                     'stats = StageStats("judge-pairs")')) == {"judge_pairs"}
-    assert changed(original, edited(tmp_path / "b", "selection.py", "def select_actor_pair(",
+    assert changed(original, edited(tmp_path / "b", "paper/selection.py", "def select_actor_pair(",
                                     "def _unused():\n    pass\n\n\ndef select_actor_pair(")) == set()
-    assert changed(original, edited(tmp_path / "c", "elo.py", "RIDGE = ", "RIDGE = 2 * ")) == {"judgment_elo"}
-    assert changed(original, edited(tmp_path / "d", "training.py", "logging_steps=1,", "logging_steps=2,")) == {
+    assert changed(original, edited(tmp_path / "c", "paper/elo.py", "RIDGE = ", "RIDGE = 2 * ")) == {"judgment_elo"}
+    assert changed(original, edited(tmp_path / "d", "training/trainer.py", "logging_steps=1,", "logging_steps=2,")) == {
         "checkpoint", "sft"}
     assert changed(original, edited(tmp_path / "e", "inference/vllm_backend.py", "def _free_port() -> int:",
                                     "def _free_port(start: int = 0) -> int:")) == {
@@ -85,12 +85,12 @@ def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
 
 
 def test_a_template_recomputes_the_stages_that_render_it(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "prompts.py", "Briefly justify your total score, up to 100 words.",
+    assert changed(original, edited(tmp_path / "a", "paper/prompts.py", "Briefly justify your total score, up to 100 words.",
                                     "Briefly justify your total score, up to 50 words.")) == {
         "judgments", "judge_pairs", "sft_data"}
-    assert changed(original, edited(tmp_path / "b", "prompts.py", "Explain which judgment is more accurate",
+    assert changed(original, edited(tmp_path / "b", "paper/prompts.py", "Explain which judgment is more accurate",
                                     "Say which judgment is more accurate")) == {"meta_judgments"}
-    assert changed(original, edited(tmp_path / "c", "prompts.py", "- Add 1 point if", "- Add one point if")) == {
+    assert changed(original, edited(tmp_path / "c", "paper/prompts.py", "- Add 1 point if", "- Add one point if")) == {
         "judgments", "meta_judgments", "judge_pairs", "sft_data"}
-    assert changed(original, edited(tmp_path / "d", "prompts.py", "Evaluate the models based on",
+    assert changed(original, edited(tmp_path / "d", "paper/prompts.py", "Evaluate the models based on",
                                     "Evaluate the two models based on")) == {"win_rate"}

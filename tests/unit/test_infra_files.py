@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metareward.config import CampaignConfig
+from metareward.config.campaign import CampaignConfig
 
 REPO = Path(__file__).parents[2]
 

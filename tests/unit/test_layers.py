@@ -1,5 +1,6 @@
-"""The layers cli → flows → tasks → metareward, read from every import (function-level ones too): no import runs
-back up a layer, no import cycle, no Prefect in the library, no module over ~400 lines."""
+"""The layers cli → flows → tasks → metareward, and inside metareward its packages from the bottom up, read from every
+import (function-level ones too): no import runs back up a layer, no import cycle, no Prefect in the library, no module
+over ~400 lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = {"metareward": 0, "tasks": 1, "flows": 2, "cli": 3}
+PACKAGES = {"config": 0, "artifacts": 0, "paper": 1, "inference": 2, "training": 2, "placement": 3, "pipeline": 4,
+            "tracking": 5, "preflight": 6}
+"""metareward's packages by rank: a module may import its own package and packages of a lower rank, never one of
+the same rank (two rooms side by side know nothing of each other) or above. preflight checks everything before a
+campaign starts, so it sits on top."""
 MAX_LINES = 420
 
 
@@ -53,6 +59,30 @@ def test_imports_only_go_down_the_layers_and_the_library_has_no_prefect():
         if name.startswith("metareward") and ("import prefect" in path.read_text() or "from prefect" in path.read_text()):
             problems.append(f"{name} imports prefect")
     assert not problems
+
+
+def package_of(name: str) -> str:
+    """The metareward package a library module belongs to (`metareward.paper.elo` → paper)."""
+    return name.split(".")[1]
+
+
+def test_library_packages_import_only_packages_below_them():
+    known = {name: path for name, path in modules().items() if name.startswith("metareward.")}
+    assert {package_of(name) for name in known} == set(PACKAGES), "a new package needs a rank in PACKAGES"
+    problems = []
+    for name, path in known.items():
+        package = package_of(name)
+        for target in imports(path, name, known):
+            other = package_of(target)
+            if other != package and PACKAGES[other] >= PACKAGES[package]:
+                problems.append(f"{name} ({package}, rank {PACKAGES[package]}) imports {target} "
+                                f"({other}, rank {PACKAGES[other]})")
+    assert not problems
+
+
+def test_library_holds_packages_not_loose_modules():
+    loose = sorted(path.name for path in (REPO / "metareward").glob("*.py"))
+    assert loose == ["__init__.py", "preflight.py"]
 
 
 def test_no_import_cycle():

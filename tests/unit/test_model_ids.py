@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-import metareward.models as models
-from metareward.models import MODEL_DIGEST_FILE, compute_model_digest, model_digest, model_id_of
+import metareward.training.models as models
+from metareward.training.models import MODEL_DIGEST_FILE, compute_model_digest, model_digest, model_id_of
 
 
 def test_a_folder_without_model_id_is_hashed_once_and_again_when_a_file_changes(tmp_path, monkeypatch):

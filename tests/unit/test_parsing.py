@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metareward.parsing import parse_model_identifier, parse_score, parse_winner, without_score
-from metareward.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
+from metareward.paper.parsing import parse_model_identifier, parse_score, parse_winner, without_score
+from metareward.paper.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
 
 
 def test_plain_score_as_the_prompt_asks():

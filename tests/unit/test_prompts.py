@@ -1,6 +1,6 @@
 """The paper's judge, meta-judge and evaluator prompts: verbatim text, placeholders, rendering and hashes."""
 
-from metareward.prompts import (
+from metareward.paper.prompts import (
     EVALUATOR_SYSTEM,
     EVALUATOR_TEMPLATE,
     JUDGE_TEMPLATE,

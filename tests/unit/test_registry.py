@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from metareward.config import CampaignConfig, ConfigError
-from metareward.context import ModelRef
-from metareward.jobs import JobResult, plan_job, settings_digest, shard_inputs, sharding
-from metareward.stages import (
+from metareward.config.campaign import CampaignConfig, ConfigError
+from metareward.pipeline.context import ModelRef
+from metareward.pipeline.jobs import JobResult, plan_job, settings_digest, shard_inputs, sharding
+from metareward.pipeline.stages import (
     EVALUATION_STAGES,
     ITERATION_STAGES,
     MODEL_ROLES,
@@ -25,7 +25,7 @@ from metareward.stages import (
     STAGES,
     stage,
 )
-from metareward.store import TableRef
+from metareward.artifacts.store import TableRef
 from tests.conftest import PROMPT_FILE, REPO
 
 ITERATION = {"num_prompts": 4, "num_responses": 3, "num_judgments": 3}

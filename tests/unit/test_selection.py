@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metareward.selection import select_actor_pair, select_judge_pair, select_judged_response
+from metareward.paper.selection import select_actor_pair, select_judge_pair, select_judged_response
 
 SCORES = [4.0, 3.5, 2.0, 1.0, 3.9]
 LENGTHS = [300, 100, 500, 400, 200]

@@ -4,9 +4,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from metareward.config import SamplingConfig
-from metareward.elo import elo_scores
-from metareward.preferences import (
+from metareward.config.campaign import SamplingConfig
+from metareward.paper.elo import elo_scores
+from metareward.paper.preferences import (
     build_dpo_dataset,
     rank_judgments,
     score_responses,
@@ -14,9 +14,9 @@ from metareward.preferences import (
     select_judge_pairs,
     select_judged_responses,
 )
-from metareward.prompts import render_judge_prompt
-from metareward.roles import generate_responses, judge_responses, meta_judge
-from metareward.tables import PROMPTS, content_id
+from metareward.paper.prompts import render_judge_prompt
+from metareward.inference.roles import generate_responses, judge_responses, meta_judge
+from metareward.artifacts.tables import PROMPTS, content_id
 from tests.support import ScriptedBackend, judged_response, meta_judged_pair
 
 SAMPLING = SamplingConfig()

@@ -1,8 +1,8 @@
 """The summary table: every dropped or skipped row counted with its reason, the prompts stage's from the file."""
 
-from metareward.config import CampaignConfig
-from metareward.jobs import plan_job, run_job
-from metareward.summary import SUMMARY_HEADER, summary_rows
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.jobs import plan_job, run_job
+from metareward.pipeline.summary import SUMMARY_HEADER, summary_rows
 
 
 def test_the_prompts_stage_counts_what_the_file_loses_and_the_summary_names_it(tmp_path):

@@ -1,9 +1,9 @@
 """Tracking settings without a server: where the local store goes, params without credentials."""
 
 
-from metareward.config import CampaignConfig
-from metareward.lineage import flatten_params
-from metareward.tracking import config_digest, tracking_target
+from metareward.config.campaign import CampaignConfig
+from metareward.tracking.lineage import flatten_params
+from metareward.tracking.tracker import config_digest, tracking_target
 
 
 def config(tmp_path, **overrides) -> CampaignConfig:
@@ -27,7 +27,7 @@ def test_server_uri_from_environment_keeps_the_servers_artifact_location(tmp_pat
 
 
 def test_credentials_in_a_config_are_refused_with_the_way_to_give_them(tmp_path):
-    from metareward.config import ConfigError
+    from metareward.config.campaign import ConfigError
 
     for overrides, field, fix in (
         ({"tracking": {"uri": "http://user:s3cret@mlflow:5000"}}, "tracking.uri", "MLFLOW_TRACKING_PASSWORD"),

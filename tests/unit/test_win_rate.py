@@ -7,9 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from metareward.prompts import EVALUATOR_SYSTEM
-from metareward.roles import compare_answers
-from metareward.win_rate import length_controlled, win_rates
+from metareward.paper.prompts import EVALUATOR_SYSTEM
+from metareward.inference.roles import compare_answers
+from metareward.paper.win_rate import length_controlled, win_rates
 from tests.support import ScriptedBackend
 
 

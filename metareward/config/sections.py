@@ -137,7 +137,7 @@ class HealthConfig(Strict):
 
 class TrackingConfig(Strict):
     """MLflow lineage: an experiment per campaign, a run per campaign with a nested run per iteration,
-    datasets, figures and the registered checkpoints (metareward/tracking.py)."""
+    datasets, figures and the registered checkpoints (metareward/tracking/tracker.py)."""
 
     enabled: bool = Field(default=True, description="Log the campaign to MLflow; false logs nothing.")
     uri: str | None = Field(

@@ -137,8 +137,8 @@ def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int
     """The judge's scores of labelled responses (load_labelled_rankings' table): each response judged
     num_judgments times with the paper's judge prompt (A.1), its score the mean of the valid ones (null when
     none parsed). Returns the rankings with `score` and `valid_judgments` added, ready for judge_agreement."""
-    from metareward.roles import judge_responses
-    from metareward.tables import content_id
+    from metareward.inference.roles import judge_responses
+    from metareward.artifacts.tables import content_id
 
     labelled = rankings.with_columns(
         pl.col("prompt").map_elements(content_id, return_dtype=pl.String).alias("prompt_id"),
@@ -159,8 +159,8 @@ def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int
 def answer_prompts(prompts: Sequence[str], backend, sampling, seed: int) -> list[str]:
     """One answer per prompt from the model behind `backend` (the actor's plain chat prompt, as in
     generate_responses), in prompt order; a prompt too long for the context gets an empty answer."""
-    from metareward.roles import generate_responses
-    from metareward.tables import content_id
+    from metareward.inference.roles import generate_responses
+    from metareward.artifacts.tables import content_id
 
     ids = [content_id(prompt) for prompt in prompts]
     table = pl.DataFrame({"prompt_id": ids, "prompt": list(prompts)}).unique("prompt_id", maintain_order=True)
@@ -193,8 +193,8 @@ class EvaluationResult:
 def _evaluated_model(config, model_path: str | None):
     """(model URI, its content digest, a started backend serving it) for model_path (default: the seed
     model), the model resolved to a local folder once; the backend is closed on exit."""
-    from metareward.inference import create_backend
-    from metareward.models import model_digest, resolve_model
+    from metareward.inference.engines import create_backend
+    from metareward.training.models import model_digest, resolve_model
 
     model = model_path or config.model.path
     local = resolve_model(model)
@@ -232,7 +232,7 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
     outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
     iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
-    from metareward.input_files import load_prompts
+    from metareward.pipeline.input_files import load_prompts
 
     prompts = load_prompts(prompts_path, column, "--column").table["prompt"].to_list()
     with _evaluated_model(config, model_path) as (model, digest, backend):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from metareward.stages import STAGES
+from metareward.pipeline.stages import STAGES
 
 TAG = "metareward"
 """Prefix of every MLflow tag this project sets."""
@@ -121,7 +121,7 @@ class ModelLineage:
                   **({NOTE: description} if description else {})})
         with tempfile.TemporaryDirectory() as folder:
             pointer = {"model_uri": redact(uri), "model_digest": digest, "campaign": self.campaign,
-                       "load": "metareward.models.resolve_model(model_uri) gives a local Hugging Face folder"}
+                       "load": "metareward.training.models.resolve_model(model_uri) gives a local Hugging Face folder"}
             (Path(folder) / "checkpoint.json").write_text(json.dumps(pointer, indent=2))
             self.client.log_model_artifacts(model.model_id, folder)
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)

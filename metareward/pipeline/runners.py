@@ -1,9 +1,9 @@
 """The runner of each stage: reads the stage's input tables from its context, calls the paper's arithmetic or the
 model with exactly the settings the registry hashed into the stage's key, and returns (table, StageStats).
 
-Every keyword argument of a runner is one key of its stage's `settings` (metareward/stages.py); the context
+Every keyword argument of a runner is one key of its stage's `settings` (metareward/pipeline/stages.py); the context
 gives only what is not a setting: the input tables, the shard, the iteration, the model M_t and how to reach
-an engine. A runner's code fingerprint covers what it reaches by name (metareward/fingerprints.py), so it
+an engine. A runner's code fingerprint covers what it reaches by name (metareward/pipeline/fingerprints.py), so it
 names its engine (`shared_backend`) rather than receiving one.
 """
 
@@ -15,18 +15,18 @@ from typing import Any
 
 import polars as pl
 
-from metareward.config import DPOConfig, ModelConfig, SamplingConfig, TrainingConfig
-from metareward.context import StageContext
-from metareward.inference import close_shared_backends, shared_backend
-from metareward.input_files import (
+from metareward.config.campaign import DPOConfig, ModelConfig, SamplingConfig, TrainingConfig
+from metareward.pipeline.context import StageContext
+from metareward.inference.engines import close_shared_backends, shared_backend
+from metareward.pipeline.input_files import (
     InputFileError,
     held_out_prompts,
     load_prompts,
     load_reference_outputs,
     load_sft_examples,
 )
-from metareward.models import MODEL_DIGEST_FILE
-from metareward.preferences import (
+from metareward.training.models import MODEL_DIGEST_FILE
+from metareward.paper.preferences import (
     build_dpo_dataset,
     rank_judgments,
     score_responses,
@@ -34,10 +34,10 @@ from metareward.preferences import (
     select_judge_pairs,
     select_judged_responses,
 )
-from metareward.roles import compare_answers, generate_responses, judge_responses, meta_judge
-from metareward.stats import StageStats
-from metareward.tables import ContentFile, select_iteration_prompts
-from metareward.training import (
+from metareward.inference.roles import compare_answers, generate_responses, judge_responses, meta_judge
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.tables import ContentFile, select_iteration_prompts
+from metareward.training.trainer import (
     TRAINING_LOG,
     EmptyPreferenceSetError,
     EmptyTrainingSetError,
@@ -46,7 +46,7 @@ from metareward.training import (
     train_sft,
     training_log_table,
 )
-from metareward.win_rate import win_rates
+from metareward.paper.win_rate import win_rates
 
 Result = tuple[pl.DataFrame, StageStats]
 

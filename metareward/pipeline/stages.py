@@ -11,7 +11,7 @@ Three phases: SEED_STAGES run once before iteration 1 (as iteration 0: the seed'
 `sft` section), ITERATION_STAGES are Figure 1, EVALUATION_STAGES follow an iteration's training (when the config
 has an `evaluation` section).
 
-Adding a stage: one `Stage` entry below, its runner in `metareward/runners.py`, and one line in
+Adding a stage: one `Stage` entry below, its runner in `metareward/pipeline/runners.py`, and one line in
 `flows/iteration.py`; a config field that no stage reads goes into NOT_IN_ANY_TABLE with the reason.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import polars as pl
 
-from metareward import runners
-from metareward.config import CampaignConfig, ConfigError, EvaluationConfig, InferenceConfig, SFTConfig
-from metareward.tables import (
+from metareward.pipeline import runners
+from metareward.config.campaign import CampaignConfig, ConfigError, EvaluationConfig, InferenceConfig, SFTConfig
+from metareward.artifacts.tables import (
     ACTOR_PAIRS,
     DPO_DATASET,
     EVAL_COMPARISONS,
@@ -38,7 +38,7 @@ from metareward.tables import (
     SFT_EXAMPLES,
     ContentFile,
 )
-from metareward.training import SFT_LOG, TRAINING_LOG
+from metareward.training.trainer import SFT_LOG, TRAINING_LOG
 
 Settings = Callable[[CampaignConfig, int], dict[str, Any]]
 

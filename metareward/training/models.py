@@ -39,7 +39,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, vocab_size: int = 512, cor
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from metareward.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
+    from metareward.paper.prompts import JUDGE_TEMPLATE, META_JUDGE_TEMPLATE
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def resolve_model(path: str, cache_dir: str | Path | None = None) -> str:
     if path == BUILTIN_DEMO_MODEL:
         return str(smollm2_model(cache_dir))
     if path.startswith("s3://"):
-        from metareward.store import ArtifactStore
+        from metareward.artifacts.store import ArtifactStore
 
         store = ArtifactStore(path)
         model_id = store.read_bytes(MODEL_DIGEST_FILE).decode().strip()
@@ -170,7 +170,7 @@ def model_id_of(path: str, cache_dir: str | Path | None = None) -> str:
     its digest (computed once, see model_digest), the builtin demo model's after its one-time conversion; a
     hub id is identified by its name."""
     if path.startswith("s3://"):
-        from metareward.store import ArtifactStore
+        from metareward.artifacts.store import ArtifactStore
 
         return ArtifactStore(path).read_bytes(MODEL_DIGEST_FILE).decode().strip()
     if path == BUILTIN_DEMO_MODEL:
@@ -245,7 +245,7 @@ def check_model(path: str, chat_template: str | None = None, cache_dir: str | Pa
         smollm2_gguf_path()
         return
     if path.startswith("s3://"):
-        from metareward.store import ArtifactStore
+        from metareward.artifacts.store import ArtifactStore
 
         store = ArtifactStore(path)
         for required in (MODEL_DIGEST_FILE, "config.json"):

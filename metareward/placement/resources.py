@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from metareward.config import CampaignConfig, ConfigError, DPOConfig
+from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig
 
 GB = 1e9
 OVERHEAD_BYTES = 2 * GB
@@ -92,7 +92,7 @@ def architecture(model_path: str, model_config: str | None = None, dtype: str = 
 
 
 def _config_file(model_path: str) -> Path | None:
-    from metareward.models import BUILTIN_DEMO_MODEL, smollm2_model
+    from metareward.training.models import BUILTIN_DEMO_MODEL, smollm2_model
 
     if model_path == BUILTIN_DEMO_MODEL:
         return smollm2_model() / "config.json"

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from metareward.config_sections import Strict
+from metareward.config.sections import Strict
 
 
 class TrainingConfig(Strict):

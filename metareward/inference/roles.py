@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from metareward import progress
-from metareward.config import SamplingConfig
+from metareward.inference import progress
+from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest, GenerationResult, Messages
-from metareward.parsing import parse_model_identifier, parse_score, parse_winner, without_score
-from metareward.prompts import (
+from metareward.paper.parsing import parse_model_identifier, parse_score, parse_winner, without_score
+from metareward.paper.prompts import (
     EVALUATOR_IDENTIFIERS,
     SCORE_PREFIX,
     WINNER_PREFIX,
@@ -20,8 +20,8 @@ from metareward.prompts import (
     render_judge_prompt,
     render_meta_judge_prompt,
 )
-from metareward.stats import StageStats
-from metareward.tables import EVAL_COMPARISONS, JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.tables import EVAL_COMPARISONS, JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
 
 VERDICT_MODES = ("free", "forced")
 SCORE_CHOICES = tuple(str(score) for score in range(6))

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from metareward.config_sections import (  # noqa: F401 (ConfigError is imported from here)
+from metareward.config.sections import (  # noqa: F401 (ConfigError is imported from here)
     ConfigError,
     HealthConfig,
     InferenceConfig,
@@ -19,7 +19,7 @@ from metareward.config_sections import (  # noqa: F401 (ConfigError is imported 
     form_schema,
     no_password,
 )
-from metareward.config_training import DPOConfig, SFTConfig, TrainingConfig  # noqa: F401 (imported from here)
+from metareward.config.training import DPOConfig, SFTConfig, TrainingConfig  # noqa: F401 (imported from here)
 
 Mode = Literal["meta_rewarding", "self_rewarding"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]

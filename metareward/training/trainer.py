@@ -16,8 +16,8 @@ from typing import Any
 
 import polars as pl
 
-from metareward.config_training import DPOConfig, TrainingConfig
-from metareward.models import write_model_digest
+from metareward.config.training import DPOConfig, TrainingConfig
+from metareward.training.models import write_model_digest
 
 TRAINING_METRICS = {
     "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "learning_rate",
@@ -294,7 +294,7 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
         "--num_processes", str(settings.num_processes), "--main_process_port", str(_free_port()),
-        "-m", "metareward.training", "--model", str(model_path), "--output", str(output_dir),
+        "-m", "metareward.training.trainer", "--model", str(model_path), "--output", str(output_dir),
         "--seed", str(seed), "--dtype", dtype,
     ]
     completed = subprocess.run(command, capture_output=True, text=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import polars as pl
 
-from metareward.report import iteration_report
+from metareward.paper.report import iteration_report
 
 PAPER_GROUPS = ("actor/", "judge/", "meta_judge/", "pairs/", "train/", "eval/")
 """The groups a campaign run also gets, at step = iteration, so that iterations compare as curves."""

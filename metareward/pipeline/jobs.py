@@ -21,15 +21,15 @@ from typing import Any
 
 import polars as pl
 
-from metareward import progress
-from metareward.config import CampaignConfig
-from metareward.context import ModelRef, StageContext
-from metareward.fingerprints import installed_index
-from metareward.models import MODEL_DIGEST_FILE
-from metareward.stages import stage
-from metareward.stats import StageStats
-from metareward.store import ArtifactStore, CorruptArtifactError, TableRef, open_store
-from metareward.tables import validate_table
+from metareward.inference import progress
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.context import ModelRef, StageContext
+from metareward.pipeline.fingerprints import installed_index
+from metareward.training.models import MODEL_DIGEST_FILE
+from metareward.pipeline.stages import stage
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.store import ArtifactStore, CorruptArtifactError, TableRef, open_store
+from metareward.artifacts.tables import validate_table
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _digest(text: str) -> str:
 @lru_cache(maxsize=None)
 def code_fingerprint(stage_name: str) -> str:
     """The code fingerprint of a stage: its registry version and the digest of everything its runner reaches
-    (see metareward/fingerprints.py), computed once per process."""
+    (see metareward/pipeline/fingerprints.py), computed once per process."""
     entry = stage(stage_name)
     return f"v{entry.version}-" + installed_index().fingerprint([(entry.runner.__module__, entry.runner.__name__)])
 

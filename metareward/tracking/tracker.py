@@ -28,16 +28,16 @@ from pathlib import Path
 
 import polars as pl
 
-from metareward.config import CampaignConfig
-from metareward.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
-from metareward.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
-from metareward.manifests import read_stage_table, stage_manifests
-from metareward.metrics import iteration_metrics, paper_metrics
-from metareward.model_roles import evaluator_model
-from metareward.stages import stage
-from metareward.store import open_store
-from metareward.tables import file_digest
-from metareward.tracked_datasets import log_datasets, stage_dataset
+from metareward.config.campaign import CampaignConfig
+from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
+from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
+from metareward.pipeline.manifests import read_stage_table, stage_manifests
+from metareward.tracking.metrics import iteration_metrics, paper_metrics
+from metareward.pipeline.model_roles import evaluator_model
+from metareward.pipeline.stages import stage
+from metareward.artifacts.store import open_store
+from metareward.artifacts.tables import file_digest
+from metareward.tracking.tracked_datasets import log_datasets, stage_dataset
 
 
 class TrackingError(RuntimeError):
@@ -217,7 +217,7 @@ class Tracker:
     # One iteration ---------------------------------------------------------------------------------------
 
     def log_iteration(self, parent_run_id: str, run_id: str, iteration: int, stages: list[str]) -> None:
-        """Log what the store holds of iteration t: its metrics (metareward/metrics.py) on the iteration run and
+        """Log what the store holds of iteration t: its metrics (metareward/tracking/metrics.py) on the iteration run and
         the paper's on the campaign run at step t, stage tables as dataset inputs, TRL's curves by step, the
         figures, and — once trained — M_t and M_{t+1} as logged and registered models, the pair counts and
         training curves linked to M_{t+1} and the tables it was trained on. Only `stages` are read (those this

@@ -25,9 +25,9 @@ from pathlib import Path
 PACKAGE = "metareward"
 
 NOT_FOLLOWED = {
-    "metareward.config": "its values, not its code, decide a stage's rows, and every key hashes the values it reads",
-    "metareward.stats": "bookkeeping: counts go to markers and manifests, never into a stage's table",
-    "metareward.store": "moves bytes: what a stage reads is identified by the digests of its input tables",
+    "metareward.config.campaign": "its values, not its code, decide a stage's rows, and every key hashes the values it reads",
+    "metareward.artifacts.stats": "bookkeeping: counts go to markers and manifests, never into a stage's table",
+    "metareward.artifacts.store": "moves bytes: what a stage reads is identified by the digests of its input tables",
 }
 """Modules a fingerprint does not enter, and why."""
 
@@ -56,7 +56,8 @@ class CodeIndex:
         return hashlib.blake2b("\n".join(self.reached(roots)).encode(), digest_size=8).hexdigest()
 
     def reached(self, roots: Iterable[tuple[str, str]]) -> list[str]:
-        """The canonical text of every reachable definition, "module.name:tree", sorted."""
+        """The canonical text of every reachable definition, "name:tree", sorted: where a definition lives is not
+        part of it, so moving code between modules recomputes nothing."""
         pending = list(roots)
         seen: set[tuple[str, str]] = set()
         pieces = []
@@ -70,7 +71,7 @@ class CodeIndex:
                 continue
             if name in module.definitions:
                 node = module.definitions[name]
-                pieces.append(f"{module_name}.{name}:{_canonical(node)}")
+                pieces.append(f"{name}:{_canonical(node)}")
                 pending.extend(self._references(node, module))
             elif name in module.imports:  # re-exported, e.g. a package's __init__
                 pending.append(self._target(*module.imports[name]))
@@ -99,7 +100,7 @@ class CodeIndex:
                     yield self._target(*local[child.id])
 
     def _attribute_chain(self, module_name: str, attribute: str | None, rest: list[str]) -> Iterator[tuple[str, str]]:
-        # `import metareward.models as models; models.x` or `from metareward import models; models.x`.
+        # `import metareward.training.models as models; models.x` or `from metareward import models; models.x`.
         path = module_name if attribute is None else f"{module_name}.{attribute}"
         if self._module(path) is None:
             if attribute is not None:

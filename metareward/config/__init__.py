@@ -1,0 +1,1 @@
+"""The campaign's configuration: one validated pydantic object with the paper's defaults, and its sections."""

@@ -1,0 +1,1 @@
+"""The stage pipeline: the registry, runners, cached jobs, manifests, code fingerprints, the summary."""

@@ -1,0 +1,1 @@
+"""Where a job runs and what it needs there: GPU memory estimates, engine placement."""

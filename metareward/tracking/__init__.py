@@ -1,0 +1,1 @@
+"""MLflow: campaign and iteration runs, metrics, figures, datasets, model lineage."""

@@ -1,0 +1,1 @@
+"""Models and training: checkpoints and their digests, DPO and SFT with TRL."""
