@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _tables(root: str, campaign: str, iteration: int) -> dict:
-    from metareward.pipeline.manifests import read_stage_table, stage_manifests
     from metareward.artifacts.store import ArtifactStore
+    from metareward.pipeline.manifests import read_stage_table, stage_manifests
 
     store = ArtifactStore(root)
     manifests = stage_manifests(store, campaign)[iteration]
@@ -31,10 +31,10 @@ def _tables(root: str, campaign: str, iteration: int) -> dict:
 
 def _stage(root: str, campaign: str, iteration: int, stage: str, threads: int) -> dict:
     from metareward.config.campaign import CampaignConfig
-    from metareward.inference.transformers_backend import TransformersBackend
-    from metareward.training.models import resolve_model
-    from metareward.paper.preferences import score_responses, select_judged_responses
     from metareward.inference.roles import generate_responses, judge_responses, meta_judge
+    from metareward.inference.transformers_backend import TransformersBackend
+    from metareward.paper.preferences import score_responses, select_judged_responses
+    from metareward.training.models import resolve_model
 
     config = CampaignConfig.from_yaml(Path(__file__).resolve().parents[1] / "deployments/configs/demo.yaml")
     settings = config.iterations[iteration - 1]

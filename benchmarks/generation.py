@@ -23,16 +23,16 @@ from pathlib import Path
 import httpx
 import polars as pl
 
+from metareward.artifacts.tables import content_seed
 from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import GenerationRequest
+from metareward.inference.roles import generate_responses, judge_responses
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.inference.vllm_backend import VLLMBackend
-from metareward.pipeline.input_files import load_prompts
-from metareward.training.models import build_tiny_model, smollm2_model
 from metareward.paper.preferences import score_responses, select_judged_responses
 from metareward.paper.prompts import render_judge_prompt, render_meta_judge_prompt
-from metareward.inference.roles import generate_responses, judge_responses
-from metareward.artifacts.tables import content_seed
+from metareward.pipeline.input_files import load_prompts
+from metareward.training.models import build_tiny_model, smollm2_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from metareward.artifacts.store import ArtifactStore  # noqa: E402
 from metareward.config.campaign import CampaignConfig  # noqa: E402
 from metareward.pipeline.manifests import stage_manifests  # noqa: E402
-from metareward.artifacts.store import ArtifactStore  # noqa: E402
 
 
 def measurements(root: str, campaign: str, iteration: int | None) -> tuple[int, dict[str, dict]]:

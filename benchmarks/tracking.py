@@ -23,9 +23,9 @@ import httpx
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from metareward.artifacts.store import ArtifactStore  # noqa: E402
 from metareward.config.campaign import CampaignConfig  # noqa: E402
 from metareward.pipeline.manifests import stage_manifests  # noqa: E402
-from metareward.artifacts.store import ArtifactStore  # noqa: E402
 from metareward.tracking.tracker import Tracker  # noqa: E402
 
 

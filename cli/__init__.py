@@ -17,18 +17,18 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.progress import StageProgress, print_summary
+from metareward.artifacts.store import StoreError, open_store
 from metareward.config.campaign import CampaignConfig, ConfigError
-from metareward.pipeline.evaluation import EvaluationInputError
 from metareward.inference.base import InferenceError
+from metareward.paper.report import HealthCheckError
+from metareward.pipeline.evaluation import EvaluationInputError
 from metareward.pipeline.input_files import InputFileError, load_prompts
 from metareward.pipeline.jobs import code_fingerprint, settings_digest
-from metareward.training.models import ModelNotFoundError
-from metareward.preflight import check_evaluation, preflight
-from metareward.paper.report import HealthCheckError
 from metareward.pipeline.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
-from metareward.artifacts.store import StoreError, open_store
 from metareward.pipeline.summary import stored_outcomes
+from metareward.preflight import check_evaluation, preflight
 from metareward.tracking.tracker import TrackingError, log_evaluation
+from metareward.training.models import ModelNotFoundError
 from metareward.training.trainer import EmptyTrainingSetError
 
 

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metareward.pipeline.jobs import Job, JobResult, add_job_listener, remove_job_listener
 from metareward.inference.progress import add_request_listener, remove_request_listener
+from metareward.pipeline.jobs import Job, JobResult, add_job_listener, remove_job_listener
 from metareward.pipeline.summary import SUMMARY_HEADER, iteration_title, summary_rows, win_rate_text
 
 console = Console(stderr=True)

@@ -11,8 +11,8 @@ from pydantic import Field
 from flows.iteration import iteration_flow, seed_flow
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.model_roles import starting_model
-from metareward.preflight import check_start_iteration
 from metareward.pipeline.summary import campaign_markdown
+from metareward.preflight import check_start_iteration
 from tasks.track import artifact_key
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from prefect import flow
 
 from metareward.config.campaign import CampaignConfig
-from metareward.pipeline.context import ModelRef
 from metareward.inference.engines import close_shared_backends
+from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
 from metareward.pipeline.model_roles import check_evaluator, evaluator_model, reference_model
 from metareward.training.models import check_model, model_id_of

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import httpx
 
+from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig, ConfigError, InferenceConfig
-from metareward.pipeline.context import ModelRef
 from metareward.inference.base import InferenceError
+from metareward.pipeline.context import ModelRef
 from metareward.pipeline.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
 from metareward.pipeline.model_roles import check_evaluator, evaluator_model, starting_model
-from metareward.training.models import check_model, model_id_of
-from metareward.artifacts.store import open_store
 from metareward.tracking.tracker import check_tracking
+from metareward.training.models import check_model, model_id_of
 
 
 def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str | None = None) -> str:

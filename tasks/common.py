@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect.tasks import exponential_backoff
 
+from metareward.artifacts.store import open_store, s3_storage_options
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.faults import transient
-from metareward.artifacts.store import open_store, s3_storage_options
 
 GPU_TAG = "gpu"
 """Tag of every task that holds a model: a Prefect concurrency limit on it caps them at the GPU count."""

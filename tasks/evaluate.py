@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.evaluation import evaluate_judge_agreement, export_alpaca_eval
-from metareward.artifacts.store import open_store
 from metareward.tracking.tracker import log_evaluation
 from tasks.common import GPU_TAG, RETRIED
 

@@ -10,10 +10,10 @@ from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 
+from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult, finished, plan_job
-from metareward.artifacts.store import open_store
 
 
 class ShardRunFailed(RuntimeError):

@@ -14,14 +14,14 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.settings import get_current_settings
 
+from metareward.artifacts.stats import combine
+from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
+from metareward.paper.report import HealthCheckError, health_checks
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult, finished, plan_job, run_job, run_name, shard_inputs, sharding
 from metareward.pipeline.manifests import manifest_key, write_manifest
-from metareward.paper.report import HealthCheckError, health_checks
 from metareward.pipeline.stages import stage
-from metareward.artifacts.stats import combine
-from metareward.artifacts.store import open_store
 from metareward.pipeline.summary import job_line
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers

@@ -11,10 +11,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from metareward.tracking import tracker as tracking
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.summary import iteration_title, summary_markdown
+from metareward.tracking import tracker as tracking
 from tasks.common import RETRIED
 from tasks.stages import IterationStages
 

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from metareward.inference import progress
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.tables import EVAL_COMPARISONS, JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
 from metareward.config.campaign import SamplingConfig
+from metareward.inference import progress
 from metareward.inference.base import Backend, ChoiceRequest, GenerationRequest, GenerationResult, Messages
 from metareward.paper.parsing import parse_model_identifier, parse_score, parse_winner, without_score
 from metareward.paper.prompts import (
@@ -20,8 +22,6 @@ from metareward.paper.prompts import (
     render_judge_prompt,
     render_meta_judge_prompt,
 )
-from metareward.artifacts.stats import StageStats
-from metareward.artifacts.tables import EVAL_COMPARISONS, JUDGMENTS, META_JUDGMENTS, RESPONSES, content_id, content_seed
 
 VERDICT_MODES = ("free", "forced")
 SCORE_CHOICES = tuple(str(score) for score in range(6))

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.tables import (
+    ACTOR_PAIRS,
+    DPO_DATASET,
+    JUDGE_PAIRS,
+    JUDGMENT_ELO,
+    content_seed,
+    validate_table,
+)
 from metareward.paper.elo import agreed_battles, battle_matrices, elo_scores_batch, positional_weights
 from metareward.paper.prompts import render_judge_prompt
 from metareward.paper.selection import select_actor_pair, select_judge_pair, select_judged_response
-from metareward.artifacts.stats import StageStats
-from metareward.artifacts.tables import ACTOR_PAIRS, DPO_DATASET, JUDGE_PAIRS, JUDGMENT_ELO, content_seed, validate_table
 
 BATTLE_RULES = ("weighted", "both_orders_agree")
 """How a pair of judgments' two verdicts (one per order) become battle wins: the paper's weighted wins, or

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from metareward.artifacts.store import ArtifactStore, TableRef
 from metareward.config.campaign import InferenceConfig
 from metareward.training.models import resolve_model
-from metareward.artifacts.store import ArtifactStore, TableRef
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,8 @@ def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int
     """The judge's scores of labelled responses (load_labelled_rankings' table): each response judged
     num_judgments times with the paper's judge prompt (A.1), its score the mean of the valid ones (null when
     none parsed). Returns the rankings with `score` and `valid_judgments` added, ready for judge_agreement."""
-    from metareward.inference.roles import judge_responses
     from metareward.artifacts.tables import content_id
+    from metareward.inference.roles import judge_responses
 
     labelled = rankings.with_columns(
         pl.col("prompt").map_elements(content_id, return_dtype=pl.String).alias("prompt_id"),
@@ -159,8 +159,8 @@ def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int
 def answer_prompts(prompts: Sequence[str], backend, sampling, seed: int) -> list[str]:
     """One answer per prompt from the model behind `backend` (the actor's plain chat prompt, as in
     generate_responses), in prompt order; a prompt too long for the context gets an empty answer."""
-    from metareward.inference.roles import generate_responses
     from metareward.artifacts.tables import content_id
+    from metareward.inference.roles import generate_responses
 
     ids = [content_id(prompt) for prompt in prompts]
     table = pl.DataFrame({"prompt_id": ids, "prompt": list(prompts)}).unique("prompt_id", maintain_order=True)

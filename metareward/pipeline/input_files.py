@@ -11,9 +11,9 @@ from pathlib import Path
 
 import polars as pl
 
+from metareward.artifacts.tables import PROMPTS, content_id, validate_table
 from metareward.paper.parsing import parse_score
 from metareward.paper.prompts import render_judge_prompt
-from metareward.artifacts.tables import PROMPTS, content_id, validate_table
 
 ROW = "__row__"
 """The column read_rows numbers rows in, from 1 as a user sees them."""

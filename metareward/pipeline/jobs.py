@@ -16,20 +16,20 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import polars as pl
 
-from metareward.inference import progress
-from metareward.config.campaign import CampaignConfig
-from metareward.pipeline.context import ModelRef, StageContext
-from metareward.pipeline.fingerprints import installed_index
-from metareward.training.models import MODEL_DIGEST_FILE
-from metareward.pipeline.stages import stage
 from metareward.artifacts.stats import StageStats
 from metareward.artifacts.store import ArtifactStore, CorruptArtifactError, TableRef, open_store
 from metareward.artifacts.tables import validate_table
+from metareward.config.campaign import CampaignConfig
+from metareward.inference import progress
+from metareward.pipeline.context import ModelRef, StageContext
+from metareward.pipeline.fingerprints import installed_index
+from metareward.pipeline.stages import stage
+from metareward.training.models import MODEL_DIGEST_FILE
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_fingerprint(stage_name: str) -> str:
     """The code fingerprint of a stage: its registry version and the digest of everything its runner reaches
     (see metareward/pipeline/fingerprints.py), computed once per process."""
@@ -296,6 +296,6 @@ def complete(store: ArtifactStore, job: Job, table: pl.DataFrame, stats: StageSt
     """Write the job's table, then its marker (last): the job counts as done only once both exist."""
     ref = store.write_table(job.table_key, table)
     marker = {"job": dataclasses.asdict(job), "table": ref.as_dict(), "stats": stats.as_dict(),
-              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+              "finished_at": dt.datetime.now(dt.UTC).isoformat()}
     store.write_json(job.marker_key, marker)
     return JobResult(job, ref, stats.as_dict())

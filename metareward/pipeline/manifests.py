@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from metareward.pipeline.jobs import Job, JobResult
-from metareward.paper.prompts import JUDGE_TEMPLATE_HASH, META_JUDGE_TEMPLATE_HASH
-from metareward.pipeline.stages import STAGE
 from metareward.artifacts.stats import combine
 from metareward.artifacts.store import ArtifactStore, StoreError, TableRef
+from metareward.paper.prompts import JUDGE_TEMPLATE_HASH, META_JUDGE_TEMPLATE_HASH
+from metareward.pipeline.jobs import Job, JobResult
+from metareward.pipeline.stages import STAGE
 
 
 def manifest_key(campaign: str, iteration: int, stage_name: str) -> str:

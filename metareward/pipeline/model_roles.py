@@ -4,12 +4,12 @@ trained."""
 
 from __future__ import annotations
 
+from metareward.artifacts.store import ArtifactStore, open_store
+from metareward.artifacts.tables import content_id
 from metareward.config.campaign import CampaignConfig, ConfigError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.manifests import stage_manifests
 from metareward.training.models import MODEL_DIGEST_FILE, model_id_of
-from metareward.artifacts.store import ArtifactStore, open_store
-from metareward.artifacts.tables import content_id
 
 
 def starting_model(config: CampaignConfig, start_iteration: int, store: ArtifactStore | None = None) -> str:

@@ -15,17 +15,11 @@ from typing import Any
 
 import polars as pl
 
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.tables import ContentFile, select_iteration_prompts
 from metareward.config.campaign import DPOConfig, ModelConfig, SamplingConfig, TrainingConfig
-from metareward.pipeline.context import StageContext
 from metareward.inference.engines import close_shared_backends, shared_backend
-from metareward.pipeline.input_files import (
-    InputFileError,
-    held_out_prompts,
-    load_prompts,
-    load_reference_outputs,
-    load_sft_examples,
-)
-from metareward.training.models import MODEL_DIGEST_FILE
+from metareward.inference.roles import compare_answers, generate_responses, judge_responses, meta_judge
 from metareward.paper.preferences import (
     build_dpo_dataset,
     rank_judgments,
@@ -34,9 +28,16 @@ from metareward.paper.preferences import (
     select_judge_pairs,
     select_judged_responses,
 )
-from metareward.inference.roles import compare_answers, generate_responses, judge_responses, meta_judge
-from metareward.artifacts.stats import StageStats
-from metareward.artifacts.tables import ContentFile, select_iteration_prompts
+from metareward.paper.win_rate import win_rates
+from metareward.pipeline.context import StageContext
+from metareward.pipeline.input_files import (
+    InputFileError,
+    held_out_prompts,
+    load_prompts,
+    load_reference_outputs,
+    load_sft_examples,
+)
+from metareward.training.models import MODEL_DIGEST_FILE
 from metareward.training.trainer import (
     TRAINING_LOG,
     EmptyPreferenceSetError,
@@ -46,7 +47,6 @@ from metareward.training.trainer import (
     train_sft,
     training_log_table,
 )
-from metareward.paper.win_rate import win_rates
 
 Result = tuple[pl.DataFrame, StageStats]
 

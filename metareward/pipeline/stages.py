@@ -23,8 +23,6 @@ from typing import Any
 
 import polars as pl
 
-from metareward.pipeline import runners
-from metareward.config.campaign import CampaignConfig, ConfigError, EvaluationConfig, InferenceConfig, SFTConfig
 from metareward.artifacts.tables import (
     ACTOR_PAIRS,
     DPO_DATASET,
@@ -38,6 +36,8 @@ from metareward.artifacts.tables import (
     SFT_EXAMPLES,
     ContentFile,
 )
+from metareward.config.campaign import CampaignConfig, ConfigError, EvaluationConfig, InferenceConfig, SFTConfig
+from metareward.pipeline import runners
 from metareward.training.trainer import SFT_LOG, TRAINING_LOG
 
 Settings = Callable[[CampaignConfig, int], dict[str, Any]]

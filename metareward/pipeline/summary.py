@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from metareward.artifacts.store import ArtifactStore
 from metareward.pipeline.jobs import JobResult
 from metareward.pipeline.manifests import stage_manifests
 from metareward.pipeline.stages import stage
-from metareward.artifacts.store import ArtifactStore
 
 SUMMARY_HEADER = ("stage", "shards", "rows", "parse fail", "mean score", "mean chars", "tok/s", "seconds",
                   "dropped or skipped")

@@ -10,8 +10,8 @@ from typing import Any
 
 import polars as pl
 
-from metareward.pipeline.stages import stage
 from metareward.artifacts.store import ArtifactStore
+from metareward.pipeline.stages import stage
 
 
 def stage_dataset(campaign: str, store: ArtifactStore, manifest: dict) -> dict[str, Any]:

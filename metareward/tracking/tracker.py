@@ -28,15 +28,15 @@ from pathlib import Path
 
 import polars as pl
 
-from metareward.config.campaign import CampaignConfig
-from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
-from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
-from metareward.pipeline.manifests import read_stage_table, stage_manifests
-from metareward.tracking.metrics import iteration_metrics, paper_metrics
-from metareward.pipeline.model_roles import evaluator_model
-from metareward.pipeline.stages import stage
 from metareward.artifacts.store import open_store
 from metareward.artifacts.tables import file_digest
+from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.manifests import read_stage_table, stage_manifests
+from metareward.pipeline.model_roles import evaluator_model
+from metareward.pipeline.stages import stage
+from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
+from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
+from metareward.tracking.metrics import iteration_metrics, paper_metrics
 from metareward.tracking.tracked_datasets import log_datasets, stage_dataset
 
 

@@ -110,8 +110,8 @@ def mlflow_state(client, experiment_id: str) -> dict:
 
 def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
     """Assert what a finished two-iteration `tiny` campaign logged to MLflow; return mlflow_state."""
-    from metareward.pipeline.manifests import stage_manifests
     from metareward.artifacts.store import ArtifactStore
+    from metareward.pipeline.manifests import stage_manifests
 
     experiment = client.get_experiment_by_name("tiny")
     state = mlflow_state(client, experiment.experiment_id)

@@ -3,12 +3,12 @@
 import polars as pl
 import pytest
 
+from metareward.artifacts.tables import RESPONSES
 from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import GenerationRequest
+from metareward.inference.roles import judge_responses
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.training.models import model_digest, smollm2_model
-from metareward.inference.roles import judge_responses
-from metareward.artifacts.tables import RESPONSES
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metareward.pipeline.manifests import stage_manifests
 from metareward.artifacts.store import ArtifactStore
+from metareward.pipeline.manifests import stage_manifests
 from tests.integration.campaigns import free_port, wait_until_healthy, write_config
 
 REPO = Path(__file__).parents[2]

@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 import yaml
 
-from metareward.training.models import model_digest
-from metareward.pipeline.stages import STAGE
 from metareward.artifacts.store import ArtifactStore
+from metareward.pipeline.stages import STAGE
+from metareward.training.models import model_digest
 from tests.conftest import REPO
 from tests.integration.campaigns import (
     assert_mlflow_lineage,

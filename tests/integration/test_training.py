@@ -9,12 +9,12 @@ import json
 import polars as pl
 import pytest
 
+from metareward.artifacts.tables import DPO_DATASET
 from metareward.config.campaign import DPOConfig, SFTConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.pipeline.input_files import load_sft_examples
 from metareward.training.models import compute_model_digest, model_digest
-from metareward.artifacts.tables import DPO_DATASET
 from metareward.training.trainer import (
     SFT_LOG,
     EmptyPreferenceSetError,

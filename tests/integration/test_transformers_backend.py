@@ -2,14 +2,14 @@
 
 import pytest
 
+from metareward.artifacts.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES
 from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import ChoiceRequest, GenerationRequest, InferenceError
 from metareward.inference.rendering import ChatRenderer
-from metareward.inference.transformers_backend import TransformersBackend
-from metareward.pipeline.input_files import load_prompts
-from metareward.paper.preferences import score_responses, select_judged_responses
 from metareward.inference.roles import generate_responses, judge_responses, meta_judge
-from metareward.artifacts.tables import JUDGMENTS, META_JUDGMENTS, RESPONSES
+from metareward.inference.transformers_backend import TransformersBackend
+from metareward.paper.preferences import score_responses, select_judged_responses
+from metareward.pipeline.input_files import load_prompts
 from tests.conftest import PROMPT_FILE
 
 USER = ({"role": "user", "content": "Explain recursion."},)

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from metareward.artifacts.tables import JUDGMENTS
 from metareward.config.campaign import SamplingConfig
 from metareward.inference.base import (
     BackendUnavailableError,
@@ -15,11 +16,10 @@ from metareward.inference.base import (
     RequestRejectedError,
 )
 from metareward.inference.openai_backend import OpenAIBackend
+from metareward.inference.roles import generate_responses, judge_responses
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.inference.vllm_backend import VLLMBackend, _group_alive
 from metareward.pipeline.input_files import load_prompts
-from metareward.inference.roles import generate_responses, judge_responses
-from metareward.artifacts.tables import JUDGMENTS
 from tests.conftest import PROMPT_FILE
 
 USER = ({"role": "user", "content": "Explain recursion."},)

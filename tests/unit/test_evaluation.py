@@ -5,7 +5,12 @@ import math
 import polars as pl
 import pytest
 
-from metareward.pipeline.evaluation import alpaca_eval_outputs, evaluate_judge_agreement, judge_agreement, load_labelled_rankings
+from metareward.pipeline.evaluation import (
+    alpaca_eval_outputs,
+    evaluate_judge_agreement,
+    judge_agreement,
+    load_labelled_rankings,
+)
 
 
 def test_agreement_ties_and_spearman_by_hand():

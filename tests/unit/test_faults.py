@@ -6,8 +6,8 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from metareward.pipeline.faults import transient
 from metareward.inference.base import BackendUnavailableError, RequestRejectedError
+from metareward.pipeline.faults import transient
 
 
 def chained(outer: BaseException, inner: BaseException) -> BaseException:

@@ -6,9 +6,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from metareward.pipeline.input_files import InputFileError, held_out_prompts, load_reference_outputs, load_sft_examples
-from metareward.paper.prompts import render_judge_prompt
 from metareward.artifacts.tables import SFT_EXAMPLES, content_id, validate_table
+from metareward.paper.prompts import render_judge_prompt
+from metareward.pipeline.input_files import InputFileError, held_out_prompts, load_reference_outputs, load_sft_examples
 
 REPO = Path(__file__).resolve().parents[2]
 

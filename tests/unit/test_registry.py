@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from metareward.artifacts.store import TableRef
 from metareward.config.campaign import CampaignConfig, ConfigError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult, plan_job, settings_digest, shard_inputs, sharding
@@ -25,7 +26,6 @@ from metareward.pipeline.stages import (
     STAGES,
     stage,
 )
-from metareward.artifacts.store import TableRef
 from tests.conftest import PROMPT_FILE, REPO
 
 ITERATION = {"num_prompts": 4, "num_responses": 3, "num_judgments": 3}

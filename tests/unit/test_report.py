@@ -6,12 +6,12 @@ import polars as pl
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from metareward.config.campaign import HealthConfig, SamplingConfig
-from metareward.tracking.figures import bias_figure, score_figure
-from metareward.paper.report import health_problems, iteration_report, meta_judge_bias, score_distribution
-from metareward.inference.roles import judge_responses
 from metareward.artifacts.stats import combine
 from metareward.artifacts.tables import PROMPTS, RESPONSES
+from metareward.config.campaign import HealthConfig, SamplingConfig
+from metareward.inference.roles import judge_responses
+from metareward.paper.report import health_problems, iteration_report, meta_judge_bias, score_distribution
+from metareward.tracking.figures import bias_figure, score_figure
 from tests.support import ScriptedBackend
 
 JUDGMENTS = pl.DataFrame({"judgment_id": ["a", "b", "c", "d"], "score": [5.0, 3.0, 3.0, None]})

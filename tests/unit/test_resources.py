@@ -9,7 +9,14 @@ import pytest
 
 from cli import main
 from metareward.config.campaign import CampaignConfig, DPOConfig
-from metareward.placement.resources import GB, OVERHEAD_BYTES, architecture, campaign_estimates, problems, training_estimate
+from metareward.placement.resources import (
+    GB,
+    OVERHEAD_BYTES,
+    architecture,
+    campaign_estimates,
+    problems,
+    training_estimate,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA = REPO / "deployments" / "architectures" / "Meta-Llama-3-8B-Instruct.json"

@@ -4,7 +4,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from metareward.artifacts.tables import PROMPTS, content_id
 from metareward.config.campaign import SamplingConfig
+from metareward.inference.roles import generate_responses, judge_responses, meta_judge
 from metareward.paper.elo import elo_scores
 from metareward.paper.preferences import (
     build_dpo_dataset,
@@ -15,8 +17,6 @@ from metareward.paper.preferences import (
     select_judged_responses,
 )
 from metareward.paper.prompts import render_judge_prompt
-from metareward.inference.roles import generate_responses, judge_responses, meta_judge
-from metareward.artifacts.tables import PROMPTS, content_id
 from tests.support import ScriptedBackend, judged_response, meta_judged_pair
 
 SAMPLING = SamplingConfig()

@@ -6,8 +6,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from metareward.pipeline.input_files import PromptFileError, load_prompts
 from metareward.artifacts.tables import PROMPTS, TableSchemaError, content_id, select_iteration_prompts, validate_table
+from metareward.pipeline.input_files import PromptFileError, load_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 

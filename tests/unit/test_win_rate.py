@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from metareward.paper.prompts import EVALUATOR_SYSTEM
 from metareward.inference.roles import compare_answers
+from metareward.paper.prompts import EVALUATOR_SYSTEM
 from metareward.paper.win_rate import length_controlled, win_rates
 from tests.support import ScriptedBackend
 
