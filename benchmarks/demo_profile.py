@@ -62,7 +62,8 @@ def _stage(root: str, campaign: str, iteration: int, stage: str, threads: int) -
                         iteration, "p")
     else:
         judged = select_judged_responses(score_responses(judgments), 0)
-        meta_judge(judged, judgments, responses, prompts, backend, settings.meta_judge_sampling, 0, mode, iteration, "p")
+        meta_judge(judged, judgments, responses, prompts, backend, settings.meta_judge_sampling, 0, mode,
+                   iteration, "p")
     backend.close()
     return {"stage": stage, "threads": threads, **spent}
 

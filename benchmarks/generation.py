@@ -105,14 +105,16 @@ def main() -> None:
 
         # 3. stage vs raw engine (raw first, so neither run profits from the other's cache more).
         raw_tokens, raw_seconds = raw_engine(uncached, judge_requests)
-        (judgments, stats), _ = _timed(lambda: judge_responses(responses, prompts, uncached, n, sampling, 0, "free", 0, "bench"))
+        (judgments, stats), _ = _timed(lambda: judge_responses(responses, prompts, uncached, n, sampling, 0, "free", 0,
+                                                               "bench"))
         raw_rate, stage_rate = raw_tokens / raw_seconds, stats.completion_tokens / stats.seconds
         print(f"judge stage          {stage_rate:8.1f} tok/s   raw engine {raw_rate:8.1f} tok/s   "
               f"stage/raw {stage_rate / raw_rate:5.2f}  (target >= 0.95)")
 
         # 1. n=N in one request vs N separate requests.
-        separate = [GenerationRequest(r.messages, n=1, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                                      seed=r.seed + k * 7919) for r in judge_requests for k in range(n)]
+        separate = [GenerationRequest(r.messages, n=1, temperature=r.temperature, top_p=r.top_p,
+                                      max_tokens=r.max_tokens, seed=r.seed + k * 7919)
+                    for r in judge_requests for k in range(n)]
         together_results, together_seconds = _timed(lambda: uncached.generate(judge_requests))
         separate_results, separate_seconds = _timed(lambda: uncached.generate(separate))
         together_rate = _tokens(together_results) / together_seconds
@@ -131,9 +133,10 @@ def main() -> None:
                 for b in rows.iter_rows(named=True):
                     if a["judgment_id"] != b["judgment_id"]:
                         content = render_meta_judge_prompt(a["prompt"], a["response"], a["text"], b["text"])
+                        seed = content_seed(0, "meta", a["judgment_id"], b["judgment_id"])
                         meta_requests.append(GenerationRequest(({"role": "user", "content": content},), n=1,
-                                                               temperature=0.8, top_p=0.95, max_tokens=sampling.max_tokens,
-                                                               seed=content_seed(0, "meta", a["judgment_id"], b["judgment_id"])))
+                                                               temperature=0.8, top_p=0.95,
+                                                               max_tokens=sampling.max_tokens, seed=seed))
         shuffled = meta_requests[:]
         random.Random(0).shuffle(shuffled)
         queried_before, hits_before = cached.prefix_cache_stats()

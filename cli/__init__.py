@@ -107,7 +107,8 @@ def _check_prefect_api() -> None:
         httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
     except httpx.HTTPError as error:
         raise ConfigError(f"PREFECT_API_URL {url} does not answer /health ({type(error).__name__}: {error}): start "
-                          "the server (prefect server start), fix the URL, or unset it to use the local ephemeral API")
+                          "the server (prefect server start), fix the URL, or unset it to use the local ephemeral API"
+                          ) from None
 
 
 def _prefect_defaults() -> None:
@@ -160,8 +161,10 @@ def _stages(arguments: argparse.Namespace) -> int:
     if config:
         print(f"{config.name}, iteration {arguments.iteration}: each stage's settings as hashed into its cache key\n")
     for entry in STAGES:
-        runs = ("per shard" if entry.sharded else "once") + (f", runs {MODEL_ROLES[entry.model]}" if entry.model else "")
-        print(f"{entry.name}  <- {', '.join(entry.inputs) or '(a file)'}  ({runs})  code {code_fingerprint(entry.name)}")
+        runs = "per shard" if entry.sharded else "once"
+        runs += f", runs {MODEL_ROLES[entry.model]}" if entry.model else ""
+        inputs = ", ".join(entry.inputs) or "(a file)"
+        print(f"{entry.name}  <- {inputs}  ({runs})  code {code_fingerprint(entry.name)}")
         print(f"    {entry.summary}")
         if config:
             iteration = 0 if entry in SEED_STAGES else arguments.iteration

@@ -10,8 +10,6 @@ from metareward.config.campaign import CampaignConfig
 from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
-from metareward.pipeline.model_roles import check_evaluator, evaluator_model, reference_model
-from metareward.training.models import check_model, model_id_of
 from tasks.common import result_storage, retried
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run
@@ -28,47 +26,31 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
         model_path: M_t: a model folder, a checkpoint URI (e.g. the previous iteration's), a hub id, or
             builtin:smollm2-135m-instruct.
     """
-    # M_t, checked, and its digest from its model_id.txt (an s3:// checkpoint's weights are not downloaded). Not
-    # a task: Prefect links a task's returned strings to it by identity, and the model's URI is inside `config`.
-    check_model(model_path, config.model.chat_template)
-    model = ModelRef(model_path, model_id_of(model_path))
-    if config.evaluation:
-        # Before any work: the evaluator may not be M_t (M_{t+1} is checked once it exists).
-        check_evaluator(config, evaluator_model(config), [model])
-    with iteration_run(config, iteration, model) as stages:
+    with iteration_run(config, iteration, model_path) as stages:
         prompts = stages.run("prompts")
         # Actor (sec. 2.1): K responses per prompt. Judge: N judgments per response; their mean is its reward.
         responses = stages.run("responses", prompts=prompts)
         judgments = stages.run("judgments", prompts=prompts, responses=responses)
         # Actor pairs: the shortest of the top tier vs the longest of the bottom tier (length control ρ).
         actor_pairs = stages.run("actor_pairs", prompts=prompts, responses=responses, judgments=judgments)
-        judge_pairs = None
-        if config.iterations[iteration - 1].train_judge:
-            # Meta-judge (sec. 2.2): every pair of the highest-variance response's judgments, in both orders.
-            meta_judgments = stages.run("meta_judgments", prompts=prompts, responses=responses, judgments=judgments)
-            # Positional weights and Elo of the judgments; judge pairs: best vs worst under the length filter.
-            elo = stages.run("judgment_elo", meta_judgments=meta_judgments, judgments=judgments)
-            judge_pairs = stages.run("judge_pairs", prompts=prompts, responses=responses, judgments=judgments,
-                                     judgment_elo=elo)
+        # Meta-judge (sec. 2.2), in the iterations that train the judge: every pair of the highest-variance
+        # response's judgments, both orders; their positional weights and Elo; best vs worst under the length filter.
+        meta_judgments = stages.run("meta_judgments", prompts=prompts, responses=responses, judgments=judgments)
+        elo = stages.run("judgment_elo", meta_judgments=meta_judgments, judgments=judgments)
+        judge_pairs = stages.run("judge_pairs", prompts=prompts, responses=responses, judgments=judgments,
+                                 judgment_elo=elo)
         dataset = stages.run("dpo_dataset", actor_pairs=actor_pairs, judge_pairs=judge_pairs)
         # Health (sec. 3.5): stop, or warn, before training on collapsed data (score saturation, position bias).
         health = check_health(config, iteration, stages.finished, wait_for=dataset)
         # DPO (A.3): M_t → M_{t+1}.
-        [checkpoint] = stages.run("checkpoint", dpo_dataset=dataset, wait_for=[health])
-        if config.evaluation:
-            # Did M_{t+1} improve? Its answers to held-out prompts against the reference's, by a fixed evaluator.
-            trained = ModelRef(checkpoint.stats["model_uri"], checkpoint.stats["model_id"])
-            held_out = stages.run("eval_prompts")
-            answers = stages.run("eval_answers", eval_prompts=held_out, model=trained, wait_for=[checkpoint])
-            reference = None
-            if config.evaluation.reference != "outputs":
-                reference = stages.run("reference_answers", eval_prompts=held_out,
-                                       model=reference_model(config, model, iteration))
-            evaluator = evaluator_model(config)
-            check_evaluator(config, evaluator, [trained])
-            stages.run("win_rate", eval_prompts=held_out, eval_answers=answers, reference_answers=reference,
-                       model=evaluator)
-    return stages.outcome(checkpoint)
+        checkpoint = stages.run("checkpoint", dpo_dataset=dataset, wait_for=[health])
+        # With an evaluation section: M_{t+1}'s answers to held-out prompts against the reference's, by a fixed
+        # evaluator.
+        held_out = stages.run("eval_prompts")
+        answers = stages.run("eval_answers", eval_prompts=held_out, wait_for=checkpoint)
+        reference = stages.run("reference_answers", eval_prompts=held_out)
+        stages.run("win_rate", eval_prompts=held_out, eval_answers=answers, reference_answers=reference)
+    return stages.outcome()
 
 
 @flow(name="metareward-seed", flow_run_name="{config.name} seed-sft", persist_result=True)
@@ -79,12 +61,10 @@ def seed_flow(config: CampaignConfig) -> dict:
     Args:
         config: The campaign; its sft section names the judge examples and the training settings.
     """
-    check_model(config.model.path, config.model.chat_template)
-    base = ModelRef(config.model.path, model_id_of(config.model.path))
-    with iteration_run(config, 0, base) as stages:
+    with iteration_run(config, 0, config.model.path) as stages:
         examples = stages.run("sft_data")
-        [sft] = stages.run("sft", sft_data=examples)
-    return stages.outcome(sft)
+        stages.run("sft", sft_data=examples)
+    return stages.outcome()
 
 
 @flow(name="metareward-shard", flow_run_name="{config.name} {stage} iter-{iteration} shard-{shard:04d}",

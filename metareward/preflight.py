@@ -73,7 +73,8 @@ def check_evaluation(config: CampaignConfig, model: str | None = None, output: s
 def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
     """Raise ConfigError unless 1 <= start_iteration <= the config's number of iterations."""
     if not 1 <= start_iteration <= len(config.iterations):
-        raise ConfigError(f"start iteration {start_iteration}: {config.name} has iterations 1..{len(config.iterations)}")
+        raise ConfigError(f"start iteration {start_iteration}: "
+                          f"{config.name} has iterations 1..{len(config.iterations)}")
 
 
 def check_engine(inference: InferenceConfig, field: str = "inference") -> None:

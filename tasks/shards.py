@@ -36,7 +36,7 @@ def run_shards_on_workers(config: CampaignConfig, stage: str, iteration: int, mo
     jobs = [plan_job(config, stage, iteration, inputs, model, index) for index, inputs in enumerate(per_shard)]
     results = {job.key: finished(store, job) for job in jobs}
     pending: dict = {}
-    for job, inputs in zip(jobs, per_shard):
+    for job, inputs in zip(jobs, per_shard, strict=True):
         if results[job.key] is None:
             flow_run = run_deployment(
                 config.orchestration.shard_deployment, timeout=0,

@@ -21,7 +21,8 @@ from metareward.paper.report import HealthCheckError, health_checks
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult, finished, plan_job, run_job, run_name, shard_inputs, sharding
 from metareward.pipeline.manifests import manifest_key, write_manifest
-from metareward.pipeline.stages import stage
+from metareward.pipeline.model_roles import IterationModels
+from metareward.pipeline.stages import stage, why_not_run
 from metareward.pipeline.summary import job_line
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers
@@ -74,10 +75,16 @@ def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | N
 
 @task(name="manifest", task_run_name="{stage} iter-{iteration} manifest", cache_policy=NO_CACHE, **RETRIED)
 def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, shards: list[JobResult]) -> None:
-    """The manifest of a sharded stage, from its shards' results."""
+    """The manifest of a sharded stage, from its shards' results; logs what it lists and where it is."""
     # Returns nothing: Prefect links a task's returned values (and their parts) to it by identity, and the
     # stage's statistics share strings with other tasks' inputs, which would draw edges that are not there.
-    write_manifest(open_store(config.artifact_root), config.name, [r.job for r in shards], shards)
+    store = open_store(config.artifact_root)
+    write_manifest(store, config.name, [r.job for r in shards], shards)
+    cached = sum(result.cached for result in shards)
+    get_run_logger().info("%s iter-%d: manifest of %d shard(s) (%d computed now, %d found in the store), %d rows: %s",
+                          stage, iteration, len(shards), len(shards) - cached, cached,
+                          sum(result.table.rows for result in shards),
+                          store.uri(manifest_key(config.name, iteration, stage)))
 
 
 @task(name="health", task_run_name="health iter-{iteration}", cache_policy=NO_CACHE)
@@ -98,43 +105,52 @@ def check_health(config: CampaignConfig, iteration: int, stages: dict[str, dict]
 
 
 class IterationStages:
-    """Runs the stages of one iteration flow run as Prefect tasks and remembers what each finished with."""
+    """Runs the stages of one iteration flow run as Prefect tasks — those the registry says run in this iteration
+    (stages.why_not_run), each on the model of its role (model_roles.IterationModels) — and remembers what each
+    finished with."""
 
     def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef, mlflow_link: str | None = None):
         self.config = config
         self.iteration = iteration
-        self.model = model
+        self.models = IterationModels(config, iteration, model)
         self.mlflow_link = mlflow_link
         """Where the iteration's MLflow run is seen (None with tracking off)."""
         self.finished: dict[str, dict] = {}
         """Combined statistics of each stage this flow run finished, in the order they ran."""
+        self.not_run: dict[str, str] = {}
+        """Why each stage of the iteration's phase that did not run was left out."""
         self._storage = result_storage(config)
 
-    def run(self, name: str, wait_for: list | None = None, model: ModelRef | None = None,
-            **upstream: list[JobResult] | None) -> list[JobResult]:
-        """Run stage `name` on the given upstream results (None for an optional input the iteration skips):
-        one task, or one per shard (in this process, or as flow runs of orchestration.shard_deployment);
-        returns its results in shard order. The stage runs this flow's model (M_t, or the base model of the
-        seed's SFT) unless its role is another one, whose model is given as `model`."""
+    def run(self, name: str, wait_for: list | None = None,
+            **upstream: list[JobResult] | None) -> list[JobResult] | None:
+        """Run stage `name` on the given upstream results (None for a stage that did not run): one task, or one per
+        shard (in this process, or as flow runs of orchestration.shard_deployment); returns its results in shard
+        order. Returns None, and logs why, when the registry says the stage does not run in this iteration."""
         entry = stage(name)
+        reason = why_not_run(self.config, name, self.iteration)
+        if reason:
+            self.not_run[name] = reason
+            get_run_logger().info("%s not run: %s", name, reason)
+            return None
+        model = self.models.of(entry.model)
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
-        if entry.model in ("policy", "base"):
-            model = self.model
         options = {"name": name, "result_storage": self._storage, **retried(self.config)}
         if not entry.sharded:
             result = run_stage.with_options(**options, tags=self._tags(name, given, model, None))(
                 self.config, name, self.iteration, None, model, given, wait_for=wait_for)
-            self.finished[name] = combine(name, [result.stats])
-            return [result]
-        per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
-        if self.config.orchestration.shard_deployment:
-            results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
+            results = [result]
         else:
-            results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
-                self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
-                for index, inputs in enumerate(per_shard)]
-        write_stage_manifest(self.config, name, self.iteration, results)
+            per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
+            if self.config.orchestration.shard_deployment:
+                results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
+            else:
+                results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
+                    self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
+                    for index, inputs in enumerate(per_shard)]
+            write_stage_manifest(self.config, name, self.iteration, results)
         self.finished[name] = combine(name, [result.stats for result in results])
+        if entry.writes_model:
+            self.models.trained_by(results[0].stats)
         return results
 
     def _tags(self, name: str, inputs: Upstream, model: ModelRef | None, shard: int | None) -> list[str]:
@@ -148,9 +164,8 @@ class IterationStages:
         job = plan_job(self.config, name, self.iteration, inputs, model, shard)
         return ([GPU_TAG] if stage(name).uses_model else []) + [f"key:{job.cache_key}"]
 
-    def outcome(self, checkpoint: JobResult) -> dict:
+    def outcome(self) -> dict:
         """What the iteration flow returns: the stage summaries, and M_{t+1}'s URI and model_id."""
-        return {"iteration": self.iteration, "model_id": self.model.model_id, "stages": self.finished,
-                "next_model": checkpoint.stats["model_uri"], "next_model_id": checkpoint.stats["model_id"],
-                "mlflow": self.mlflow_link}
-
+        trained = self.models.of("trained")
+        return {"iteration": self.iteration, "model_id": self.models.policy.model_id, "stages": self.finished,
+                "next_model": trained.uri, "next_model_id": trained.model_id, "mlflow": self.mlflow_link}

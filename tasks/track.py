@@ -15,6 +15,7 @@ from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.summary import iteration_title, summary_markdown
 from metareward.tracking import tracker as tracking
+from metareward.training.models import check_model, model_id_of
 from tasks.common import RETRIED
 from tasks.stages import IterationStages
 
@@ -39,10 +40,14 @@ def track_iteration(config: CampaignConfig, iteration: int, runs: dict, stages: 
 
 
 @contextmanager
-def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> Iterator[IterationStages]:
-    """The stages of iteration t on M_t (t = 0: the seed's SFT on the base model): MLflow runs opened on entry and, on exit, the stages that finished
-    logged (FAILED with the error when the block raised) and the iteration's summary published as a markdown
-    artifact."""
+def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> Iterator[IterationStages]:
+    """The stages of iteration t on M_t at model_path (t = 0: the seed's SFT on the base model), checked and
+    identified by its digest (its model_id.txt: an s3:// checkpoint's weights are not downloaded): MLflow runs opened
+    on entry and, on exit, the stages that finished logged (FAILED with the error when the block raised) and the
+    iteration's summary published as a markdown artifact."""
+    # Not a task: Prefect links a task's returned strings to it by identity, and the model's URI is in `config`.
+    check_model(model_path, config.model.chat_template)
+    model = ModelRef(model_path, model_id_of(model_path))
     runs = start_tracking(config, iteration, model.model_id, model.uri)
     logger = get_run_logger()
     if runs:
@@ -54,7 +59,8 @@ def iteration_run(config: CampaignConfig, iteration: int, model: ModelRef) -> It
     except Exception as error:
         if runs:
             try:
-                track_iteration(config, iteration, runs, list(stages.finished), error=f"{type(error).__name__}: {error}")
+                track_iteration(config, iteration, runs, list(stages.finished),
+                                error=f"{type(error).__name__}: {error}")
             except Exception as tracking_error:  # the stage's error is the one to report
                 logger.warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
         raise

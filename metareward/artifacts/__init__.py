@@ -1,1 +1,2 @@
-"""Artifacts: the store (local or S3, atomic writes), the Parquet schema of every table, the statistics stages record."""
+"""Artifacts: the store (local or S3, atomic writes), the Parquet schema of every table, the statistics stages
+record."""

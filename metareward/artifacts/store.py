@@ -9,7 +9,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,6 @@ def open_store(root: str) -> ArtifactStore:
     return _open_store(root, json.dumps(s3_storage_options(), sort_keys=True))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _open_store(root: str, options: str) -> ArtifactStore:
     return ArtifactStore(root)

@@ -209,7 +209,9 @@ def _campaign_schema(schema: dict) -> None:
     # The cross-field rule a JSON schema can state, so Prefect refuses it before a run starts: the baseline
     # (self_rewarding) has no meta-judge, so no iteration trains the judge.
     schema["if"] = {"properties": {"mode": {"const": "self_rewarding"}}, "required": ["mode"]}
-    schema["then"] = {"properties": {"iterations": {"items": {"properties": {"train_judge": {"not": {"const": True}}}}}}}
+    schema["then"] = {
+        "properties": {"iterations": {"items": {"properties": {"train_judge": {"not": {"const": True}}}}}}
+    }
 
 
 class CampaignConfig(Strict):

@@ -33,8 +33,8 @@ class OpenAIBackend:
     as token ids to /v1/completions — the way to drive a vLLM server without a second BOS; forced
     verdicts need this. Without one, messages go to /v1/chat/completions. Requests run on at most
     `max_concurrency` threads, spread over the servers; contiguous blocks of requests go to the same
-    server so that requests sharing a prefix meet in its cache. Timeouts, connection errors, 429 and 5xx are retried with
-    exponential back-off and jitter; other 4xx fail at once with the server's message, except a
+    server so that requests sharing a prefix meet in its cache. Timeouts, connection errors, 429 and 5xx are retried
+    with exponential back-off and jitter; other 4xx fail at once with the server's message, except a
     context-length refusal, which skips the prompt. `extra_body` adds server-specific fields to every
     generation request (vLLM: return_token_ids, for exact token counts).
     """
@@ -102,7 +102,8 @@ class OpenAIBackend:
         # in submission order: submitting the blocks interleaved keeps every server busy, not the first few.
         order = sorted(range(len(requests)), key=lambda index: (index - starts[block_of[index]], block_of[index]))
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = {index: pool.submit(function, requests[index], self.base_urls[block_of[index]]) for index in order}
+            futures = {index: pool.submit(function, requests[index], self.base_urls[block_of[index]])
+                       for index in order}
             for future in as_completed(futures.values()):
                 future.result()
                 progress.finished()
@@ -143,11 +144,13 @@ class OpenAIBackend:
                 n_tokens = self.renderer.count_tokens(text)
             else:
                 n_tokens = round(usage.get("completion_tokens", 0) / max(1, len(choices)))
-            completions.append(Completion(text=text, n_tokens=n_tokens, finish_reason=choice.get("finish_reason") or "stop"))
+            completions.append(Completion(text=text, n_tokens=n_tokens,
+                                          finish_reason=choice.get("finish_reason") or "stop"))
         return GenerationResult(tuple(completions), usage.get("prompt_tokens", len(prompt_ids or ())))
 
     def _choose_one(self, request: ChoiceRequest, server: str) -> int:
-        prompt_ids, choice_ids = self.renderer.choice_tokens(request.messages, request.assistant_prefix, request.choices)
+        prompt_ids, choice_ids = self.renderer.choice_tokens(request.messages, request.assistant_prefix,
+                                                             request.choices)
         body = {
             "model": self.model,
             "prompt": prompt_ids,

@@ -51,7 +51,8 @@ class ChatRenderer:
         """Text of generated token ids, special tokens left out."""
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def choice_tokens(self, messages: Messages, assistant_prefix: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
+    def choice_tokens(self, messages: Messages, assistant_prefix: str,
+                      choices: Sequence[str]) -> tuple[list[int], list[int]]:
         """(prompt ids, one token id per choice) such that prompt ids + that token spell the conversation,
         the assistant_prefix and the choice.
 

@@ -44,10 +44,10 @@ def generate_responses(
     prompt_ids = prompts["prompt_id"].to_list()
     requests = [
         _request(_user(prompt), num_responses, sampling, content_seed(seed, "actor", prompt_id), stop=None)
-        for prompt_id, prompt in zip(prompt_ids, prompts["prompt"])
+        for prompt_id, prompt in zip(prompt_ids, prompts["prompt"], strict=True)
     ]
     rows = []
-    for prompt_id, result in zip(prompt_ids, _generate(backend, requests, stats)):
+    for prompt_id, result in zip(prompt_ids, _generate(backend, requests, stats), strict=True):
         seen: set[str] = set()
         for sample_idx, completion in enumerate(result.completions):
             if completion.text in seen:
@@ -84,15 +84,16 @@ def judge_responses(
     """
     stats = StageStats("judge")
     pairs = responses.join(prompts.select("prompt_id", "prompt"), on="prompt_id", how="left")
-    messages = [_user(render_judge_prompt(p, r)) for p, r in zip(pairs["prompt"], pairs["text"])]
+    messages = [_user(render_judge_prompt(p, r)) for p, r in zip(pairs["prompt"], pairs["text"], strict=True)]
     response_ids = pairs["response_id"].to_list()
     requests = [
         _request(m, num_judgments, sampling, content_seed(seed, "judge", rid), stop=_stop(verdict_mode, "Score:"))
-        for m, rid in zip(messages, response_ids)
+        for m, rid in zip(messages, response_ids, strict=True)
     ]
     results = _generate(backend, requests, stats)
     keys, texts, completions, sample_messages = [], [], [], []
-    for prompt_id, response_id, message, result in zip(pairs["prompt_id"], response_ids, messages, results):
+    for prompt_id, response_id, message, result in zip(pairs["prompt_id"], response_ids, messages, results,
+                                                        strict=True):
         for sample_idx, completion in enumerate(result.completions):
             keys.append((prompt_id, response_id, sample_idx))
             texts.append(completion.text)
@@ -102,7 +103,7 @@ def judge_responses(
         seeds = [content_seed(seed, "judge-verdict", rid, idx) for _, rid, idx in keys]
         texts = _force(backend, sample_messages, texts, SCORE_PREFIX, SCORE_CHOICES, sampling, seeds, stats)
     rows = []
-    for (prompt_id, response_id, sample_idx), text, completion in zip(keys, texts, completions):
+    for (prompt_id, response_id, sample_idx), text, completion in zip(keys, texts, completions, strict=True):
         score = parse_score(text)
         stats.parse_failures += score is None
         rows.append(
@@ -159,16 +160,17 @@ def meta_judge(
     ]
     requests = [
         _request(m, 1, sampling, content_seed(seed, "meta", first, second), stop=_stop(verdict_mode, "Winner:"))
-        for m, (_, _, first, second) in zip(messages, keys)
+        for m, (_, _, first, second) in zip(messages, keys, strict=True)
     ]
     results = _generate(backend, requests, stats)
     answered = [i for i, result in enumerate(results) if result.skipped is None]
     texts = [results[i].completions[0].text for i in answered]
     if verdict_mode == "forced":
         seeds = [content_seed(seed, "meta-verdict", keys[i][2], keys[i][3]) for i in answered]
-        texts = _force(backend, [messages[i] for i in answered], texts, WINNER_PREFIX, WINNER_CHOICES, sampling, seeds, stats)
+        texts = _force(backend, [messages[i] for i in answered], texts, WINNER_PREFIX, WINNER_CHOICES, sampling, seeds,
+                       stats)
     rows = []
-    for i, text in zip(answered, texts):
+    for i, text in zip(answered, texts, strict=True):
         winner = parse_winner(text)
         stats.parse_failures += winner is None
         completion = results[i].completions[0]
@@ -226,10 +228,10 @@ def _force(
     requests = [
         ChoiceRequest(messages=m, assistant_prefix=_with_prefix(text, prefix), choices=choices,
                       temperature=sampling.temperature, seed=seed)
-        for m, text, seed in zip(messages, justifications, seeds)
+        for m, text, seed in zip(messages, justifications, seeds, strict=True)
     ]
     answers = _choose(backend, requests, stats)
-    return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers)]
+    return [request.assistant_prefix + choices[answer] for request, answer in zip(requests, answers, strict=True)]
 
 
 def _choose(backend: Backend, requests: Sequence[ChoiceRequest], stats: StageStats) -> list[int]:
@@ -266,7 +268,8 @@ def compare_answers(
     first_position_share: how often a parsed verdict picked the answer shown first (NaN when none parsed)."""
     stats = StageStats("evaluator")
     keys, messages, seeds, ties = [], [], [], []
-    for prompt_id, prompt, trained, reference in pairs.select("prompt_id", "prompt", "trained", "reference").iter_rows():
+    selected = pairs.select("prompt_id", "prompt", "trained", "reference")
+    for prompt_id, prompt, trained, reference in selected.iter_rows():
         for trained_first in (True, False):
             key = (prompt_id, trained_first, len(trained), len(reference))
             if trained == reference:
@@ -278,16 +281,16 @@ def compare_answers(
             seeds.append(content_seed(seed, "evaluator", prompt_id, trained_first))
     if verdict_mode == "forced":
         choices = [ChoiceRequest(messages=m, assistant_prefix="", choices=EVALUATOR_IDENTIFIERS, temperature=0.0,
-                                 seed=s) for m, s in zip(messages, seeds)]
+                                 seed=s) for m, s in zip(messages, seeds, strict=True)]
         texts = [EVALUATOR_IDENTIFIERS[answer] for answer in _choose(backend, choices, stats)]
     else:
         results = _generate(backend, [GenerationRequest(messages=m, n=1, temperature=0.0, top_p=1.0,
                                                         max_tokens=max_tokens, seed=s)
-                                      for m, s in zip(messages, seeds)], stats)
+                                      for m, s in zip(messages, seeds, strict=True)], stats)
         texts = [result.completions[0].text if result.skipped is None else "" for result in results]
     rows = [(prompt_id, trained_first, None, "", 0.5, trained_chars, reference_chars, True)
             for prompt_id, trained_first, trained_chars, reference_chars in ties]
-    for (prompt_id, trained_first, trained_chars, reference_chars), text in zip(keys, texts):
+    for (prompt_id, trained_first, trained_chars, reference_chars), text in zip(keys, texts, strict=True):
         verdict = parse_model_identifier(text)
         stats.parse_failures += verdict is None
         preference = None if verdict is None else float((verdict == "m") == trained_first)

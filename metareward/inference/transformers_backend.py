@@ -77,7 +77,8 @@ class TransformersBackend:
         # long prefix (see _generate_batch).
         progress.finished(len(requests) - len(runnable))
         for batch in self._batches(runnable, requests):
-            for index, result in zip(batch, self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])):
+            batch_results = self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])
+            for index, result in zip(batch, batch_results, strict=True):
                 results[index] = result
             progress.finished(len(batch))
         return results  # type: ignore[return-value]
@@ -111,7 +112,7 @@ class TransformersBackend:
         tails = [ids[common:-1] for ids in rendered]
         width = max(len(tail) for tail in tails)
         rows, masks = [], []
-        for ids, tail in zip(rendered, tails):
+        for ids, tail in zip(rendered, tails, strict=True):
             padding = width - len(tail)
             rows.append(ids[:common] + [self.pad_token_id] * padding + tail + ids[-1:])
             masks.append([1] * common + [0] * padding + [1] * (len(tail) + 1))
@@ -151,7 +152,7 @@ class TransformersBackend:
             )
         generated = output[:, input_ids.shape[1]:].tolist()
         results = []
-        for position, (request, ids) in enumerate(zip(requests, rendered)):
+        for position, (request, ids) in enumerate(zip(requests, rendered, strict=True)):
             completions = tuple(
                 self._completion(generated[position * request.n + sample], request.stop, max_new_tokens)
                 for sample in range(request.n)

@@ -64,7 +64,8 @@ class VLLMServer:
         if max_model_len:
             command += ["--max-model-len", str(max_model_len)]
         command += list(extra_args)
-        environment = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        environment = {**os.environ, "VLLM_NO_USAGE_STATS": "1",
+                       "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         if gpu is not None:
             environment["CUDA_VISIBLE_DEVICES"] = str(gpu)
         else:

@@ -83,7 +83,8 @@ def agreed_battles(group: np.ndarray, first: np.ndarray, second: np.ndarray,
     won both, and by neither otherwise (split verdicts, a tie or an unparsed verdict, a missing order). Rows as
     battle_matrices takes them; returns (group, first, second, verdict) with first < second in each row."""
     outcome: dict[tuple[int, int, int], list[int]] = {}
-    for g, m, k, r in zip(*(np.asarray(a, dtype=np.int64).tolist() for a in (group, first, second, verdict))):
+    lists = (np.asarray(a, dtype=np.int64).tolist() for a in (group, first, second, verdict))
+    for g, m, k, r in zip(*lists, strict=True):
         low, high = min(m, k), max(m, k)
         # The verdict from the lower index's point of view: +1 when it won this order.
         outcome.setdefault((g, low, high), []).append(r if m == low else -r)

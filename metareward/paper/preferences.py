@@ -254,7 +254,7 @@ def select_judge_pairs(
         .join(prompts.select("prompt_id", "prompt"), on="prompt_id", how="left", maintain_order="left")
         .join(responses.select("response_id", response="text"), on="response_id", how="left", maintain_order="left")
     )
-    judge_prompts = [render_judge_prompt(p, r) for p, r in zip(pairs["prompt"], pairs["response"])]
+    judge_prompts = [render_judge_prompt(p, r) for p, r in zip(pairs["prompt"], pairs["response"], strict=True)]
     table = pairs.with_columns(pl.Series("judge_prompt", judge_prompts, dtype=pl.String)).select(
         "prompt_id", "response_id",
         _message("user", pl.col("judge_prompt")).alias("prompt"),

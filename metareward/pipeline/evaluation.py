@@ -127,7 +127,8 @@ def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -
     samples = np.array([statistics(rng.integers(0, len(per_prompt), len(per_prompt))) for _ in range(bootstrap)])
     names = ("agreement", "agreement_without_ties", "spearman")
     return {
-        name: Estimate(point[k], float(np.nanpercentile(samples[:, k], 2.5)), float(np.nanpercentile(samples[:, k], 97.5)))
+        name: Estimate(point[k], float(np.nanpercentile(samples[:, k], 2.5)),
+                       float(np.nanpercentile(samples[:, k], 97.5)))
         for k, name in enumerate(names)
     }
 
@@ -165,7 +166,7 @@ def answer_prompts(prompts: Sequence[str], backend, sampling, seed: int) -> list
     ids = [content_id(prompt) for prompt in prompts]
     table = pl.DataFrame({"prompt_id": ids, "prompt": list(prompts)}).unique("prompt_id", maintain_order=True)
     answers, _ = generate_responses(table, backend, 1, sampling, seed, iteration=0, model_id="evaluation")
-    by_prompt = dict(zip(answers["prompt_id"], answers["text"]))
+    by_prompt = dict(zip(answers["prompt_id"], answers["text"], strict=True))
     return [by_prompt.get(prompt_id, "") for prompt_id in ids]
 
 
@@ -173,7 +174,7 @@ def alpaca_eval_outputs(prompts: Sequence[str], outputs: Sequence[str], generato
     """Model answers in AlpacaEval's output format: [{"instruction", "output", "generator"}, …]."""
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    return [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+    return [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs, strict=True)]
 
 
 @dataclass(frozen=True)

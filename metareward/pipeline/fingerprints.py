@@ -25,7 +25,8 @@ from pathlib import Path
 PACKAGE = "metareward"
 
 NOT_FOLLOWED = {
-    "metareward.config.campaign": "its values, not its code, decide a stage's rows, and every key hashes the values it reads",
+    "metareward.config.campaign": "its values, not its code, decide a stage's rows, and every key hashes the values it "
+                                  "reads",
     "metareward.artifacts.stats": "bookkeeping: counts go to markers and manifests, never into a stage's table",
     "metareward.artifacts.store": "moves bytes: what a stage reads is identified by the digests of its input tables",
 }

@@ -161,7 +161,8 @@ def load_prompts(path: str | Path, column: str = "prompt", column_setting: str =
         pl.col(column).alias("prompt"),
         pl.when(source.fill_null("") == "").then(pl.lit(path.name)).otherwise(source).alias("source"),
     )
-    return PromptSet(table=validate_table(table, PROMPTS, "prompts"), empty_rows=empty_rows, duplicate_rows=duplicate_rows)
+    return PromptSet(table=validate_table(table, PROMPTS, "prompts"), empty_rows=empty_rows,
+                     duplicate_rows=duplicate_rows)
 
 
 SFT_COLUMNS = ("instruction", "response", "judgment")
@@ -184,15 +185,15 @@ def load_sft_examples(path: str | Path) -> pl.DataFrame:
         if empty:
             raise InputFileError(f"{path}: {len(empty)} row(s) with an empty {column!r} (rows {_rows_label(empty)})")
     scores = [_final_verdict(judgment) for judgment in rows["judgment"]]
-    unparsed = [row for row, score in zip(rows[ROW], scores) if score is None]
+    unparsed = [row for row, score in zip(rows[ROW], scores, strict=True) if score is None]
     if unparsed:
         raise InputFileError(
             f"{path}: {len(unparsed)} judgment(s) do not end in a line \"Score: X\" with X in 0–5 (rows "
             f"{_rows_label(unparsed)}): the target must carry the verdict the judge learns to give (paper A.1)")
-    prompts = [render_judge_prompt(i, r) for i, r in zip(rows["instruction"], rows["response"])]
+    prompts = [render_judge_prompt(i, r) for i, r in zip(rows["instruction"], rows["response"], strict=True)]
     return pl.DataFrame({
         "row": rows[ROW],
-        "example_id": [content_id(p, j) for p, j in zip(prompts, rows["judgment"])],
+        "example_id": [content_id(p, j) for p, j in zip(prompts, rows["judgment"], strict=True)],
         "prompt": [[{"role": "user", "content": p}] for p in prompts],
         "completion": [[{"role": "assistant", "content": j}] for j in rows["judgment"]],
         "score": scores,
@@ -218,7 +219,8 @@ def load_reference_outputs(path: str | Path) -> dict[str, str]:
     if conflicting:
         raise InputFileError(f"{path}: instructions given twice with different outputs (rows "
                              f"{_rows_label(conflicting)}): keep one reference answer per instruction")
-    return {content_id(instruction): output for instruction, output in zip(rows["instruction"], rows["output"])
+    return {content_id(instruction): output
+            for instruction, output in zip(rows["instruction"], rows["output"], strict=True)
             if instruction is not None}
 
 

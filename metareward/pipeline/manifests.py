@@ -29,7 +29,7 @@ def write_manifest(store: ArtifactStore, campaign: str, jobs: list[Job], results
         "rows": sum(result.table.rows for result in results),
         "shards": {job.shard: {**result.table.as_dict(), "cache_key": job.cache_key, "cached": result.cached,
                                **({"recomputed": result.recomputed} if result.recomputed else {})}
-                   for job, result in zip(jobs, results)},
+                   for job, result in zip(jobs, results, strict=True)},
         "stats": combined,
         "code": first.code,
         "settings_digest": first.settings_digest,

@@ -1,6 +1,6 @@
 """The models a campaign's stages run, by role (stages.MODEL_ROLES): M_t to start an iteration from, M_1, the
-reference M_{t+1} is compared with, the evaluator — and the rule that keeps the evaluator off the model being
-trained."""
+reference M_{t+1} is compared with, the evaluator — the rule that keeps the evaluator off the model being
+trained, and IterationModels, which answers for each stage of an iteration which model it runs."""
 
 from __future__ import annotations
 
@@ -73,3 +73,43 @@ def check_evaluator(config: CampaignConfig, evaluator: ModelRef, trained: list[M
                 f"evaluation.evaluator {evaluator.uri} is the model being trained ({model.uri}, digest "
                 f"{model.model_id}): it would judge its own answers. Use a fixed model, or set "
                 "evaluation.evaluator.allow_trained_model: true")
+
+
+class IterationModels:
+    """The model each stage of one iteration runs, by the stage's role (stages.MODEL_ROLES): policy and base are the
+    model the iteration starts from (M_t, or the base model of the seed's SFT), trained is the model its training
+    stage wrote (M_{t+1}), reference and evaluator come from config.evaluation. The evaluator is checked against M_t
+    when the iteration starts and against M_{t+1} before it compares (check_evaluator)."""
+
+    def __init__(self, config: CampaignConfig, iteration: int, policy: ModelRef):
+        self.config = config
+        self.iteration = iteration
+        self.policy = policy
+        self.trained: ModelRef | None = None
+        """M_{t+1}, once the iteration's training stage has finished (see trained_by)."""
+        if config.evaluation and iteration > 0:
+            check_evaluator(config, evaluator_model(config), [policy])
+
+    def trained_by(self, stats: dict) -> ModelRef:
+        """Record the model a training stage wrote (its statistics' model_uri and model_id) as M_{t+1}."""
+        self.trained = ModelRef(stats["model_uri"], stats["model_id"])
+        return self.trained
+
+    def of(self, role: str | None) -> ModelRef | None:
+        """The model of `role` (None: the stage runs no model). Raises ConfigError when the evaluator is a model
+        being trained, RuntimeError when the trained model is asked for before the iteration trained one."""
+        if role is None:
+            return None
+        if role in ("policy", "base"):
+            return self.policy
+        if role == "trained":
+            if self.trained is None:
+                raise RuntimeError(f"iteration {self.iteration}: no model trained yet; the training stage runs first")
+            return self.trained
+        if role == "reference":
+            return reference_model(self.config, self.policy, self.iteration)
+        if role == "evaluator":
+            evaluator = evaluator_model(self.config)
+            check_evaluator(self.config, evaluator, [model for model in (self.policy, self.trained) if model])
+            return evaluator
+        raise ValueError(f"unknown model role {role!r}")

@@ -105,7 +105,8 @@ def judgment_elo(context: StageContext, *, battle_rule: str, positional_weights:
 def judge_pairs(context: StageContext, *, max_chosen_chars: int | None, seed: int) -> Result:
     """Judge preference pairs of the whole iteration."""
     return select_judge_pairs(context.table("judgment_elo"), context.table("judgments"), context.table("responses"),
-                              context.table("prompts"), max_chosen_chars, seed, context.iteration, context.model_id or "")
+                              context.table("prompts"), max_chosen_chars, seed, context.iteration,
+                              context.model_id or "")
 
 
 def dpo_dataset(context: StageContext, *, train_judge: bool) -> Result:

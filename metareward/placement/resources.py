@@ -81,7 +81,8 @@ def architecture(model_path: str, model_config: str | None = None, dtype: str = 
                       head_dim=config.get("head_dim") or hidden // heads, intermediate=config["intermediate_size"],
                       vocab=config["vocab_size"])
     except KeyError as error:
-        raise ConfigError(f"{source}: config.json has no {error.args[0]!r}: not a decoder this estimate knows") from None
+        raise ConfigError(f"{source}: config.json has no {error.args[0]!r}: "
+                          "not a decoder this estimate knows") from None
     torch_dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     named = torch_dtype if dtype == "auto" else dtype
     dtype_bytes = 4 if named == "float32" else 2

@@ -54,7 +54,9 @@ def build_tiny_model(path: str | Path, seed: int = 0, vocab_size: int = 512, cor
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", padding_side="left"
     )

@@ -58,8 +58,8 @@ def cli_environment(prefect_home: Path, **extra: str) -> dict[str, str]:
     """The environment of a `metareward run`: Prefect's ephemeral API with its own home (own database), the
     default local MLflow store unless MLFLOW_TRACKING_URI is given in `extra`."""
     inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return {**inherited, "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "INFO", **extra}
+    return {**inherited, "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO", **extra}
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -19,7 +19,8 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
          "--artifacts-destination", str(tmp_path / "mlflow-artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env={**cli_environment(tmp_path / "unused"), "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**cli_environment(tmp_path / "unused"), "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(f"{url}/health", server, tmp_path / "mlflow-server.log", timeout=90)

@@ -34,7 +34,8 @@ def test_real_answers_and_forced_judgments(smollm2):
         responses = pl.DataFrame(
             [("p", "r", 0, "The capital of France is Paris.", 31, 8, "stop", 1, "m")], schema=RESPONSES, orient="row"
         )
-        judgments, stats = judge_responses(responses, prompts, backend, 2, SamplingConfig(max_tokens=48), 0, "forced", 1, "m")
+        judgments, stats = judge_responses(responses, prompts, backend, 2, SamplingConfig(max_tokens=48), 0, "forced",
+                                           1, "m")
         assert stats.parse_failures == 0 and judgments["score"].is_between(0, 5).all()
         answer = backend.generate([GenerationRequest(({"role": "user", "content": "What is the capital of France?"},),
                                                      n=1, temperature=0.0, max_tokens=24)])[0]

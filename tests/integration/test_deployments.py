@@ -30,9 +30,9 @@ def prefect_stack(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
-               MLFLOW_DISABLE_TELEMETRY="true",
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_UI_API_URL=url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_WORKER_PREFETCH_SECONDS="5", MLFLOW_DISABLE_TELEMETRY="true",
                # Every flow run on the worker (shard flow runs too) fails judgments shard 1 while this file exists.
                METAREWARD_INJECT_FAULT=f"judgments:shard-0001:while={home / 'judgments-shard-1-fails'}")
     processes = []
@@ -182,8 +182,8 @@ def test_model_stage_shards_fan_out_as_flow_runs_of_the_shard_deployment(prefect
 
     shards = _children(url, flow_run.id)
     names = sorted(run.name for run in shards)
-    assert names == sorted(f"fanout {stage} iter-1 shard-000{i}" for stage in ("responses", "judgments", "meta_judgments")
-                           for i in range(2))
+    assert names == sorted(f"fanout {stage} iter-1 shard-000{i}"
+                           for stage in ("responses", "judgments", "meta_judgments") for i in range(2))
     assert all(run.state.is_completed() for run in shards)
     deployment = _read(url, "read_deployment_by_name", name="metareward-shard/shard-process")
     assert {run.deployment_id for run in shards} == {deployment.id}
@@ -278,7 +278,8 @@ def test_a_shard_failing_past_its_retries_fails_the_iteration_and_its_retry_runs
     assert "judgments iter-1 shard-0001: flow run" in flow_run.state.message
     first = {run.name: run for run in _children(url, flow_run.id)}
     failed = first["retried judgments iter-1 shard-0001"]
-    assert failed.state.is_failed() and all(run.state.is_completed() for name, run in first.items() if run is not failed)
+    assert failed.state.is_failed() and all(run.state.is_completed() for name, run in first.items()
+                                            if run is not failed)
     [task_run] = _task_runs(url, [failed.id])
     assert task_run.run_count == 2 and task_run.state.is_failed()  # tried, retried once, failed for good
 

@@ -30,7 +30,8 @@ def test_judge_agreement_and_alpaca_eval_export_are_logged_as_evaluation_runs(tm
                       str(tmp_path / "outputs.json"), "--generator", "tiny-seed"], env)
     assert export.returncode == 0, export.stderr[-3000:]
     outputs = json.loads((tmp_path / "outputs.json").read_text())
-    assert [row["instruction"] for row in outputs] == [json.loads(l)["prompt"] for l in prompts.read_text().splitlines()]
+    assert [row["instruction"] for row in outputs] == [json.loads(line)["prompt"]
+                                                        for line in prompts.read_text().splitlines()]
     assert {row["generator"] for row in outputs} == {"tiny-seed"} and all(isinstance(r["output"], str) for r in outputs)
 
     client = MlflowClient(f"sqlite:///{root / '_mlflow' / 'mlflow.db'}")

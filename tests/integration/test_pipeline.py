@@ -1,6 +1,6 @@
 """The Prefect pipeline end to end on the tiny model: a whole campaign on Prefect's ephemeral API logged to a
-real `mlflow server`, caching, a deleted artifact, SIGKILL mid-stage and resume, health checks, and the bad inputs that must
-fail before any model work."""
+real `mlflow server`, caching, a deleted artifact, SIGKILL mid-stage and resume, health checks, and the bad inputs
+that must fail before any model work."""
 
 from __future__ import annotations
 

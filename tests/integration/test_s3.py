@@ -84,7 +84,8 @@ def test_campaign_on_s3_two_iterations(tmp_path, tiny_model, s3):
     assert len(checkpoints) == 2
     model_2 = s3["client"].get_object(Bucket="campaigns", Key=sorted(checkpoints)[0])["Body"].read().decode().strip()
     responses_2 = [key for key in tables if "/iter-2/responses/" in key]
-    assert pl.read_parquet(f"s3://campaigns/{responses_2[0]}", storage_options=polars_options(s3))["model_id"][0] == model_2
+    table = pl.read_parquet(f"s3://campaigns/{responses_2[0]}", storage_options=polars_options(s3))
+    assert table["model_id"][0] == model_2
     assert any(key.startswith("runs/tiny/_prefect-results/") for key in keys)
     assert not any(key.endswith(".tmp") for key in keys)
 
@@ -111,7 +112,8 @@ def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, 
     config = write_config(tmp_path, tiny_model, "s3://campaigns/outage")
     process = start_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]), tmp_path / "run.log")
     deadline = time.monotonic() + 300
-    while not [k for k in all_keys(s3["client"]) if k.startswith("outage/tiny/iter-1/judgments/") and k.endswith(".json")]:
+    while not [k for k in all_keys(s3["client"])
+               if k.startswith("outage/tiny/iter-1/judgments/") and k.endswith(".json")]:
         assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)

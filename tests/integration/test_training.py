@@ -1,6 +1,6 @@
-"""DPO and the seed's SFT with TRL on the tiny model: the loss falls, training stops at the kept epoch with the full run's weights of
-that epoch, the model reloads and generates, LoRA is merged, over-long pairs are dropped and counted, and an empty
-preference set stops or carries M_t forward."""
+"""DPO and the seed's SFT with TRL on the tiny model: the loss falls, training stops at the kept epoch with the full
+run's weights of that epoch, the model reloads and generates, LoRA is merged, over-long pairs are dropped and counted,
+and an empty preference set stops or carries M_t forward."""
 
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
         elif type(self).calls <= 2:
             self._reply(503, {"error": "busy"})
         else:
-            choices = [{"index": i, "message": {"content": f"answer {i}"}, "finish_reason": "stop"} for i in range(body["n"])]
+            choices = [{"index": i, "message": {"content": f"answer {i}"}, "finish_reason": "stop"}
+                       for i in range(body["n"])]
             self._reply(200, {"choices": choices, "usage": {"prompt_tokens": 5, "completion_tokens": 2 * body["n"]}})
 
     def _reply(self, status, payload):

@@ -57,10 +57,10 @@ def test_battle_matrices_batched_equals_single():
     n_groups, n = 4, 5
     rows = [(g, m, k) for g in range(n_groups) for m in range(n) for k in range(n) if m != k]
     verdicts = rng.choice([1, -1, 0], size=len(rows))
-    group, first, second = (np.array(column) for column in zip(*rows))
+    group, first, second = (np.array(column) for column in zip(*rows, strict=True))
     batched = battle_matrices(group, first, second, verdicts, n_groups, n, 0.4, 0.6)
     for g in range(n_groups):
-        single = {(m, k): int(v) for (gg, m, k), v in zip(rows, verdicts) if gg == g}
+        single = {(m, k): int(v) for (gg, m, k), v in zip(rows, verdicts, strict=True) if gg == g}
         np.testing.assert_allclose(batched[g], battle_matrix(single, n, 0.4, 0.6))
 
 
@@ -169,10 +169,10 @@ def test_agreed_battles_count_a_win_only_when_both_orders_agree():
     first = [0, 1, 0, 2, 1, 1, 2]
     second = [1, 0, 2, 0, 2, 2, 1]
     verdict = [1, -1, 1, 1, -1, -1, 0]
-    rows = list(zip(*agreed_battles(group, first, second, verdict)))
+    rows = list(zip(*agreed_battles(group, first, second, verdict), strict=True))
     assert sorted(rows) == [(0, 0, 1, 1), (0, 0, 2, 0), (0, 1, 2, 0), (1, 1, 2, 0)]
     matrices = battle_matrices(*agreed_battles(group, first, second, verdict), 2, 3, 1.0, 1.0)
     assert matrices[0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]] and not matrices[1].any()
     # Judgment 1 wins in both orders against 2: counted for 1.
-    assert list(zip(*agreed_battles([0, 0], [1, 2], [2, 1], [1, -1]))) == [(0, 1, 2, 1)]
+    assert list(zip(*agreed_battles([0, 0], [1, 2], [2, 1], [1, -1]), strict=True)) == [(0, 1, 2, 1)]
     assert [a.size for a in agreed_battles([], [], [], [])] == [0, 0, 0, 0]

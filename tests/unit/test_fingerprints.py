@@ -56,15 +56,18 @@ def test_comments_docstrings_type_hints_and_layout_recompute_nothing(tmp_path, o
                                     '    # why, not what\n    stats = StageStats("generate")\n')) == set()
     assert changed(original, edited(tmp_path / "b", "inference/roles.py", "counted. Returns the responses table",
                                     "counted; it returns the responses table")) == set()
-    assert changed(original, edited(tmp_path / "c", "paper/preferences.py", "def score_responses(judgments: pl.DataFrame)",
+    assert changed(original, edited(tmp_path / "c", "paper/preferences.py",
+                                    "def score_responses(judgments: pl.DataFrame)",
                                     "def score_responses(judgments: 'pl.LazyFrame')")) == set()
-    assert changed(original, edited(tmp_path / "d", "paper/elo.py", "def positional_weights(win_first: int, win_second: int)",
+    assert changed(original, edited(tmp_path / "d", "paper/elo.py",
+                                    "def positional_weights(win_first: int, win_second: int)",
                                     "def positional_weights(\n    win_first: int,\n    win_second: int,\n)")) == set()
 
 
 def test_a_new_schema_or_report_code_recomputes_nothing(tmp_path, original):
     assert changed(original, edited(tmp_path / "a", "artifacts/tables.py", "DPO_DATASET = pl.Schema(",
-                                    'EVAL_WIN_RATE = pl.Schema({"prompt_id": pl.String})\nDPO_DATASET = pl.Schema(')) == set()
+                                    'EVAL_WIN_RATE = pl.Schema({"prompt_id": pl.String})\n'
+                                    'DPO_DATASET = pl.Schema(')) == set()
     assert changed(original, edited(tmp_path / "b", "paper/report.py", "    report: dict[str, float] = {}\n",
                                     "    report: dict[str, float] = {'x': 1.0}\n")) == set()
     assert changed(original, edited(tmp_path / "c", "pipeline/evaluation.py", "bootstrap: int = 1000, seed: int = 0",
@@ -85,7 +88,8 @@ def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
 
 
 def test_a_template_recomputes_the_stages_that_render_it(tmp_path, original):
-    assert changed(original, edited(tmp_path / "a", "paper/prompts.py", "Briefly justify your total score, up to 100 words.",
+    assert changed(original, edited(tmp_path / "a", "paper/prompts.py",
+                                    "Briefly justify your total score, up to 100 words.",
                                     "Briefly justify your total score, up to 50 words.")) == {
         "judgments", "judge_pairs", "sft_data"}
     assert changed(original, edited(tmp_path / "b", "paper/prompts.py", "Explain which judgment is more accurate",

@@ -16,7 +16,8 @@ REPO = Path(__file__).parents[2]
 
 
 def test_prefect_yaml_configs_are_the_shipped_config_files():
-    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    deployments = {d["name"]: d
+                   for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
     demo = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "demo.yaml")
     for name in ("demo", "demo-iteration", "demo-evaluation"):
         assert CampaignConfig.from_dict(deployments[name]["parameters"]["config"]) == demo, name

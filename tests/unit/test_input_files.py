@@ -26,7 +26,8 @@ def test_shipped_sft_example_loads_as_judge_examples():
     first = examples.row(0, named=True)
     assert first["prompt"][0]["role"] == "user" and first["completion"][0]["role"] == "assistant"
     assert first["prompt"][0]["content"].startswith("Review the user's question and the corresponding response")
-    with_provenance = examples.with_columns(pl.lit(0, pl.Int32).alias("iteration"), pl.lit("m", pl.String).alias("model_id"))
+    with_provenance = examples.with_columns(pl.lit(0, pl.Int32).alias("iteration"),
+                                            pl.lit("m", pl.String).alias("model_id"))
     validate_table(with_provenance, SFT_EXAMPLES, "sft_data")
 
 

@@ -56,7 +56,8 @@ def test_imports_only_go_down_the_layers_and_the_library_has_no_prefect():
         for target in imports(path, name, known):
             if LAYERS[target.split(".")[0]] > layer:
                 problems.append(f"{name} imports {target}")
-        if name.startswith("metareward") and ("import prefect" in path.read_text() or "from prefect" in path.read_text()):
+        if name.startswith("metareward") and ("import prefect" in path.read_text()
+                                              or "from prefect" in path.read_text()):
             problems.append(f"{name} imports prefect")
     assert not problems
 

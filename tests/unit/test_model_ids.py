@@ -33,4 +33,5 @@ def test_model_id_txt_wins_and_a_hub_id_is_named_by_its_name(tmp_path):
     folder.mkdir()
     (folder / MODEL_DIGEST_FILE).write_text("abc123\n")
     assert model_id_of(str(folder), tmp_path) == "abc123"
-    assert model_id_of("org/model", tmp_path) == model_id_of("org/model", tmp_path) != model_id_of("org/other", tmp_path)
+    assert (model_id_of("org/model", tmp_path) == model_id_of("org/model", tmp_path)
+            != model_id_of("org/other", tmp_path))

@@ -35,7 +35,8 @@ def test_judge_template_is_paper_a1():
 
 def test_meta_judge_template_is_paper_figure_2():
     assert "along with two judgments. Determine which judgment is more accurate" in META_JUDGE_TEMPLATE
-    for placeholder in ["User: {prompt}", "Response: {response}", "Judgment A: {judgment_a}", "Judgment B: {judgment_b}"]:
+    for placeholder in ["User: {prompt}", "Response: {response}", "Judgment A: {judgment_a}",
+                        "Judgment B: {judgment_b}"]:
         assert placeholder in META_JUDGE_TEMPLATE
     assert META_JUDGE_TEMPLATE.endswith('using the format: "Winner: [Judgement A | Judgement B]"')
 

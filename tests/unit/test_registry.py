@@ -57,7 +57,8 @@ def settings_by_stage(config: CampaignConfig) -> dict[tuple[int, str], str]:
 
 
 # Values that the generic rule below would make invalid.
-SPECIAL = {"iterations[].dpo.global_batch_size": 64, "iterations[].dpo.checkpoint_epoch": 4, "iterations[].dpo.per_device_batch_size": 8,
+SPECIAL = {"iterations[].dpo.global_batch_size": 64, "iterations[].dpo.checkpoint_epoch": 4,
+           "iterations[].dpo.per_device_batch_size": 8,
            "sft.global_batch_size": 64, "sft.checkpoint_epoch": 4, "sft.per_device_batch_size": 8,
            "inference.backend": "vllm", "mode": "self_rewarding"}
 FILES = {"prompts.path": '{"prompt": "a prompt of another file"}\n',

@@ -53,7 +53,8 @@ def test_judge_that_always_says_5_fails_the_health_check():
     problems = health_problems(HealthConfig(), {"judgments": combine("judgments", [stats.as_dict()])})
     assert problems == ["top-score share 100.0% of valid judge scores is 5, threshold 90.0% "
                         "(health.max_top_score_share)"]
-    assert health_problems(HealthConfig(max_top_score_share=None), {"judgments": combine("judgments", [stats.as_dict()])}) == []
+    assert health_problems(HealthConfig(max_top_score_share=None),
+                           {"judgments": combine("judgments", [stats.as_dict()])}) == []
 
 
 def test_position_bias_and_parse_rate_checks():
@@ -74,7 +75,8 @@ def test_iteration_report_by_hand():
     })
     assert report["actor/response_mean_chars"] == 200 and report["actor/response_mean_tokens"] == 40
     assert report["judge/parse_failure_rate"] == 0.25 and report["judge/score_mean"] == pytest.approx(11 / 3)
-    assert report["judge/score_share_5"] == pytest.approx(1 / 3) and report["judge/score_share_3"] == pytest.approx(2 / 3)
+    assert report["judge/score_share_5"] == pytest.approx(1 / 3)
+    assert report["judge/score_share_3"] == pytest.approx(2 / 3)
     assert report["judge/judgment_mean_chars"] == 25
     assert report["meta_judge/parse_failure_rate"] == 0.5 and report["meta_judge/higher_win"] == 1.0
     assert report["meta_judge/elo_spread_mean"] == 200  # (100 + 300) / 2

@@ -112,7 +112,8 @@ def test_meta_judge_elo_and_judge_pairs_by_hand(prompts):
     out = run_pipeline(prompts, backend)
     judged = out["judged"]
     # Q1: "bad" has the highest variance (2/3); Q2 ties at 0 and is broken by the seeded generator.
-    assert judged.filter(pl.col("prompt_id") == content_id("Q1"))["response_id"].item() == content_id(content_id("Q1"), "bad")
+    assert (judged.filter(pl.col("prompt_id") == content_id("Q1"))["response_id"].item()
+            == content_id(content_id("Q1"), "bad"))
     meta = out["meta"]
     assert meta.height == 12  # 3 valid judgments → 6 ordered pairs, for each of the two judged responses
     # Requests are grouped by response so the shared prefix stays cached.
@@ -127,11 +128,11 @@ def test_meta_judge_elo_and_judge_pairs_by_hand(prompts):
     elo = out["elo"].filter(pl.col("prompt_id") == content_id("Q1")).join(
         out["judgments"].select("judgment_id", "text"), on="judgment_id"
     )
-    by_text = dict(zip(elo["text"], elo["elo"]))
+    by_text = dict(zip(elo["text"], elo["elo"], strict=True))
     # "Score: 0" never loses; the other two battle symmetrically (1/6 each way) → equal Elo.
     assert by_text["Useless. Score: 0"] > by_text["Poor. Score: 1"] + 1
     assert by_text["Poor. Score: 1"] == pytest.approx(by_text["Weak. Score: 2"], abs=1e-6)
-    wins = dict(zip(elo["text"], zip(elo["wins_first"], elo["wins_second"])))
+    wins = dict(zip(elo["text"], zip(elo["wins_first"], elo["wins_second"], strict=True), strict=True))
     assert wins["Useless. Score: 0"] == (2, 2) and wins["Poor. Score: 1"] == (1, 0)
     # Judge pairs: Q1 → chosen "Score: 0" judgment; Q2 all equal Elo → no pair.
     pairs = out["judge_pairs"]

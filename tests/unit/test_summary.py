@@ -14,7 +14,8 @@ def test_the_prompts_stage_counts_what_the_file_loses_and_the_summary_names_it(t
     assert result.table.rows == 2
     assert (result.stats["file_prompts"], result.stats["empty_prompts"], result.stats["duplicate_prompts"]) == (3, 1, 1)
     [row] = summary_rows({"prompts": result.stats})
-    assert dict(zip(SUMMARY_HEADER, row))["dropped or skipped"] == "1 empty in the file, 1 duplicates in the file"
+    assert (dict(zip(SUMMARY_HEADER, row, strict=True))["dropped or skipped"]
+            == "1 empty in the file, 1 duplicates in the file")
 
 
 def test_every_stage_names_its_drops():

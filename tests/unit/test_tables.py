@@ -95,7 +95,8 @@ def test_content_id_is_stable_and_unambiguous():
 
 def test_validate_table_names_the_problem():
     table = pl.DataFrame({"prompt_id": ["a"], "prompt": [1]})
-    with pytest.raises(TableSchemaError, match="prompts table: missing column 'source'.*'prompt' is Int64, expected String"):
+    with pytest.raises(TableSchemaError,
+                       match="prompts table: missing column 'source'.*'prompt' is Int64, expected String"):
         validate_table(table, PROMPTS, "prompts")
 
 

@@ -53,7 +53,8 @@ def test_length_controlled_win_rate_removes_a_length_bias():
     delta = rng.normal(150, 200, size=3000).round()
     spread = delta.std()
     wins = rng.random(delta.size) < 1 / (1 + np.exp(-2 * np.tanh(delta / spread)))
-    table = comparisons([(str(i), float(w), int(500 + d), 500) for i, (w, d) in enumerate(zip(wins, delta))])
+    table = comparisons([(str(i), float(w), int(500 + d), 500)
+                         for i, (w, d) in enumerate(zip(wins, delta, strict=True))])
     rates = win_rates(table, bootstrap=50, seed=0)
     assert rates.win_rate > 0.65
     assert rates.lc_win_rate == pytest.approx(0.5, abs=0.04)
@@ -68,7 +69,8 @@ def test_length_controlled_fit_recovers_a_known_intercept():
     assert 0.99 < length_controlled(np.ones(50), np.linspace(-1, 1, 50)) < 1.0
 
 
-_OUTPUTS = re.compile(r'"model_identifier": "m",\n        "output": """(.*)"""\n    },.*"output": """(.*)"""\n    }', re.S)
+_OUTPUTS = re.compile(r'"model_identifier": "m",\n        "output": """(.*)"""\n    },'
+                      r'.*"output": """(.*)"""\n    }', re.S)
 
 
 def evaluator_outputs(request_messages):
