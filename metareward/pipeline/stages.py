@@ -155,7 +155,8 @@ SEED_STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="sft",
-        summary="SFT of the base model on the judge examples into M_1 with TRL, stopped at the kept epoch (A.3: 5 of 10)",
+        summary="SFT of the base model on the judge examples into M_1 with TRL, stopped at the kept epoch "
+                "(A.3: 5 of 10)",
         inputs=("sft_data",),
         settings=lambda config, t: {
             "training": _sft(config).training(), "dtype": config.model.dtype,
@@ -313,7 +314,8 @@ def why_not_run(config: CampaignConfig, name: str, iteration: int) -> str | None
     if stage in EVALUATION_STAGES and config.evaluation is None:
         return f"{config.name} has no evaluation section: no win-rate stage runs"
     if name == "reference_answers" and config.evaluation.reference == "outputs":
-        return f"the reference answers are the file evaluation.reference_outputs ({config.evaluation.reference_outputs})"
+        return ("the reference answers are the file evaluation.reference_outputs "
+                f"({config.evaluation.reference_outputs})")
     if name in _JUDGE_TRAINING and not _settings(config, iteration).train_judge:
         reason = "mode self_rewarding has no meta-judge" if config.mode == "self_rewarding" else "train_judge is false"
         return f"iteration {iteration} does not train the judge ({reason})"

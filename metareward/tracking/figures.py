@@ -1,5 +1,6 @@
 """The figures MLflow shows: judge scores per iteration (cf. the paper's Fig. 5), the meta-judge's biases over
-iterations (cf. Table 5) and the win rate over iterations (cf. Fig. 3), as matplotlib figures (Agg, no display needed)."""
+iterations (cf. Table 5) and the win rate over iterations (cf. Fig. 3), as matplotlib figures (Agg, no display
+needed)."""
 
 from __future__ import annotations
 

@@ -31,13 +31,11 @@ import polars as pl
 from metareward.artifacts.store import open_store
 from metareward.artifacts.tables import file_digest
 from metareward.config.campaign import CampaignConfig
-from metareward.pipeline.manifests import read_stage_table, stage_manifests
 from metareward.pipeline.model_roles import evaluator_model
-from metareward.pipeline.stages import stage
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
-from metareward.tracking.metrics import iteration_metrics, paper_metrics
-from metareward.tracking.tracked_datasets import log_datasets, stage_dataset
+from metareward.tracking.record import IterationRecord, iteration_record
+from metareward.tracking.tracked_datasets import log_datasets
 
 
 class TrackingError(RuntimeError):
@@ -149,7 +147,8 @@ class Tracker:
             f"{TAG}.kind": "campaign", f"{TAG}.campaign": self.config.name, f"{TAG}.config_digest": digest,
             f"{TAG}.artifact_root": redact(self.store.root),
             "mlflow.note.content": f"Meta-Rewarding campaign {self.config.name}: {len(self.config.iterations)} "
-                                   f"iteration(s) from {self.config.model.path}; artifacts in {redact(self.store.root)}",
+                                   f"iteration(s) from {self.config.model.path}; "
+                                   f"artifacts in {redact(self.store.root)}",
         })
         self._log_params(run.info.run_id, flatten_params(self.config.model_dump(mode="json", exclude={"tracking"})))
         self.client.log_text(run.info.run_id, self.config.to_yaml(), "config.yaml")
@@ -166,7 +165,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name="seed-sft" if iteration == 0 else f"iter-{iteration}",
                                      tags={
             "mlflow.parentRunId": parent_run_id, f"{TAG}.kind": "seed" if iteration == 0 else "iteration",
-            f"{TAG}.campaign": self.config.name, f"{TAG}.iteration": str(iteration), f"{TAG}.model_digest": model_digest,
+            f"{TAG}.campaign": self.config.name, f"{TAG}.iteration": str(iteration),
+            f"{TAG}.model_digest": model_digest,
             f"{TAG}.model_uri": redact(model_uri), **self._evaluator_tags(iteration),
         })
         settings = self._training_settings(iteration) if iteration == 0 else (
@@ -217,65 +217,42 @@ class Tracker:
     # One iteration ---------------------------------------------------------------------------------------
 
     def log_iteration(self, parent_run_id: str, run_id: str, iteration: int, stages: list[str]) -> None:
-        """Log what the store holds of iteration t: its metrics (metareward/tracking/metrics.py) on the iteration run and
-        the paper's on the campaign run at step t, stage tables as dataset inputs, TRL's curves by step, the
-        figures, and — once trained — M_t and M_{t+1} as logged and registered models, the pair counts and
-        training curves linked to M_{t+1} and the tables it was trained on. Only `stages` are read (those this
-        run finished: another config of the same campaign may have left manifests of later stages). An
-        iteration whose checkpoint was already logged is skipped; a partial one (e.g. stopped by a health
-        check) is logged as far as it got."""
-        campaign = stage_manifests(self.store, self.config.name)
-        manifests = {stage: manifest for stage, manifest in campaign.get(iteration, {}).items() if stage in stages}
-        if not manifests:
-            return
-        trainer = next((name for name in manifests if stage(name).writes_model), None)
-        checkpoint = manifests.get(trainer) if trainer else None
-        logged_key = _logged_key(manifests) if checkpoint else None
+        """Log what the store holds of iteration t (tracking.record.iteration_record): its metrics on the iteration
+        run and the paper's on the campaign run at step t, stage tables as dataset inputs, TRL's curves by step,
+        the figures, and — once trained — M_t and M_{t+1} as logged and registered models, the pair counts and
+        training curves linked to M_{t+1} and the tables it was trained on. Only `stages` are read (those this run
+        finished). An iteration whose checkpoint was already logged is skipped; a partial one (e.g. stopped by a
+        health check) is logged as far as it got."""
         run_tags = self.client.get_run(run_id).data.tags
-        if logged_key and run_tags.get(f"{TAG}.logged") == logged_key:
+        record = iteration_record(self.store, self.config.name, iteration, stages, run_tags.get(f"{TAG}.logged"))
+        if record is None:
             return
-        tables = {name: read_stage_table(self.store, manifest, list(stage(name).report_columns))
-                  for name, manifest in manifests.items() if stage(name).report_columns}
-        metrics = iteration_metrics({name: manifest["stats"] for name, manifest in manifests.items()}, tables,
-                                    {name: stage(name).uses_model for name in manifests})
-        datasets = {name: stage_dataset(self.config.name, self.store, manifest) for name, manifest in manifests.items()
-                    if stage(name).dataset_context}
-        log_datasets(self.client, run_id, datasets)
+        log_datasets(self.client, run_id, record.datasets)
         model = None
-        if checkpoint:
-            model = self.lineage.log_models(run_id, iteration, checkpoint, datasets,
+        if record.checkpoint:
+            model = self.lineage.log_models(run_id, iteration, record.checkpoint, record.datasets,
                                             run_tags.get(f"{TAG}.model_uri", ""), self._training_settings(iteration))
-        training_set = "sft_data" if iteration == 0 else "dpo_dataset"
-        items = [self._metric(name, value, iteration, model,
-                              datasets.get(training_set if name.startswith("train/") else _LINKED_PAIRS.get(name, "")))
-                 for name, value in metrics.items()]
-        if checkpoint:
-            items += self._training_curves(read_stage_table(self.store, checkpoint), model, datasets.get(training_set))
+        items = [self._metric(name, value, iteration, model, record.linked_dataset(name))
+                 for name, value in record.metrics.items()]
+        training_set = record.datasets.get(record.training_set)
+        items += [self._metric(point.name, point.value, point.step, model if point.last else None, training_set)
+                  for point in record.training_curve]
         self._log_metric_items(run_id, items)
-        if iteration > 0:  # the campaign run plots iterations 1, 2, … (the seed's SFT has its own run)
-            self._log_metrics(parent_run_id, paper_metrics(metrics), step=iteration)
-        if "judgments" in tables:
-            self._log_figures(parent_run_id, run_id, iteration, tables["judgments"], campaign)
-        if "eval/win_rate" in metrics:
+        self._log_metrics(parent_run_id, record.paper_metrics, step=iteration)
+        if record.judgments is not None:
+            self._log_figures(parent_run_id, run_id, record)
+        if "eval/win_rate" in record.metrics:
             self._log_win_rate_figure(parent_run_id)
-        if logged_key:
-            self.client.set_tag(run_id, f"{TAG}.logged", logged_key)
+        if record.logged_key:
+            self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
 
     def _metric(self, name: str, value: float, step: int, model, dataset: dict | None):
         from mlflow.entities import Metric
 
         linked = model is not None and dataset is not None
         return Metric(name, value, _millis(), step, model_id=model.model_id if linked else None,
-                      dataset_name=dataset["name"] if linked else None, dataset_digest=dataset["digest"] if linked else None)
-
-    def _training_curves(self, curves: pl.DataFrame, model, dataset: dict | None) -> list:
-        """TRL's log as train/… curves by step; the last step's points linked to the trained model (M_{t+1}, or the
-        seed SFT's M_1) and its training dataset (the DPO set, or the SFT examples)."""
-        rows = curves.sort("step").iter_rows(named=True) if curves.height else []
-        last = curves["step"].max() if curves.height else None
-        return [self._metric(f"train/{column}", float(value), int(row["step"]), model if row["step"] == last else None,
-                             dataset)
-                for row in rows for column, value in row.items() if column != "step" and value is not None]
+                      dataset_name=dataset["name"] if linked else None,
+                      dataset_digest=dataset["digest"] if linked else None)
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -283,22 +260,19 @@ class Tracker:
         now = _millis()
         self._log_metric_items(run_id, [Metric(key, value, now, step) for key, value in metrics.items()])
 
-    def _log_figures(self, parent_run_id: str, run_id: str, iteration: int, judgments: pl.DataFrame,
-                     campaign: dict[int, dict[str, dict]]) -> None:
-        """score_shares.png on the iteration run (iteration t) and on the campaign run (iterations 1..t, earlier
-        judgments read from the store's manifests in `campaign`), and meta_judge_bias.png on the campaign run
-        from its Table 5 metrics. At each run's artifact root, so MLflow's compare view shows them side by
-        side."""
-        name = self.config.name
-        self.client.log_figure(run_id, score_figure({f"iteration {iteration}": judgments},
+    def _log_figures(self, parent_run_id: str, run_id: str, record: IterationRecord) -> None:
+        """score_shares.png on the iteration run (iteration t) and on the campaign run (iterations 1..t), and
+        meta_judge_bias.png on the campaign run from its Table 5 metrics. At each run's artifact root, so MLflow's
+        compare view shows them side by side."""
+        name, iteration = self.config.name, record.iteration
+        self.client.log_figure(run_id, score_figure({f"iteration {iteration}": record.judgments},
                                                     f"{name}: judge scores, iteration {iteration}"), "score_shares.png")
-        by_iteration = {f"iteration {earlier}": read_stage_table(self.store, manifests["judgments"],
-                                                                 ["response_id", "score"])
-                        for earlier, manifests in campaign.items() if earlier < iteration and "judgments" in manifests}
-        by_iteration[f"iteration {iteration}"] = judgments
+        by_iteration = {f"iteration {earlier}": judgments for earlier, judgments in record.earlier_judgments.items()}
+        by_iteration[f"iteration {iteration}"] = record.judgments
         self.client.log_figure(parent_run_id, score_figure(by_iteration, f"{name}: judge scores by iteration "
                                                                          "(cf. paper Fig. 5)"), "score_shares.png")
-        history = {bias: [(m.step, m.value) for m in self.client.get_metric_history(parent_run_id, f"meta_judge/{bias}")]
+        history = {bias: [(point.step, point.value)
+                          for point in self.client.get_metric_history(parent_run_id, f"meta_judge/{bias}")]
                    for bias in BIASES}
         if any(history.values()):
             self.client.log_figure(parent_run_id, bias_figure(history, f"{name}: meta-judge biases by iteration "
@@ -328,7 +302,8 @@ class Tracker:
                 f"{TAG}.model_digest": model_digest, f"{TAG}.model_uri": redact(model_uri)}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run_id = self.client.create_run(self.experiment_id, run_name=f"{kind} {model_digest[:8]}", tags=tags).info.run_id
+        run_name = f"{kind} {model_digest[:8]}"
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         self._log_metrics(run_id, metrics, step=0)
         path = Path(input_path).resolve()
         log_datasets(self.client, run_id, {"evaluation": {
@@ -356,7 +331,8 @@ def check_tracking(config: CampaignConfig) -> None:
             httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except httpx.HTTPError as error:
             raise TrackingError(f"MLflow tracking server {redact(uri)} does not answer /health ({error}): start "
-                                "it, or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
+                                "it, or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+                                ) from None
     Tracker(config)
 
 
@@ -394,19 +370,7 @@ def finish_iteration(config: CampaignConfig, iteration: int, runs: dict[str, str
         tracker.end_run(runs["campaign"], failure)
 
 
-_LINKED_PAIRS = {"pairs/actor": "actor_pairs", "pairs/judge": "judge_pairs", "pairs/dpo": "dpo_dataset"}
-"""Pair counts linked to M_{t+1} and the table they count (train/… metrics link to the training table): the model
-page lists those tables."""
-
 REFERENCE_LABELS = {"previous": "M_t", "seed": "M_1", "outputs": "the reference outputs"}
-
-
-def _logged_key(manifests: dict[str, dict]) -> str:
-    """A digest of the cache keys of every stage logged: a re-run that adds stages (an evaluation after the
-    checkpoint) logs again, one that adds nothing does not."""
-    keys = sorted((name, shard["cache_key"]) for name, manifest in manifests.items()
-                  for shard in manifest["shards"].values())
-    return hashlib.blake2b(json.dumps(keys).encode(), digest_size=8).hexdigest()
 
 
 def _millis() -> int:
