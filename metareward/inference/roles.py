@@ -4,7 +4,8 @@ evaluator's pairwise verdicts between two models' answers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import polars as pl
 
@@ -201,12 +202,19 @@ def _request(messages: Messages, n: int, sampling: SamplingConfig, seed: int, st
     )
 
 
-def _generate(backend: Backend, requests: Sequence[GenerationRequest], stats: StageStats) -> list[GenerationResult]:
+@contextmanager
+def _model_calls(backend: Backend, requests: Sequence, stats: StageStats) -> Iterator[None]:
+    """Announce `requests` to the progress bars, and count them and the engines' time in `stats`."""
     progress.expect(len(requests))
     started = time.perf_counter()
-    results = backend.generate(requests)
+    yield
     stats.add_model_time(time.perf_counter() - started, backend.engines)
     stats.requests += len(requests)
+
+
+def _generate(backend: Backend, requests: Sequence[GenerationRequest], stats: StageStats) -> list[GenerationResult]:
+    with _model_calls(backend, requests, stats):
+        results = backend.generate(requests)
     for result in results:
         stats.prompt_tokens += result.prompt_tokens
         stats.completion_tokens += sum(completion.n_tokens for completion in result.completions)
@@ -235,11 +243,8 @@ def _force(
 
 
 def _choose(backend: Backend, requests: Sequence[ChoiceRequest], stats: StageStats) -> list[int]:
-    progress.expect(len(requests))
-    started = time.perf_counter()
-    answers = backend.choose(requests)
-    stats.add_model_time(time.perf_counter() - started, backend.engines)
-    stats.requests += len(requests)
+    with _model_calls(backend, requests, stats):
+        answers = backend.choose(requests)
     stats.completion_tokens += len(answers)
     return answers
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from metareward.host.ports import free_port
 from metareward.inference.base import BackendUnavailableError, InferenceError
 from metareward.inference.openai_backend import OpenAIBackend
 
@@ -49,7 +49,7 @@ class VLLMServer:
                 f"vLLM's Python {python} does not exist: create vLLM's own environment (README, 'vLLM') "
                 "or set METAREWARD_VLLM_PYTHON / inference.vllm_python"
             )
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         command = [
             str(python), "-m", "vllm.entrypoints.openai.api_server",
@@ -265,11 +265,6 @@ def _group_alive(group: int) -> bool:
             return True
     return False
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cuda_device_count() -> int:

@@ -13,8 +13,10 @@ import numpy as np
 import polars as pl
 from scipy.stats import spearmanr
 
+from metareward.pipeline.input_files import InputFileError, load_prompts, read_rows
 
-class EvaluationInputError(ValueError):
+
+class EvaluationInputError(InputFileError):
     """An evaluation input file that cannot be used; the message names the file, the row or the column."""
 
 
@@ -23,44 +25,12 @@ def load_labelled_rankings(path: str | Path) -> pl.DataFrame:
     `response` and `rank` (1 = best; equal ranks are ties), OASST-style. Raises EvaluationInputError naming the
     file and the line, the missing column or the bad row, and when no prompt has two responses of different
     ranks (nothing to compare)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"{path}: no such labelled-rankings file")
-    readers = {".jsonl": _read_jsonl, ".parquet": pl.read_parquet, ".csv": pl.read_csv}
-    if path.suffix not in readers:
-        raise EvaluationInputError(f"{path}: use .jsonl, .parquet or .csv for labelled rankings")
-    try:
-        table = readers[path.suffix](path)
-    except EvaluationInputError:
-        raise
-    except Exception as error:  # polars raises several types for a damaged file
-        raise EvaluationInputError(f"{path}: not a readable {path.suffix[1:]} file ({error})") from None
-    missing = [column for column in ("prompt", "response", "rank") if column not in table.columns]
-    if missing:
-        raise EvaluationInputError(f"{path}: missing column(s) {missing}; expected prompt, response, rank (1 = best)")
-    bad = table.with_row_index("row", offset=1).filter(pl.col("rank").cast(pl.Float64, strict=False).is_null())
-    if bad.height:
-        raise EvaluationInputError(f"{path}: row {bad['row'][0]}: rank must be a number, got {bad['rank'][0]!r}")
-    table = table.with_columns(pl.col("rank").cast(pl.Float64))
+    table = read_rows(path, ("prompt", "response"), "labelled-rankings file", EvaluationInputError,
+                      hint="expected prompt, response, rank (1 = best)", numbers=("rank",))
     if not table.group_by("prompt").agg(pl.col("rank").n_unique() > 1)["rank"].any():
         raise EvaluationInputError(f"{path}: nothing to compare: no prompt has two responses of different ranks "
                                    "(agreement compares a judge's order of a prompt's responses with the reference's)")
     return table
-
-
-def _read_jsonl(path: Path) -> pl.DataFrame:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvaluationInputError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise EvaluationInputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 @dataclass(frozen=True)
@@ -233,8 +203,6 @@ def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
     outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
     iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
-    from metareward.pipeline.input_files import load_prompts
-
     prompts = load_prompts(prompts_path, column, "--column").table["prompt"].to_list()
     with _evaluated_model(config, model_path) as (model, digest, backend):
         answers = answer_prompts(prompts, backend, config.iterations[-1].actor_sampling, config.seed)

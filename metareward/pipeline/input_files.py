@@ -28,13 +28,13 @@ class PromptFileError(InputFileError):
 
 
 def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[InputFileError] = InputFileError,
-              hint: str = "", optional: Sequence[str] = ()) -> pl.DataFrame:
+              hint: str = "", optional: Sequence[str] = (), numbers: Sequence[str] = ()) -> pl.DataFrame:
     """The rows of a JSONL file (.jsonl, or .json with one object a line), a JSON array of objects (.json, as
     AlpacaEval writes model outputs), CSV or Parquet, with `columns` (and `optional` columns when present) as
-    text or null, numbered in column ROW from 1 as a user sees them (JSONL lines, array items, CSV data rows,
-    Parquet rows). `what` names the file in errors ("prompt file"), `hint` says how to fix a missing column.
-    Raises `error` for a missing file, an unknown extension, bytes that are not UTF-8, a row that is not a JSON
-    object, a missing column or a value that is not text."""
+    text or null and `numbers` as Float64, numbered in column ROW from 1 as a user sees them (JSONL lines, array
+    items, CSV data rows, Parquet rows). `what` names the file in errors ("prompt file"), `hint` says how to fix a
+    missing column. Raises `error` for a missing file, an unknown extension, bytes that are not UTF-8, a row that
+    is not a JSON object, a missing column, a value that is not text, or one of `numbers` that is not a number."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such {what}")
@@ -43,7 +43,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
         raise error(f"{path}: unknown {what} type {path.suffix!r}: use .jsonl, .json, .parquet or .csv")
     hint = f"; {hint}" if hint else ""
     if suffix in (".jsonl", ".json"):
-        return _json_rows(path, list(columns), list(optional), error, hint)
+        return _json_rows(path, list(columns), list(optional), list(numbers), error, hint)
     if suffix == ".csv":
         text = _decode(path, error)
         if not text.strip():
@@ -58,7 +58,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
         except Exception as failure:  # polars raises several exception types for a corrupt file
             raise error(f"{path}: not a readable Parquet file ({failure})") from None
     table = table.with_row_index(ROW, offset=1)
-    for column in columns:
+    for column in [*columns, *numbers]:
         if column not in table.columns:
             raise error(f"{path}: no {column!r} column (columns: {[c for c in table.columns if c != ROW]}){hint}")
     for column in [*columns, *(name for name in optional if name in table.columns)]:
@@ -66,8 +66,13 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
             first = table.row(0, named=True)
             raise error(f"{path}: row {first[ROW]}: {column!r} must be text, got {table.schema[column]} "
                         f"{first[column]!r}")
+    for column in numbers:
+        bad = table.filter(pl.col(column).is_not_null() & pl.col(column).cast(pl.Float64, strict=False).is_null())
+        if bad.height:
+            raise error(f"{path}: row {bad[ROW][0]}: {column!r} must be a number, got {bad[column][0]!r}")
     kept = [*columns, *(name for name in optional if name in table.columns)]
-    return table.select(pl.col(ROW).cast(pl.Int64), *(pl.col(name).cast(pl.String) for name in kept))
+    return table.select(pl.col(ROW).cast(pl.Int64), *(pl.col(name).cast(pl.String) for name in kept),
+                        *(pl.col(name).cast(pl.Float64) for name in numbers))
 
 
 def _decode(path: Path, error: type[InputFileError]) -> str:
@@ -80,7 +85,7 @@ def _decode(path: Path, error: type[InputFileError]) -> str:
                     "re-encode the file as UTF-8") from None
 
 
-def _json_rows(path: Path, columns: list[str], optional: list[str], error: type[InputFileError],
+def _json_rows(path: Path, columns: list[str], optional: list[str], numbers: list[str], error: type[InputFileError],
                hint: str) -> pl.DataFrame:
     text = _decode(path, error)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -107,9 +112,15 @@ def _json_rows(path: Path, columns: list[str], optional: list[str], error: type[
             if row[column] is not None and not isinstance(row[column], str):
                 raise error(f"{path}: row {number}: {column!r} must be text, got {type(row[column]).__name__} "
                             f"{row[column]!r}")
-        rows.append({ROW: number, **{name: row[name] for name in columns},
+        for column in numbers:
+            if column not in row:
+                raise error(f"{path}: row {number} has no {column!r} field (fields: {sorted(row)}){hint}")
+            if row[column] is not None and (isinstance(row[column], bool) or not isinstance(row[column], int | float)):
+                raise error(f"{path}: row {number}: {column!r} must be a number, got {row[column]!r}")
+        rows.append({ROW: number, **{name: row[name] for name in [*columns, *numbers]},
                      **{name: row.get(name) if isinstance(row.get(name), str) else None for name in optional}})
-    return pl.DataFrame(rows, schema={ROW: pl.Int64, **{name: pl.String for name in [*columns, *optional]}})
+    return pl.DataFrame(rows, schema={ROW: pl.Int64, **{name: pl.String for name in [*columns, *optional]},
+                                      **{name: pl.Float64 for name in numbers}})
 
 
 def _rows_label(rows: Sequence[int]) -> str:

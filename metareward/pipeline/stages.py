@@ -126,6 +126,11 @@ def _evaluation(config: CampaignConfig) -> EvaluationConfig:
     return config.evaluation
 
 
+def _trained_model(config: CampaignConfig) -> dict[str, Any]:
+    # What a training stage reads besides its section: how the model is loaded and rendered, and the seed.
+    return {"dtype": config.model.dtype, "chat_template": config.model.chat_template, "seed": config.seed}
+
+
 def _answer_settings(config: CampaignConfig) -> dict[str, Any]:
     # The trained model and the reference answer alike, so that only the model differs between them.
     return {"sampling": _evaluation(config).sampling, "seed": config.seed, "engine": _engine(config)}
@@ -158,9 +163,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         summary="SFT of the base model on the judge examples into M_1 with TRL, stopped at the kept epoch "
                 "(A.3: 5 of 10)",
         inputs=("sft_data",),
-        settings=lambda config, t: {
-            "training": _sft(config).training(), "dtype": config.model.dtype,
-            "chat_template": config.model.chat_template, "seed": config.seed},
+        settings=lambda config, t: {"training": _sft(config).training(), **_trained_model(config)},
         schema=SFT_LOG, runner=runners.sft, model="base", writes_model=True,
     ),
 )
@@ -247,9 +250,8 @@ ITERATION_STAGES: tuple[Stage, ...] = (
         name="checkpoint",
         summary="DPO of M_t into M_{t+1} with TRL; the table is the training log (A.3)",
         inputs=("dpo_dataset",),
-        settings=lambda config, t: {
-            "dpo": _settings(config, t).dpo, "dtype": config.model.dtype, "chat_template": config.model.chat_template,
-            "seed": config.seed, "on_empty_preferences": config.on_empty_preferences},
+        settings=lambda config, t: {"dpo": _settings(config, t).dpo, **_trained_model(config),
+                                    "on_empty_preferences": config.on_empty_preferences},
         schema=TRAINING_LOG, runner=runners.checkpoint, model="policy", writes_model=True,
     ),
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from metareward.config.training import DPOConfig, TrainingConfig
+from metareward.host.ports import free_port
 from metareward.training.models import write_model_digest
 
 TRAINING_METRICS = {
@@ -293,7 +293,7 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
                                                           "chat_template": chat_template}))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-        "--num_processes", str(settings.num_processes), "--main_process_port", str(_free_port()),
+        "--num_processes", str(settings.num_processes), "--main_process_port", str(free_port()),
         "-m", "metareward.training.trainer", "--model", str(model_path), "--output", str(output_dir),
         "--seed", str(seed), "--dtype", dtype,
     ]
@@ -308,11 +308,6 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
     return TrainingResult(Path(report["checkpoint"]), report["model_id"], report["log_history"],
                           report["pairs_trained"], report["pairs_too_long"], report["seconds"], report["summary"])
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

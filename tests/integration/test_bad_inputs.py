@@ -139,7 +139,7 @@ def test_evaluate_output_in_a_missing_folder(tmp_path, tiny_model, env):
 
 @pytest.mark.parametrize("lines,expected", [
     ([RANKINGS_ROW, {**RANKINGS_ROW, "prompt": "q"}], "nothing to compare"),
-    ([RANKINGS_ROW, "{not json"], "line 2: not valid JSON"),
+    ([RANKINGS_ROW, "{not json"], "row 2: not valid JSON"),
 ])
 def test_rankings_that_cannot_be_compared(tmp_path, tiny_model, env, lines, expected):
     config = write_config(tmp_path, tiny_model, str(tmp_path / "root"))

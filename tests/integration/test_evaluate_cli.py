@@ -49,4 +49,4 @@ def test_bad_rankings_file_names_the_row(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response": "r", "rank": 1}\n{"prompt": "p", "response": "s", "rank": "best"}\n')
     result = run_cli(["evaluate", "agreement", str(config), "--rankings", str(bad)], cli_environment(tmp_path / "p"))
-    assert result.returncode == 2 and "bad.jsonl: row 2: rank must be a number, got 'best'" in result.stderr
+    assert result.returncode == 2 and "bad.jsonl: row 2: 'rank' must be a number, got 'best'" in result.stderr

@@ -36,7 +36,7 @@ def test_labelled_rankings_loader(tmp_path):
     assert load_labelled_rankings(good)["rank"].to_list() == [1.0, 2.0]
     bad = tmp_path / "b.csv"
     bad.write_text("prompt,response\np,a\n")
-    with pytest.raises(ValueError, match=r"b.csv: missing column\(s\) \['rank'\]"):
+    with pytest.raises(ValueError, match=r"b.csv: no 'rank' column"):
         load_labelled_rankings(bad)
 
 

@@ -82,9 +82,13 @@ def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
     assert changed(original, edited(tmp_path / "c", "paper/elo.py", "RIDGE = ", "RIDGE = 2 * ")) == {"judgment_elo"}
     assert changed(original, edited(tmp_path / "d", "training/trainer.py", "logging_steps=1,", "logging_steps=2,")) == {
         "checkpoint", "sft"}
-    assert changed(original, edited(tmp_path / "e", "inference/vllm_backend.py", "def _free_port() -> int:",
-                                    "def _free_port(start: int = 0) -> int:")) == {
+    assert changed(original, edited(tmp_path / "e", "inference/vllm_backend.py", "def _group_alive(",
+                                    "def _group_alive(unused, ")) == {
         "responses", "judgments", "meta_judgments", "eval_answers", "reference_answers", "win_rate"}
+    assert changed(original, edited(tmp_path / "f", "host/ports.py", "def free_port() -> int:",
+                                    "def free_port(start: int = 0) -> int:")) == {
+        "responses", "judgments", "meta_judgments", "eval_answers", "reference_answers", "win_rate", "checkpoint",
+        "sft"}
 
 
 def test_a_template_recomputes_the_stages_that_render_it(tmp_path, original):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = {"metareward": 0, "tasks": 1, "flows": 2, "cli": 3}
-PACKAGES = {"config": 0, "artifacts": 0, "paper": 1, "inference": 2, "training": 2, "placement": 3, "pipeline": 4,
-            "tracking": 5, "preflight": 6}
+PACKAGES = {"config": 0, "artifacts": 0, "host": 0, "paper": 1, "inference": 2, "training": 2, "placement": 3,
+            "pipeline": 4, "tracking": 5, "preflight": 6}
 """metareward's packages by rank: a module may import its own package and packages of a lower rank, never one of
 the same rank (two rooms side by side know nothing of each other) or above. preflight checks everything before a
 campaign starts, so it sits on top."""
