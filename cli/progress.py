@@ -79,8 +79,16 @@ def print_summary(campaign: str, outcomes: list[dict]) -> None:
                 table.add_column(column, justify="right")
         for row in summary_rows(outcome["stages"]):
             table.add_row(*row)
+        _fit_log(out, table)
         out.print(table)
         if "win_rate" in outcome["stages"].get("win_rate", {}):
             out.print(f"M_t+1 against the reference: {win_rate_text(outcome['stages']['win_rate'])}")
     if outcomes:
         out.print(f"final model: {outcomes[-1]['next_model']}")
+
+
+def _fit_log(out: Console, table: Table) -> None:
+    """A terminal wraps the table to its width; a log (output not a terminal, e.g. a Prefect worker's or CI's) is
+    widened to the table's natural width, not rich's 80 columns that would cut every header to "sco…"."""
+    if not out.is_terminal:
+        out.width = max(out.width, out.measure(table, options=out.options.update_width(1000)).maximum)

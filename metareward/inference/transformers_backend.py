@@ -127,13 +127,13 @@ class TransformersBackend:
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
             if common:
-                self.model(input_ids=input_ids[:1, :common], past_key_values=cache, use_cache=True)
+                self.model(input_ids=input_ids[:1, :common], cache=cache, use_cache=True)
                 cache.batch_repeat_interleave(len(rows))
             if width:
                 positions = (attention_mask[:, : common + width].cumsum(-1) - 1).clamp(min=0)[:, common:]
                 self.model(input_ids=input_ids[:, common : common + width],
                            attention_mask=attention_mask[:, : common + width], position_ids=positions,
-                           past_key_values=cache, use_cache=True)
+                           cache=cache, use_cache=True)
             if first.n > 1:
                 cache.batch_repeat_interleave(first.n)
                 input_ids = input_ids.repeat_interleave(first.n, dim=0)
@@ -141,7 +141,7 @@ class TransformersBackend:
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                cache=cache,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
@@ -193,7 +193,7 @@ class TransformersBackend:
             common = _common_prefix_length(ids_group)
             with torch.inference_mode():
                 prefix = torch.tensor([ids_group[0][:common]], device=self.device)
-                cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+                cache = self.model(input_ids=prefix, use_cache=True).cache
                 cache.batch_repeat_interleave(len(group))
                 tails = [ids[common:] for ids in ids_group]
                 longest = max(len(tail) for tail in tails)
@@ -205,7 +205,7 @@ class TransformersBackend:
                     tail_ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
                     tail_mask[row, common : common + len(tail)] = 1
                 logits = self.model(input_ids=tail_ids.to(self.device), attention_mask=tail_mask.to(self.device),
-                                    past_key_values=cache, use_cache=True).logits
+                                    cache=cache, use_cache=True).logits
             last = torch.tensor([len(tail) - 1 for tail in tails])
             final = logits[torch.arange(len(group)), last].float().cpu().numpy()
             for row, index in enumerate(group):

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,8 @@ def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, tor
         seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # TRL's default, under the name transformers 5.24 uses (TRL's own `gradient_checkpointing` is deprecated).
+        activation_checkpointing=True,
     )
 
 
@@ -251,17 +254,22 @@ def _train_in_process(kind: str, model_path, settings: TrainingConfig, output_di
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
     trainer_type, arguments = (DPOTrainer, dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
-    trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype, on_gpu),
-                           train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
-                           callbacks=[stop_after_epoch(settings.kept_epoch)]
-                           if settings.kept_epoch < settings.num_epochs else None)
-    # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    # How the kept model does on its own training set (DPO: against the reference log-probs computed before
-    # training): a step's logged loss is the one it starts from, so a one-step DPO logs only ln 2.
-    trainer.eval_dataset = trainer.train_dataset
-    after = trainer.evaluate()
+    with warnings.catch_warnings():
+        # TRL 1.16 reads the model's deprecated `is_gradient_checkpointing` itself when it computes reference
+        # log-probs (trl/models/utils.py): nothing of ours to change, and it would be the only line training prints.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
+                                                           on_gpu),
+                               train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
+                               callbacks=[stop_after_epoch(settings.kept_epoch)]
+                               if settings.kept_epoch < settings.num_epochs else None)
+        # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        # How the kept model does on its own training set (DPO: against the reference log-probs computed before
+        # training): a step's logged loss is the one it starts from, so a one-step DPO logs only ln 2.
+        trainer.eval_dataset = trainer.train_dataset
+        after = trainer.evaluate()
     trained = output_dir / "trained"
     trainer.save_model(str(trained))  # every rank: under FSDP the full state dict is gathered to rank 0
     if not trainer.is_world_process_zero():

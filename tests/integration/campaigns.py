@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -73,12 +72,6 @@ def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
     return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_healthy(health_url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:

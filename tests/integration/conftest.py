@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.integration.campaigns import cli_environment, free_port, wait_until_healthy
+from metareward.host.ports import free_port
+from tests.integration.campaigns import cli_environment, wait_until_healthy
 
 
 @pytest.fixture

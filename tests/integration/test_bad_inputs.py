@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.campaigns import cli_environment, free_port, run_cli, write_config
+from metareward.host.ports import free_port
+from tests.integration.campaigns import cli_environment, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 RANKINGS_ROW = {"prompt": "p", "response": "r", "rank": 1}

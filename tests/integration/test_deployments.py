@@ -15,8 +15,12 @@ import pytest
 import yaml
 
 from metareward.artifacts.store import ArtifactStore
+from metareward.host.ports import free_port
 from metareward.pipeline.manifests import stage_manifests
-from tests.integration.campaigns import free_port, wait_until_healthy, write_config
+from tests.integration.campaigns import wait_until_healthy, write_config
+
+# Each test starts a Prefect server, workers, campaigns or a browser.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]

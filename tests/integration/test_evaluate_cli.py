@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from metareward.artifacts.tables import file_digest
 from tests.integration.campaigns import cli_environment, run_cli, write_config
+
+pytestmark = pytest.mark.slow  # each test runs the CLI on a model
 
 RANKINGS = Path(__file__).parents[2] / "deployments" / "evaluation" / "rankings-example.jsonl"
 

@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from metareward.artifacts.store import ArtifactStore
+from metareward.host.ports import free_port
 from metareward.pipeline.stages import STAGE
 from metareward.training.models import model_digest
 from tests.conftest import REPO
 from tests.integration.campaigns import (
     assert_mlflow_lineage,
     cli_environment,
-    free_port,
     mlflow_state,
     run_cli,
     start_cli,

@@ -4,7 +4,6 @@ a campaign whose every table is read back with polars, an outage mid-stage, a mi
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import boto3
@@ -14,21 +13,16 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from metareward.artifacts.store import ArtifactStore
+from metareward.host.ports import free_port
 from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
 
 pytestmark = pytest.mark.slow
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture()
 def s3(monkeypatch):
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -150,7 +144,7 @@ def test_missing_bucket_and_unreachable_endpoint_fail_fast(tmp_path, tiny_model,
     started = time.monotonic()
     result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]))
     assert result.returncode == 2 and "s3://no-such-bucket/x: bucket or folder does not exist" in result.stderr
-    unreachable = {**s3["env"], "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}"}
+    unreachable = {**s3["env"], "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}
     config = write_config(tmp_path, tiny_model, "s3://campaigns/x")
     result = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **unreachable))
     assert result.returncode == 2 and "s3://campaigns/x: unreachable" in result.stderr, result.stderr[-2000:]

@@ -29,3 +29,15 @@ def test_every_stage_names_its_drops():
     assert dropped == {"responses": "1 too long for the context, 2 identical responses",
                        "actor_pairs": "1 prompts without a valid score, 2 without a pair, 1 chosen too long",
                        "checkpoint": "3 over max_length", "judgment_elo": ""}
+
+
+def test_the_summary_printed_to_a_log_keeps_its_headers_whole(capsys):
+    from cli.progress import print_summary
+
+    stages = {"judgments": {"shards": 2, "rows": 18, "parse_failure_rate": 0.0, "mean_score": 3.2, "mean_chars": 120,
+                            "tokens_per_second": 40.1, "completion_tokens": 100, "seconds": 3.0,
+                            "dropped_duplicates": 2}}
+    outcome = {"iteration": 1, "model_id": "a", "next_model_id": "b", "next_model": "m", "stages": stages}
+    print_summary("demo", [outcome])
+    header = next(line for line in capsys.readouterr().out.splitlines() if "stage" in line)
+    assert all(f" {name} " in header for name in ("shards", "parse fail", "mean score", "tok/s", "dropped or skipped"))
