@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +190,25 @@ def sft_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_d
                         **_common_arguments(settings, output_dir, seed, torch_dtype, on_gpu))
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """What TRL prints on its own, silenced while it trains: the progress bar of its reference log-probs (it reads
+    TQDM_DISABLE, not the trainer's disable_tqdm) and the FutureWarning of its own read of the model's deprecated
+    `is_gradient_checkpointing` (trl/models/utils.py) — nothing of ours to change in either."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
 def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool) -> dict:
     """The paper's learning rate, schedule and global batch over all `num_epochs` (so that epoch e of a run
     stopped there is epoch e of the full run), logging every step, no checkpoint writes (the kept model is
@@ -254,10 +276,7 @@ def _train_in_process(kind: str, model_path, settings: TrainingConfig, output_di
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
     trainer_type, arguments = (DPOTrainer, dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
-    with warnings.catch_warnings():
-        # TRL 1.16 reads the model's deprecated `is_gradient_checkpointing` itself when it computes reference
-        # log-probs (trl/models/utils.py): nothing of ours to change, and it would be the only line training prints.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with _quiet():
         trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
                                                            on_gpu),
                                train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
