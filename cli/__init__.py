@@ -124,7 +124,14 @@ def _config_show(arguments: argparse.Namespace) -> int:
 
 
 def _config_check(arguments: argparse.Namespace) -> int:
-    from metareward.placement.resources import ASSUMPTIONS, GB, architecture, campaign_estimates, problems, visible_gpus
+    from metareward.placement.resources import (
+        ASSUMPTIONS,
+        GB,
+        architecture,
+        campaign_estimates,
+        problems,
+        visible_gpu_memory,
+    )
 
     config = CampaignConfig.from_yaml(arguments.config)
     arch = architecture(config.model.path, arguments.model_config, config.model.dtype)
@@ -141,7 +148,7 @@ def _config_check(arguments: argparse.Namespace) -> int:
     if arguments.gpus:
         gpus = [(f"given GPU {index}", arguments.gpu_memory * GB) for index in range(arguments.gpus)]
     else:
-        gpus = visible_gpus()
+        gpus = visible_gpu_memory()
     print(f"checked against: {len(gpus)} GPU(s)" + (f" of {min(m for _, m in gpus) / GB:.0f} GB" if gpus else "")
           + (" (--gpus/--gpu-memory)" if arguments.gpus else " visible here"))
     for problem in problems(estimates, gpus):

@@ -11,6 +11,7 @@ import httpx
 
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig, ConfigError, InferenceConfig
+from metareward.host.devices import DeviceError, replica_devices, visible_gpus
 from metareward.inference.base import InferenceError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
@@ -78,7 +79,8 @@ def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
 
 
 def check_engine(inference: InferenceConfig, field: str = "inference") -> None:
-    """The vllm backend's interpreter exists; an OpenAI-compatible server given by inference.base_url answers
+    """The vllm backend's interpreter exists and the visible GPUs hold its replicas × tensor_parallel_size; an
+    OpenAI-compatible server given by inference.base_url answers
     /v1/models within 10 s (and serves inference.api_model when one is named). Raises ConfigError or
     InferenceError naming the settings as `field` (the campaign's inference, or the evaluator's)."""
     if inference.backend == "vllm" and inference.base_url is None:
@@ -88,6 +90,10 @@ def check_engine(inference: InferenceConfig, field: str = "inference") -> None:
         if not python.exists():
             raise ConfigError(f"{field}.backend vllm: vLLM's Python {python} does not exist "
                               f"(bash infra/setup.sh --vllm, or set {field}.vllm_python)")
+        try:
+            replica_devices(inference.replicas, inference.tensor_parallel_size, visible_gpus())
+        except DeviceError as error:
+            raise ConfigError(str(error).replace("inference.", f"{field}.")) from None
         return
     if inference.backend == "transformers" or inference.base_url is None:
         return

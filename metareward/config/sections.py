@@ -97,11 +97,28 @@ class InferenceConfig(Strict):
         default=None, description="vllm: interpreter of vLLM's venv; default $METAREWARD_VLLM_PYTHON or .venv-vllm."
     )
     vllm_args: list[str] = Field(default_factory=list, description="vllm: extra server arguments.")
-    gpus: int = Field(default=1, ge=1, description="vllm: servers, one per GPU (one on CPU).")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1,
+        description="vllm: GPUs per engine replica, vLLM's --tensor-parallel-size (a replica's GPUs are on one node).",
+    )
+    replicas: int | None = Field(
+        default=None, ge=1,
+        description="vllm: engine replicas serving the same model (vLLM's --data-parallel-size on one node, with its "
+        "own load balancing); None: the visible GPUs ÷ tensor_parallel_size (one on CPU).",
+    )
     max_concurrency: int = Field(default=16, ge=1, description="openai/vllm: requests in flight.")
     max_retries: int = Field(default=5, ge=0, description="openai/vllm: retries on 429/5xx/timeouts.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="openai/vllm: seconds per request.")
     startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds to wait for readiness.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_is_gone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "gpus" in data:
+            raise ValueError(f"inference.gpus ({data['gpus']}) is replaced by inference.replicas (engine replicas) and "
+                             "inference.tensor_parallel_size (GPUs per replica): write replicas: "
+                             f"{data['gpus']} for one GPU per engine as before")
+        return data
 
     @field_validator("base_url")
     @classmethod

@@ -1,1 +1,1 @@
-"""The machine a job runs on: free local ports for the servers and process groups a job starts."""
+"""The machine a job runs on: the GPUs it was given, free local ports for the servers it starts."""

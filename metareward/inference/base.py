@@ -82,6 +82,11 @@ class Backend(Protocol):
         """For each request, the index of the sampled answer in its `choices`."""
         ...
 
+    def alive(self) -> bool:
+        """Whether the engine can still serve: False once it died (its server process ended) or was closed. A dead
+        engine is never reused: the next stage job gets a new one."""
+        ...
+
     def close(self) -> None:
         """Free the engine (GPU memory, server processes). The backend is unusable afterwards."""
         ...

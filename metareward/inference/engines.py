@@ -28,7 +28,8 @@ def create_backend(model: ModelConfig, inference: InferenceConfig, model_path: s
         return VLLMBackend(
             path, python=inference.vllm_python, base_url=inference.base_url, dtype=model.dtype,
             chat_template=model.chat_template, max_model_len=inference.max_model_len, seed=seed,
-            gpus=inference.gpus, extra_args=inference.vllm_args, max_concurrency=inference.max_concurrency,
+            replicas=inference.replicas, tensor_parallel_size=inference.tensor_parallel_size,
+            extra_args=inference.vllm_args, max_concurrency=inference.max_concurrency,
             max_retries=inference.max_retries, timeout_s=inference.request_timeout_s,
             startup_timeout_s=inference.startup_timeout_s, log_dir=log_dir,
         )
@@ -49,8 +50,11 @@ _SHARED: dict[tuple[str, str], Backend] = {}
 def shared_backend(model: ModelConfig, inference: InferenceConfig, model_path: str, seed: int = 0,
                    log_dir: str | Path | None = None) -> Backend:
     """The process's engine for (model_path, inference settings), created on first use and kept for every
-    later shard and role of the same model (a vLLM server starts once per worker, not per shard)."""
+    later shard and role of the same model (a vLLM server starts once per worker, not per shard). An engine that
+    died since (its server killed, out of memory) is closed and replaced, never reused."""
     key = (model_path, inference.model_dump_json() + model.model_dump_json())
+    if key in _SHARED and not _SHARED[key].alive():
+        _SHARED.pop(key).close()
     if key not in _SHARED:
         close_shared_backends()
         _SHARED[key] = create_backend(model, inference, model_path, seed, log_dir)

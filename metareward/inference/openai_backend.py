@@ -88,6 +88,11 @@ class OpenAIBackend:
             )
         return self._map(self._choose_one, requests)
 
+    def alive(self) -> bool:
+        """Whether the client is open: a remote server's outages are the retries' to heal, not a reason for a new
+        client."""
+        return not self._client.is_closed
+
     def close(self) -> None:
         """Close the HTTP connections."""
         self._client.close()

@@ -214,6 +214,10 @@ class TransformersBackend:
             progress.finished(len(group))
         return answers
 
+    def alive(self) -> bool:
+        """Whether the model is still loaded (an in-process engine dies only with its process, or by close())."""
+        return self.model is not None
+
     def close(self) -> None:
         """Drop the model, give torch its thread count back and free accelerator memory."""
         import gc

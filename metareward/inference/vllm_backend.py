@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from metareward.host.devices import replica_devices, visible_gpus
 from metareward.host.ports import free_port
 from metareward.inference.base import BackendUnavailableError, InferenceError
 from metareward.inference.openai_backend import OpenAIBackend
@@ -22,7 +23,9 @@ vLLM cannot live beside Prefect (their fastapi pins conflict), so it has its own
 
 
 class VLLMServer:
-    """One `vllm.entrypoints.openai.api_server` subprocess on 127.0.0.1, optionally pinned to one GPU.
+    """One `vllm.entrypoints.openai.api_server` subprocess on 127.0.0.1: on the CPU, or on `devices` (the GPUs of its
+    replicas, as the parent's CUDA_VISIBLE_DEVICES names them) with `data_parallel_size` replicas of
+    `tensor_parallel_size` GPUs each, balanced by vLLM itself.
 
     Starts on construction and returns once /health answers; raises BackendUnavailableError with the tail
     of the server's log if it exits or is not ready within startup_timeout_s. stop() ends it (SIGTERM,
@@ -37,7 +40,9 @@ class VLLMServer:
         dtype: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
-        gpu: int | None = None,
+        devices: Sequence[str] = (),
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
         extra_args: Sequence[str] = (),
         log_path: str | Path | None = None,
         startup_timeout_s: float = 900.0,
@@ -63,11 +68,15 @@ class VLLMServer:
         ]
         if max_model_len:
             command += ["--max-model-len", str(max_model_len)]
+        if tensor_parallel_size > 1:
+            command += ["--tensor-parallel-size", str(tensor_parallel_size)]
+        if data_parallel_size > 1:
+            command += ["--data-parallel-size", str(data_parallel_size)]
         command += list(extra_args)
         environment = {**os.environ, "VLLM_NO_USAGE_STATS": "1",
                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        if gpu is not None:
-            environment["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if devices:
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         else:
             # vLLM on CPU refuses to start without a KV-cache size, and per-request seeds crash with
             # chunked prefill there (PLATFORM.md).
@@ -149,7 +158,8 @@ class VLLMBackend(OpenAIBackend):
         chat_template: str | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
-        gpus: int = 1,
+        replicas: int | None = None,
+        tensor_parallel_size: int = 1,
         extra_args: Sequence[str] = (),
         max_concurrency: int = 64,
         max_retries: int = 3,
@@ -159,21 +169,18 @@ class VLLMBackend(OpenAIBackend):
     ):
         self.servers: list[VLLMServer] = []
         served_name = "metareward-model"
+        replica_count = 1
         if base_url is None:
             python = Path(python or os.environ.get("METAREWARD_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
-            gpu_ids: list[int | None] = list(range(gpus)) if _cuda_device_count() else [None]
-            try:
-                for gpu in gpu_ids:
-                    log_path = Path(log_dir) / f"vllm-gpu{gpu}.log" if log_dir else None
-                    self.servers.append(
-                        VLLMServer(python, model_path, served_name, dtype, max_model_len, seed, gpu, extra_args,
-                                   log_path, startup_timeout_s)
-                    )
-            except BaseException:
-                for server in self.servers:
-                    server.stop()
-                raise
-            base_urls = [server.base_url for server in self.servers]
+            layout = replica_devices(replicas, tensor_parallel_size, visible_gpus())
+            replica_count = len(layout)
+            log_path = Path(log_dir) / "vllm.log" if log_dir else None
+            self.servers.append(VLLMServer(
+                python, model_path, served_name, dtype, max_model_len, seed,
+                devices=[device for replica in layout for device in replica],
+                tensor_parallel_size=tensor_parallel_size, data_parallel_size=replica_count, extra_args=extra_args,
+                log_path=log_path, startup_timeout_s=startup_timeout_s))
+            base_urls = [self.servers[0].base_url]
         else:
             base_urls = [base_url]
             served_name = _served_model(base_url)
@@ -191,6 +198,7 @@ class VLLMBackend(OpenAIBackend):
             choice_restriction="allowed_token_ids",
             extra_body={"return_token_ids": True},
         )
+        self.engines = replica_count
 
     def _post(self, server: str, path: str, body: dict) -> dict | None:
         try:
@@ -212,6 +220,10 @@ class VLLMBackend(OpenAIBackend):
             queried += _metric(text, "vllm:prefix_cache_queries_total")
             hits += _metric(text, "vllm:prefix_cache_hits_total")
         return queried, hits
+
+    def alive(self) -> bool:
+        """Whether the client is open and every server this backend started is still running."""
+        return super().alive() and all(server.alive() for server in self.servers)
 
     def close(self) -> None:
         """Close connections and stop the servers this backend started (frees their GPU memory)."""
@@ -264,13 +276,3 @@ def _group_alive(group: int) -> bool:
         if int(fields[2]) == group and fields[0] != "Z":
             return True
     return False
-
-
-
-def _cuda_device_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0

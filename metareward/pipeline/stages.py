@@ -100,7 +100,8 @@ def engine_settings(inference: InferenceConfig, dtype: str, chat_template: str |
     if inference.backend == "transformers":
         engine["batch_size"] = inference.batch_size
     elif inference.backend == "vllm":
-        engine["vllm_args"] = list(inference.vllm_args)
+        # Sharding a model's layers over GPUs changes its numerics; how many replicas serve it does not.
+        engine.update(vllm_args=list(inference.vllm_args), tensor_parallel_size=inference.tensor_parallel_size)
     else:
         engine.update(api_model=inference.api_model, tokenizer=inference.tokenizer)
     return engine
@@ -339,7 +340,7 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "inference.base_url": "where the model is served (the served model is api_model, or the model itself)",
     "inference.api_key_env": "a credential's name",
     "inference.vllm_python": "which interpreter runs vLLM's servers",
-    "inference.gpus": "how many engines serve the same model",
+    "inference.replicas": "how many engines serve the same model",
     "inference.max_concurrency": "how many requests are in flight",
     "inference.max_retries": "how often a failed request is retried",
     "inference.request_timeout_s": "how long a request may take",

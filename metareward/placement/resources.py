@@ -176,14 +176,20 @@ def training_estimate(arch: Architecture, dpo: DPOConfig, label: str) -> Estimat
 
 
 def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
-    """Per-GPU memory of the inference engine: weights and the KV cache of one full-length sequence (vllm:
-    one engine per GPU in its share of the GPU; transformers: one batch of full-length sequences)."""
+    """Per-GPU memory of the inference engine: its share of the weights and of the KV cache of one full-length
+    sequence (vllm: inference.replicas engines of inference.tensor_parallel_size GPUs each, which split the
+    weights and the KV heads between them; transformers: one batch of full-length sequences on one GPU)."""
     inference = config.inference
     context = inference.max_model_len or 8192
-    kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes
-    engines = inference.gpus if inference.backend == "vllm" else 1
-    estimate = Estimate(f"inference ({inference.backend}): {engines} engine(s), one per GPU", gpus=engines)
-    estimate.parts["weights"] = arch.parameters * arch.dtype_bytes
+    vllm = inference.backend == "vllm"
+    tensor_parallel = inference.tensor_parallel_size if vllm else 1
+    # Each GPU of a tensor-parallel group holds its share of the KV heads (a head is replicated, not split, when
+    # there are fewer heads than GPUs).
+    kv_per_token = 2 * arch.layers * -(-arch.kv_heads // tensor_parallel) * arch.head_dim * arch.dtype_bytes
+    engines = (inference.replicas or 1) if vllm else 1
+    estimate = Estimate(f"inference ({inference.backend}): {engines} engine(s) of {tensor_parallel} GPU(s)",
+                        gpus=engines * tensor_parallel)
+    estimate.parts["weights"] = arch.parameters * arch.dtype_bytes / tensor_parallel
     sequences = inference.batch_size if inference.backend == "transformers" else 1
     estimate.parts["KV cache"] = sequences * context * kv_per_token
     estimate.parts["overhead"] = OVERHEAD_BYTES
@@ -218,7 +224,7 @@ def campaign_estimates(config: CampaignConfig, arch: Architecture) -> list[Estim
     return [inference_estimate(arch, config)] + sorted(estimates, key=lambda e: -e.total)
 
 
-def visible_gpus() -> list[tuple[str, float]]:
+def visible_gpu_memory() -> list[tuple[str, float]]:
     """(name, memory in bytes) of each CUDA device this process sees; empty without one."""
     try:
         import torch

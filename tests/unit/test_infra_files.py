@@ -27,7 +27,8 @@ def test_prefect_yaml_configs_are_the_shipped_config_files():
         paper = CampaignConfig.from_dict(deployments[name]["parameters"]["config"])
         assert paper == CampaignConfig.from_yaml(REPO / "deployments" / "configs" / f"{name}.yaml"), name
         # One GPU-pool job holds the GPUs that the config's engines and DPO processes use.
-        assert deployments[name]["work_pool"]["job_variables"]["gpu_count"] == gpus == paper.inference.gpus
+        engine_gpus = paper.inference.replicas * paper.inference.tensor_parallel_size
+        assert deployments[name]["work_pool"]["job_variables"]["gpu_count"] == gpus == engine_gpus
 
 
 def _compose() -> list[str] | None:

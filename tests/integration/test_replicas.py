@@ -1,0 +1,119 @@
+"""Engine replicas on Ray's own multi-node simulation (a head without GPUs and two worker nodes with two logical GPUs
+each): tensor-parallel bundles on one node, GPU ids mapped through the node's CUDA_VISIBLE_DEVICES, a replica that
+dies mid-job replaced and its job run again, two pools that never share a GPU, a cluster too small for the pool."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from metareward.placement.replicas import PlacementError, ReplicaPool, check_ray_address  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    # The second node was started by a scheduler that gave it physical GPUs 6 and 7 (as Slurm or a shared host do).
+    workers = [cluster.add_node(num_cpus=2, num_gpus=2),
+               cluster.add_node(num_cpus=2, num_gpus=2, env_vars={"CUDA_VISIBLE_DEVICES": "6,7"})]
+    ray.init(address=cluster.address)
+    # The jobs below are defined in this test module, which the replicas' processes cannot import: send them whole.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def where(marker: str) -> dict:
+    """A job that reports the process it ran in."""
+    return {"pid": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "marker": marker}
+
+
+def die_once(flag: str) -> int:
+    """A job that kills its own replica the first time it runs (the flag file says it did), then succeeds."""
+    path = Path(flag)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os._exit(1)
+    return os.getpid()
+
+
+def test_tensor_parallel_bundles_lie_on_one_node_with_their_own_gpus(cluster):
+    pool = ReplicaPool(replicas=2, tensor_parallel_size=2, placement_timeout_s=60)
+    try:
+        replicas = [pool.replica(index) for index in range(2)]
+        assert len({replica.node_id for replica in replicas}) == 2  # 4 GPUs in bundles of 2: one per node
+        assert all(len(replica.gpu_ids) == 2 for replica in replicas)
+        by_devices = sorted(sorted(replica.cuda_visible_devices.split(",")) for replica in replicas)
+        # Ray's assignment, mapped through what each node inherited: never logical GPU 0 of the host twice.
+        assert by_devices == [["0", "1"], ["6", "7"]]
+        result, replica = pool.run(where, "x")
+        assert result["devices"] == replica.cuda_visible_devices
+    finally:
+        pool.close()
+
+
+def test_a_replica_that_dies_mid_job_is_replaced_and_its_job_runs_again(cluster, tmp_path):
+    pool = ReplicaPool(replicas=1, tensor_parallel_size=2, placement_timeout_s=60)
+    told = []
+    try:
+        first_pid = pool.run(where, "before")[0]["pid"]
+        pid, replica = pool.run(die_once, str(tmp_path / "died"), on_requeue=told.append)
+        assert pid != first_pid and int((tmp_path / "died").read_text()) == first_pid
+        assert pool.replaced == 1 and len(told) == 1 and "died" in told[0]
+        assert pool.run(where, "after")[0]["pid"] == pid  # the new replica keeps serving; the dead one is gone
+    finally:
+        pool.close()
+
+
+def test_two_pools_never_share_a_gpu_and_the_second_waits_for_the_first(cluster):
+    first = ReplicaPool(replicas=2, tensor_parallel_size=2, placement_timeout_s=60)
+    placed = {}
+
+    def second_pool():
+        started = time.monotonic()
+        pool = ReplicaPool(replicas=2, tensor_parallel_size=2, placement_timeout_s=120)
+        placed["waited"] = time.monotonic() - started
+        placed["devices"] = sorted(pool.run(where, "second")[0]["devices"] for _ in range(1))
+        pool.close()
+
+    def second_pool_guarded():
+        try:
+            second_pool()
+        except BaseException as error:
+            placed["error"] = repr(error)
+
+    thread = threading.Thread(target=second_pool_guarded)
+    thread.start()
+    thread.join(timeout=5)
+    assert thread.is_alive(), f"the second pool was placed while the first held every GPU: {placed}"
+    first.close()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and placed["waited"] >= 5 and placed["devices"]
+
+
+def test_a_cluster_too_small_says_what_is_missing(cluster):
+    with pytest.raises(PlacementError, match=r"3 engine replica\(s\) of \{'GPU': 2, 'CPU': 1.0\}.*the cluster has"):
+        ReplicaPool(replicas=3, tensor_parallel_size=2, placement_timeout_s=3)
+    pool = ReplicaPool(replicas=2, tensor_parallel_size=2, placement_timeout_s=60)  # nothing was left reserved
+    pool.close()
+
+
+def test_an_unreachable_ray_address_fails_in_seconds():
+    from metareward.host.ports import free_port
+
+    started = time.monotonic()
+    with pytest.raises(PlacementError, match="no Ray cluster answers at 127.0.0.1:"):
+        check_ray_address(f"127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 6
