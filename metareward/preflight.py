@@ -16,6 +16,7 @@ from metareward.inference.base import InferenceError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
 from metareward.pipeline.model_roles import check_evaluator, evaluator_model, starting_model
+from metareward.placement.replicas import PlacementError, check_ray_address, ray_address
 from metareward.tracking.tracker import check_tracking
 from metareward.training.models import check_model, model_id_of
 
@@ -35,7 +36,13 @@ def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str
     runs_sft = config.sft is not None and start_iteration == 1 and not start_model
     model = start_model or (config.model.path if runs_sft else starting_model(config, start_iteration, store))
     check_model(model, config.model.chat_template)
-    check_engine(config.inference)
+    address = ray_address(config.orchestration)
+    if address:
+        try:
+            check_ray_address(address)
+        except PlacementError as error:
+            raise ConfigError(f"orchestration.ray_address / RAY_ADDRESS: {error}") from None
+    check_engine(config.inference, on_ray=address is not None)
     if config.sft is not None:
         load_sft_examples(config.sft.path)
     check_evaluation_inputs(config, None if runs_sft else model)
@@ -56,7 +63,8 @@ def check_evaluation_inputs(config: CampaignConfig, start_model: str | None = No
     evaluator = evaluation.evaluator
     if evaluator.model is not None:
         check_model(evaluator.model.path, evaluator.model.chat_template)
-    check_engine(evaluator.inference, "evaluation.evaluator.inference")
+    check_engine(evaluator.inference, "evaluation.evaluator.inference",
+                 on_ray=ray_address(config.orchestration) is not None)
     if start_model is not None:
         check_evaluator(config, evaluator_model(config), [ModelRef(start_model, model_id_of(start_model))])
 
@@ -78,9 +86,9 @@ def check_start_iteration(config: CampaignConfig, start_iteration: int) -> None:
                           f"{config.name} has iterations 1..{len(config.iterations)}")
 
 
-def check_engine(inference: InferenceConfig, field: str = "inference") -> None:
-    """The vllm backend's interpreter exists and the visible GPUs hold its replicas × tensor_parallel_size; an
-    OpenAI-compatible server given by inference.base_url answers
+def check_engine(inference: InferenceConfig, field: str = "inference", on_ray: bool = False) -> None:
+    """The vllm backend's interpreter exists and, unless its replicas run on a Ray cluster (on_ray), the GPUs visible
+    here hold its replicas × tensor_parallel_size; an OpenAI-compatible server given by inference.base_url answers
     /v1/models within 10 s (and serves inference.api_model when one is named). Raises ConfigError or
     InferenceError naming the settings as `field` (the campaign's inference, or the evaluator's)."""
     if inference.backend == "vllm" and inference.base_url is None:
@@ -91,7 +99,8 @@ def check_engine(inference: InferenceConfig, field: str = "inference") -> None:
             raise ConfigError(f"{field}.backend vllm: vLLM's Python {python} does not exist "
                               f"(bash infra/setup.sh --vllm, or set {field}.vllm_python)")
         try:
-            replica_devices(inference.replicas, inference.tensor_parallel_size, visible_gpus())
+            if not on_ray:
+                replica_devices(inference.replicas, inference.tensor_parallel_size, visible_gpus())
         except DeviceError as error:
             raise ConfigError(str(error).replace("inference.", f"{field}.")) from None
         return

@@ -19,11 +19,22 @@ from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
 from metareward.paper.report import HealthCheckError, health_checks
 from metareward.pipeline.context import ModelRef
-from metareward.pipeline.jobs import JobResult, finished, plan_job, run_job, run_name, shard_inputs, sharding
+from metareward.pipeline.jobs import (
+    JobResult,
+    finished,
+    plan_job,
+    run_job,
+    run_job_on_replicas,
+    run_name,
+    runs_on_replicas,
+    shard_inputs,
+    sharding,
+)
 from metareward.pipeline.manifests import manifest_key, write_manifest
 from metareward.pipeline.model_roles import IterationModels
 from metareward.pipeline.stages import stage, why_not_run
 from metareward.pipeline.summary import job_line
+from metareward.placement.replicas import close_shared_pools, ray_address
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers
 
@@ -65,9 +76,15 @@ def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | N
     """One job of a stage: its table from the store when finished, else computed and stored. A stage that is
     not sharded has one job, which also writes the stage's manifest."""
     job = plan_job(config, stage, iteration, upstream, model, shard)
-    result = run_job(config, job)
     logger = get_run_logger()
-    (logger.warning if result.recomputed else logger.info)(job_line(result))
+    replica = None
+    if runs_on_replicas(config, job):
+        result, replica = run_job_on_replicas(config, job, on_requeue=lambda why: logger.warning(
+            "%s re-queued: %s", job.run_name, why))
+    else:
+        result = run_job(config, job)
+    (logger.warning if result.recomputed else logger.info)(job_line(result) + (f"; ran on {replica}" if replica
+                                                                                 else ""))
     if shard is None:
         write_manifest(open_store(config.artifact_root), config.name, [job], [result])
     return result
@@ -133,6 +150,8 @@ class IterationStages:
             get_run_logger().info("%s not run: %s", name, reason)
             return None
         model = self.models.of(entry.model)
+        if entry.writes_model:
+            close_shared_pools()  # training gets the GPUs the engine replicas held
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
         options = {"name": name, "result_storage": self._storage, **retried(self.config)}
         if not entry.sharded:
@@ -143,6 +162,12 @@ class IterationStages:
             per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
             if self.config.orchestration.shard_deployment:
                 results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
+            elif ray_address(self.config.orchestration) and entry.uses_model:
+                # Every shard in flight at once: each task run waits for a free engine replica (work stealing).
+                futures = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index)).submit(
+                    self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
+                    for index, inputs in enumerate(per_shard)]
+                results = [future.result() for future in futures]
             else:
                 results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
                     self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.summary import iteration_title, summary_markdown
+from metareward.placement.replicas import close_shared_pools
 from metareward.tracking import tracker as tracking
 from metareward.training.models import check_model, model_id_of
 from tasks.common import RETRIED
@@ -65,6 +66,7 @@ def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> It
                 logger.warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
         raise
     finally:
+        close_shared_pools()  # the engine replicas' GPUs are free once an iteration ends, however it ends
         create_markdown_artifact(
             key=artifact_key(config.name, "seed-sft" if iteration == 0 else f"iter-{iteration}"),
             markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link),

@@ -181,9 +181,9 @@ class TrackingConfig(Strict):
 
 
 class OrchestrationConfig(Strict):
-    """How stage jobs run: where the model stages' shards run — in the iteration flow's own process (default),
-    or each as a flow run of a Prefect `shard` deployment on a GPU work pool, one engine per worker
-    (deployments/prefect.yaml) — and how failed jobs are retried."""
+    """How stage jobs run: where the model stages' jobs run — in the iteration flow's own process (default), on the
+    engine replicas of a Ray cluster (ray_address), or each shard as a flow run of a Prefect `shard` deployment on a
+    GPU work pool, one engine per worker (deployments/prefect.yaml) — and how failed jobs are retried."""
 
     shard_deployment: str | None = Field(
         default=None,
@@ -191,6 +191,17 @@ class OrchestrationConfig(Strict):
         "meta-judgments shards as separate flow runs; None runs them in-process.",
     )
     shard_poll_interval_s: float = Field(default=5.0, gt=0, description="Seconds between checks of shard flow runs.")
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster (ray://host:10001, host:6379 or auto) whose engine replicas run the model stages' "
+        "jobs, a free replica taking the next shard; None: RAY_ADDRESS from the environment, and without it no Ray "
+        "(the jobs run in this process).",
+    )
+    placement_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="Ray: seconds to wait for the cluster to place every engine replica before the stage fails, "
+        "saying which GPUs are missing.",
+    )
     retries: int = Field(
         default=3, ge=0, description="Retries of a stage job that failed for a reason that can heal (network, "
         "server errors, timeouts, an engine that died); bad input or a missing file is never retried."
@@ -198,3 +209,9 @@ class OrchestrationConfig(Strict):
     retry_backoff_s: float = Field(
         default=5.0, ge=0, description="Seconds before the first retry; each next one waits twice as long."
     )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> OrchestrationConfig:
+        if self.ray_address and self.shard_deployment:
+            raise ValueError("ray_address and shard_deployment both place the model stages' shards: set one")
+        return self

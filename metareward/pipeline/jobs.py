@@ -13,10 +13,12 @@ import datetime as dt
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -29,6 +31,7 @@ from metareward.inference import progress
 from metareward.pipeline.context import ModelRef, StageContext
 from metareward.pipeline.fingerprints import installed_index
 from metareward.pipeline.stages import stage
+from metareward.placement.replicas import Replica, ray_address, shared_pool
 from metareward.training.models import MODEL_DIGEST_FILE
 
 
@@ -198,7 +201,10 @@ def remove_job_listener(listener: JobListener) -> None:
 FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
 """Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process fail,
 to exercise retries; "STAGE:SHARD:while=PATH" makes every attempt fail while the file PATH exists, to exercise
-a job that fails past its retries and a retry of the whole run. Never set in production."""
+a job that fails past its retries and a retry of the whole run; "STAGE:SHARD:hold=PATH" holds the job's first
+attempt (anywhere: the file PATH.started records that it began, and on which Ray node) until the file PATH
+exists, so that a test can remove the node or kill the process under a job known to be running. Never set in
+production."""
 _faults_raised: set[str] = set()
 
 
@@ -244,8 +250,41 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
     return result
 
 
+def runs_on_replicas(config: CampaignConfig, job: Job) -> bool:
+    """Whether the job runs on the engine replicas of a Ray cluster: a Ray address is set and the stage runs a model
+    for inference (training stays where the flow runs)."""
+    entry = stage(job.stage)
+    return ray_address(config.orchestration) is not None and entry.uses_model and not entry.writes_model
+
+
+def run_job_on_replicas(config: CampaignConfig, job: Job,
+                        on_requeue: Callable[[str], None] | None = None) -> tuple[JobResult, Replica | None]:
+    """run_job on the next free engine replica of the Ray cluster (placement.replicas.shared_pool), where the
+    replica's engine stays loaded from one job to the next; returns the result and the replica that computed it
+    (None for a finished job, read from the store here). A
+    replica that dies mid-job is replaced and the job runs again on another (on_requeue says so). Keys, markers and
+    tables are those run_job writes in this process."""
+    if stored(open_store(config.artifact_root), job)[0] is not None:
+        return run_job(config, job), None  # finished: read here, no replica (and no GPU) needed
+    inference = config.inference
+    pool = shared_pool(ray_address(config.orchestration), inference.replicas, inference.tensor_parallel_size,
+                       config.orchestration.placement_timeout_s, name=f"{config.name}-iter-{job.iteration}")
+    return pool.run(run_job, _one_replica(config), job, on_requeue=on_requeue)
+
+
+def _one_replica(config: CampaignConfig) -> CampaignConfig:
+    # Inside a replica the engine is one replica on the GPUs Ray gave it (its CUDA_VISIBLE_DEVICES).
+    inference = config.inference.model_copy(update={"replicas": 1})
+    return config.model_copy(update={"inference": inference})
+
+
 def _inject_fault(job: Job) -> None:
-    target, _, condition = os.environ.get(FAULT_ENVIRONMENT, "").partition(":while=")
+    setting = os.environ.get(FAULT_ENVIRONMENT, "")
+    target, _, hold = setting.partition(":hold=")
+    if hold and target == f"{job.stage}:{job.shard}":
+        _hold(Path(hold))
+        return
+    target, _, condition = setting.partition(":while=")
     if target != f"{job.stage}:{job.shard}":
         return
     if condition and os.path.exists(condition):
@@ -253,6 +292,18 @@ def _inject_fault(job: Job) -> None:
     if not condition and target not in _faults_raised:
         _faults_raised.add(target)
         raise InjectedFault(f"{FAULT_ENVIRONMENT}: the first attempt of {job.run_name} fails on purpose")
+
+
+def _hold(release: Path, timeout_s: float = 600.0) -> None:
+    started = release.with_name(release.name + ".started")
+    if started.exists():  # only the first attempt is held
+        return
+    ray = sys.modules.get("ray")
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
+    started.write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
+    deadline = time.monotonic() + timeout_s
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None]:

@@ -353,6 +353,8 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "tracking.registered_model": "MLflow logging reads finished tables; it writes none",
     "orchestration.shard_deployment": "where a shard runs, not what it computes",
     "orchestration.shard_poll_interval_s": "how often shard flow runs are polled",
+    "orchestration.ray_address": "where a job runs, not what it computes",
+    "orchestration.placement_timeout_s": "how long engine replicas may wait for GPUs",
     "orchestration.retries": "how often a failed job is tried again",
     "orchestration.retry_backoff_s": "how long before a failed job is tried again",
     "health.max_top_score_share": "decides whether the checkpoint stage runs, not what any stage computes",

@@ -14,6 +14,7 @@ process's shared engine (inference.engines.shared_backend) stays loaded from one
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -23,6 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
+
+REPLICA_ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+                       "METAREWARD_VLLM_PYTHON", "METAREWARD_INJECT_FAULT")
+"""The variables of the driver's environment a replica is started with (where the store is, how vLLM is found,
+test faults). Never a credential: Ray would show it in its dashboard's runtime environments, so replicas read
+AWS keys from the environment of the Ray worker they run on (a KubeRay worker pod's Secret), as every process here
+reads its credentials where they are used."""
 
 
 class PlacementError(RuntimeError):
@@ -112,8 +120,10 @@ class ReplicaPool:
     def _start(self, index: int) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        environment = {name: os.environ[name] for name in REPLICA_ENVIRONMENT if name in os.environ}
         actor = self._actor_class.options(
             num_gpus=self.bundle.get("GPU", 0), num_cpus=self.bundle["CPU"], max_concurrency=1,
+            runtime_env={"env_vars": environment},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=index),
         ).remote()
         self._actors[index] = actor
@@ -206,3 +216,47 @@ def _released(group) -> bool:
     from ray.util import placement_group_table
 
     return placement_group_table(group).get("state") == "REMOVED"
+
+
+def ray_address(orchestration) -> str | None:
+    """The Ray cluster the model stages' jobs run on: orchestration.ray_address, else RAY_ADDRESS from the
+    environment (read here, where it is used), else None: no Ray."""
+    return orchestration.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+_POOLS: dict[tuple, ReplicaPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(address: str, replicas: int | None, tensor_parallel_size: int, placement_timeout_s: float,
+                name: str = "metareward") -> ReplicaPool:
+    """The process's pool of engine replicas on the cluster at `address` (connected on first use), created for
+    these settings and kept for every later job of them; another pool of this process is closed first (its GPUs
+    released). `replicas` None: as many as the cluster's GPUs hold (one on a cluster without GPUs, whose replicas
+    then hold a CPU each). Thread-safe."""
+    import ray
+
+    key = (address, replicas, tensor_parallel_size)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _close_pools()
+            if not ray.is_initialized():
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            count = replicas or (max(1, gpus // tensor_parallel_size) if gpus else 1)
+            _POOLS[key] = ReplicaPool(count, tensor_parallel_size if gpus else 0,
+                                      placement_timeout_s=placement_timeout_s, name=name)
+        return _POOLS[key]
+
+
+def close_shared_pools() -> None:
+    """Close the process's replica pools (before training, at the end of an iteration): their GPUs are free when
+    this returns."""
+    with _POOLS_LOCK:
+        _close_pools()
+
+
+def _close_pools() -> None:
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.close()

@@ -4,6 +4,7 @@ dies mid-job replaced and its job run again, two pools that never share a GPU, a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -117,3 +118,47 @@ def test_an_unreachable_ray_address_fails_in_seconds():
     with pytest.raises(PlacementError, match="no Ray cluster answers at 127.0.0.1:"):
         check_ray_address(f"127.0.0.1:{free_port()}")
     assert time.monotonic() - started < 6
+
+
+def test_a_node_lost_during_judgments_costs_only_its_shard_and_the_tables_match_a_run_without_ray(
+        cluster, tmp_path, tiny_model):
+    """The campaign's model stages run on 2 replicas of the simulated cluster; the job of judgments shard 1 is held
+    (METAREWARD_INJECT_FAULT hold) until the test has removed the node it runs on. The stage completes on the other
+    node, no shard finished before the loss is written again, and every table equals an in-process run's."""
+    from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+    from tests.integration.test_pipeline import markers, stage_tables
+
+    ray_cluster, workers = cluster
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "ray"),
+                          inference={"backend": "transformers", "verdict_mode": "forced", "max_model_len": 2048,
+                                     "batch_size": 8, "replicas": 2})
+    release = tmp_path / "release"
+    env = cli_environment(tmp_path / "prefect", RAY_ADDRESS=ray_cluster.address,
+                          METAREWARD_INJECT_FAULT=f"judgments:shard-0001:hold={release}")
+    process = start_cli(["run", str(config)], env, tmp_path / "ray.log")
+    started = release.with_name("release.started")
+    deadline = time.monotonic() + 400
+    while not started.exists():
+        assert process.poll() is None, (tmp_path / "ray.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "judgments shard 1 never started"
+        time.sleep(0.1)
+    held_on = json.loads(started.read_text())["node_id"]
+    node = next(worker for worker in workers if worker.node_id == held_on)
+    done_at_loss = markers(tmp_path / "ray", "tiny")
+    ray_cluster.remove_node(node)
+    release.touch()
+    assert process.wait(timeout=600) == 0, (tmp_path / "ray.log").read_text()[-3000:]
+    log = (tmp_path / "ray.log").read_text()
+    assert "judgments iter-1 shard-0001 re-queued" in log and "died" in log
+    assert "ran on replica" in log
+    after = markers(tmp_path / "ray", "tiny")
+    for key, marker in done_at_loss.items():
+        assert after[key] == marker, f"{key} was computed again after the node was lost"
+
+    without_ray = run_cli(["run", str(config)], {**cli_environment(tmp_path / "prefect-local"),
+                                                  "METAREWARD_ARTIFACT_ROOT": str(tmp_path / "local")})
+    assert without_ray.returncode == 0, without_ray.stderr[-3000:]
+    on_ray, in_process = stage_tables(tmp_path / "ray", "tiny"), stage_tables(tmp_path / "local", "tiny")
+    assert on_ray.keys() == in_process.keys()
+    for name in on_ray:
+        assert on_ray[name].equals(in_process[name]), name

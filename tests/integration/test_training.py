@@ -137,6 +137,14 @@ def test_lora_is_merged_into_a_plain_checkpoint(tmp_path, tiny_model):
     assert result.model_id != model_digest(tiny_model)
 
 
+def test_the_same_training_in_another_folder_gives_the_same_model_id(tmp_path, tiny_model):
+    settings = DPOConfig(num_epochs=1, lora_rank=8, **FAST)
+    first = train_dpo(tiny_model, dataset(), settings, tmp_path / "a")
+    second = train_dpo(tiny_model, dataset(), settings, tmp_path / "elsewhere" / "b")
+    assert first.model_id == second.model_id  # no trainer pickle with the output path beside the weights
+    assert "training_args.bin" not in {path.name for path in first.checkpoint.iterdir()}
+
+
 def test_overlong_pairs_are_dropped_and_counted(tmp_path, tiny_model):
     mixed = pl.concat([dataset(8), dataset(8, prompt_words=400).with_columns(pl.col("prompt_id") + "-long")])
     result = train_dpo(tiny_model, mixed, DPOConfig(num_epochs=1, **FAST), tmp_path)
