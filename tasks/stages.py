@@ -12,6 +12,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.futures import wait
 from prefect.settings import get_current_settings
 
 from metareward.artifacts.stats import combine
@@ -141,8 +142,10 @@ class IterationStages:
     def run(self, name: str, wait_for: list | None = None,
             **upstream: list[JobResult] | None) -> list[JobResult] | None:
         """Run stage `name` on the given upstream results (None for a stage that did not run): one task, or one per
-        shard (in this process, or as flow runs of orchestration.shard_deployment); returns its results in shard
-        order. Returns None, and logs why, when the registry says the stage does not run in this iteration."""
+        shard (in this process one after another; with a Ray address all at once, each task run handing its job to
+        a free engine replica; or as flow runs of orchestration.shard_deployment); returns its results in shard
+        order. A training stage first releases the engine replicas' GPUs. Returns None, and logs why, when the
+        registry says the stage does not run in this iteration."""
         entry = stage(name)
         reason = why_not_run(self.config, name, self.iteration)
         if reason:
@@ -167,6 +170,7 @@ class IterationStages:
                 futures = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index)).submit(
                     self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
                     for index, inputs in enumerate(per_shard)]
+                wait(futures)  # every shard ends (or fails) before the first failure is raised: none left running
                 results = [future.result() for future in futures]
             else:
                 results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(

@@ -49,12 +49,13 @@ def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> It
     # Not a task: Prefect links a task's returned strings to it by identity, and the model's URI is in `config`.
     check_model(model_path, config.model.chat_template)
     model = ModelRef(model_path, model_id_of(model_path))
+    stages = IterationStages(config, iteration, model)  # checks the evaluator before any run is opened
     runs = start_tracking(config, iteration, model.model_id, model.uri)
     logger = get_run_logger()
     if runs:
         logger.info("MLflow: %s is logged to %s (campaign run: %s)", iteration_title(iteration),
                     runs["iteration_link"], runs["campaign_link"])
-    stages = IterationStages(config, iteration, model, runs["iteration_link"] if runs else None)
+        stages.mlflow_link = runs["iteration_link"]
     try:
         yield stages
     except Exception as error:

@@ -13,16 +13,20 @@ class DeviceError(RuntimeError):
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as the ids to put in a child's CUDA_VISIBLE_DEVICES: the entries of the
     CUDA_VISIBLE_DEVICES it inherited (indices or GPU UUIDs, as Slurm, Ray or a shared host set them), else one
-    index per device torch sees; [] without CUDA."""
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if inherited is not None:
-        return [device.strip() for device in inherited.split(",") if device.strip() and device.strip() != "-1"]
+    index per device torch sees; [] when CUDA has no device here (a CPU machine, or logical GPUs of a simulated Ray
+    cluster)."""
     try:
         import torch
 
-        return [str(index) for index in range(torch.cuda.device_count())]
+        count = torch.cuda.device_count()
     except ImportError:
+        count = 0
+    if not count:
         return []
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        return [device.strip() for device in inherited.split(",") if device.strip() and device.strip() != "-1"]
+    return [str(index) for index in range(count)]
 
 
 def replica_devices(replicas: int | None, tensor_parallel_size: int, visible: list[str]) -> list[list[str]]:

@@ -67,7 +67,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
             raise error(f"{path}: row {first[ROW]}: {column!r} must be text, got {table.schema[column]} "
                         f"{first[column]!r}")
     for column in numbers:
-        bad = table.filter(pl.col(column).is_not_null() & pl.col(column).cast(pl.Float64, strict=False).is_null())
+        bad = table.filter(pl.col(column).cast(pl.Float64, strict=False).is_null())
         if bad.height:
             raise error(f"{path}: row {bad[ROW][0]}: {column!r} must be a number, got {bad[column][0]!r}")
     kept = [*columns, *(name for name in optional if name in table.columns)]
@@ -115,12 +115,23 @@ def _json_rows(path: Path, columns: list[str], optional: list[str], numbers: lis
         for column in numbers:
             if column not in row:
                 raise error(f"{path}: row {number} has no {column!r} field (fields: {sorted(row)}){hint}")
-            if row[column] is not None and (isinstance(row[column], bool) or not isinstance(row[column], int | float)):
+            if _number(row[column]) is None:
                 raise error(f"{path}: row {number}: {column!r} must be a number, got {row[column]!r}")
-        rows.append({ROW: number, **{name: row[name] for name in [*columns, *numbers]},
+        rows.append({ROW: number, **{name: row[name] for name in columns},
+                     **{name: _number(row[name]) for name in numbers},
                      **{name: row.get(name) if isinstance(row.get(name), str) else None for name in optional}})
     return pl.DataFrame(rows, schema={ROW: pl.Int64, **{name: pl.String for name in [*columns, *optional]},
                                       **{name: pl.Float64 for name in numbers}})
+
+
+def _number(value) -> float | None:
+    """A JSON value as a number: a number, or text that reads as one ("1"); None for anything else (null, true)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _rows_label(rows: Sequence[int]) -> str:

@@ -251,10 +251,11 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
 
 
 def runs_on_replicas(config: CampaignConfig, job: Job) -> bool:
-    """Whether the job runs on the engine replicas of a Ray cluster: a Ray address is set and the stage runs a model
-    for inference (training stays where the flow runs)."""
+    """Whether the job runs on the engine replicas of a Ray cluster: a Ray address is set and the stage runs the
+    campaign's engine (training, and the evaluator with its own engine settings, stay where the flow runs)."""
     entry = stage(job.stage)
-    return ray_address(config.orchestration) is not None and entry.uses_model and not entry.writes_model
+    return (ray_address(config.orchestration) is not None and entry.uses_model and not entry.writes_model
+            and entry.model != "evaluator")
 
 
 def run_job_on_replicas(config: CampaignConfig, job: Job,

@@ -37,6 +37,16 @@ class PlacementError(RuntimeError):
     """The cluster cannot be reached or cannot hold the pool in time; the message says what is missing."""
 
 
+class ReplicaLostError(ConnectionError):
+    """A job's replicas kept dying (MAX_REQUEUES times), or the pool was closed under it. A ConnectionError, so that
+    the task's retries treat it like an engine that went away (metareward.pipeline.faults.transient)."""
+
+
+MAX_REQUEUES = 3
+"""How many times one job is run again after its replica died, before ReplicaLostError goes to the task's retries
+(a job that kills every replica it runs on — a host out of memory — must not loop for ever)."""
+
+
 @dataclass(frozen=True)
 class Replica:
     """Where a replica runs: its index in the pool, its node, and the GPUs Ray gave it (Ray's ids and the
@@ -84,12 +94,18 @@ class _ReplicaActor:
     def call(self, function: Callable, *args: Any) -> Any:
         return function(*args)
 
+    def shutdown(self) -> None:
+        # A vLLM server runs in its own session: killing the actor alone would orphan it on its GPUs.
+        from metareward.inference.engines import close_shared_backends
+
+        close_shared_backends()
+
 
 class ReplicaPool:
     """`replicas` Ray actors of `tensor_parallel_size` GPUs (and `cpus` CPUs) each, placed as one gang. `run` is
     thread-safe: each calling thread (a Prefect task run of a shard) waits for a free replica, runs its job there and
-    gives the replica back. Raises PlacementError when the gang is not placed within `placement_timeout_s`, saying
-    what the cluster lacks."""
+    gives the replica back. Raises PlacementError when the gang is not placed within `placement_timeout_s` (and when a
+    replaced replica is not placed again within it), saying what the cluster lacks."""
 
     def __init__(self, replicas: int, tensor_parallel_size: int = 1, cpus: float = 1.0,
                  placement_timeout_s: float = 600.0, name: str = "metareward"):
@@ -97,6 +113,7 @@ class ReplicaPool:
         from ray.util.placement_group import placement_group
 
         self.replicas = replicas
+        self.placement_timeout_s = placement_timeout_s
         self.bundle = {"GPU": tensor_parallel_size, "CPU": cpus} if tensor_parallel_size else {"CPU": cpus}
         self._actor_class = ray.remote(_ReplicaActor)
         # Named for `ray list placement-groups` (names are unique on a cluster, hence the suffix).
@@ -111,6 +128,7 @@ class ReplicaPool:
         self._lock = threading.Lock()
         self._actors: dict[int, Any] = {}
         self._where: dict[int, Replica] = {}
+        self._closed = False
         self.replaced = 0
         """How many replicas died and were replaced."""
         for index in range(replicas):
@@ -136,7 +154,11 @@ class ReplicaPool:
             known = self._where.get(index)
             actor = self._actors[index]
         if known is None:
-            where = ray.get(actor.where.remote())
+            try:
+                where = ray.get(actor.where.remote(), timeout=self.placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise PlacementError(f"replica {index} was not placed again within {self.placement_timeout_s:.0f} "
+                                     f"s: {self._missing()}") from None
             known = Replica(index, where["node_id"], where["node_ip"], tuple(where["gpu_ids"]),
                             where["cuda_visible_devices"])
             with self._lock:
@@ -147,38 +169,54 @@ class ReplicaPool:
             on_requeue: Callable[[str], None] | None = None) -> tuple[Any, Replica]:
         """function(*args) on the next free replica; returns its result and the replica that ran it. When the
         replica dies during the call (its node lost, its process killed, out of memory), the replica is replaced,
-        `on_requeue` is told why, and the call runs again on the next free replica. Errors the function raises
-        itself are raised here unchanged."""
+        `on_requeue` is told why, and the call runs again on the next free replica, at most MAX_REQUEUES times
+        (then ReplicaLostError). An error the function raises itself is raised here as its own type (Ray's
+        wrapper removed; the replica's traceback is in the message)."""
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-        while True:
-            index = self._free.get()
+        for attempt in range(MAX_REQUEUES + 1):
+            index = self._take()
+            died = None
             try:
                 where = self.replica(index)
-                result = ray.get(self._actors[index].call.remote(function, *args))
+                return ray.get(self._actors[index].call.remote(function, *args)), where
             except (ActorDiedError, ActorUnavailableError) as error:
-                lost = self._where.get(index)
+                died = f"{self._where.get(index) or f'replica {index}'} died ({type(error).__name__})"
                 self._replace(index)
-                self._free.put(index)
-                if on_requeue:
-                    on_requeue(f"{lost or f'replica {index}'} died ({type(error).__name__}); its job runs again on "
-                               "the next free replica")
-                continue
-            except BaseException:
-                self._free.put(index)
+            except RayTaskError as error:
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, BaseException):
+                    raise cause from error
                 raise
-            self._free.put(index)
-            return result, where
+            finally:
+                self._free.put(index)
+            if on_requeue and attempt < MAX_REQUEUES:
+                on_requeue(f"{died}; its job runs again on the next free replica (attempt {attempt + 2})")
+        raise ReplicaLostError(f"{died}: the job's replicas died {MAX_REQUEUES + 1} times in a row")
+
+    def _take(self) -> int:
+        """The next free replica's index; ReplicaLostError once the pool is closed (no caller waits for ever)."""
+        while True:
+            if self._closed:
+                raise ReplicaLostError("the engine replicas were released (the iteration ended or its training "
+                                       "began) while this job waited for one")
+            try:
+                return self._free.get(timeout=1.0)
+            except queue.Empty:
+                continue
 
     def _replace(self, index: int) -> None:
         """A new actor in the dead one's bundle (Ray places the bundle again, on another node when its node is gone);
-        the dead actor is never called again."""
+        the dead actor is never called again. Nothing is started once the pool is closed."""
         import ray
 
         with self._lock:
-            ray.kill(self._actors[index], no_restart=True)
+            dead = self._actors.get(index)
             self._where.pop(index, None)
+            if dead is None or self._closed:
+                return
+            ray.kill(dead, no_restart=True)
             self.replaced += 1
         self._start(index)
 
@@ -198,11 +236,17 @@ class ReplicaPool:
         remove_placement_group(self._group)
 
     def close(self) -> None:
-        """Kill every replica (their engines and GPU memory with them) and release the GPUs; idempotent."""
+        """Stop every replica's engine (vLLM servers included), kill the replicas and release the GPUs; idempotent."""
         import ray
 
         with self._lock:
+            self._closed = True
             actors, self._actors = list(self._actors.values()), {}
+        stopping = [actor.shutdown.remote() for actor in actors]
+        try:
+            ray.get(stopping, timeout=120)  # each replica stops its engine (and its servers) itself
+        except Exception:  # a replica already dead has no engine left to stop
+            pass
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if actors:

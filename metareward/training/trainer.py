@@ -299,8 +299,8 @@ def _train_in_process(kind: str, model_path, settings: TrainingConfig, output_di
     else:
         shutil.rmtree(final, ignore_errors=True)
         trained.rename(final)
-    # The Trainer pickles its arguments beside the weights, absolute output folder included: the same weights
-    # trained under another artifact root would get another digest (and every later table other ids).
+    # The Trainer pickles its arguments beside the weights, its scratch folder's path included: the same weights
+    # got another digest on every run (and every later table other ids).
     (final / "training_args.bin").unlink(missing_ok=True)
     model_id = write_model_digest(final)
     history = [dict(entry) for entry in trainer.state.log_history]

@@ -101,6 +101,21 @@ def test_an_openai_server_that_does_not_answer(tmp_path, tiny_model, env):
     fails_fast(["run", str(config)], env, f"no OpenAI-compatible server answers http://127.0.0.1:{port}/v1/models")
 
 
+def test_an_unreachable_ray_cluster(tmp_path, tiny_model, env):
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "root"))
+    address = f"127.0.0.1:{free_port()}"
+    fails_fast(["run", str(config)], {**env, "RAY_ADDRESS": address}, "orchestration.ray_address / RAY_ADDRESS",
+               f"no Ray cluster answers at {address}", seconds=30)
+
+
+def test_more_engine_gpus_than_are_visible(tmp_path, tiny_model, env, vllm_python):
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "root"),
+                          inference={"backend": "vllm", "vllm_python": str(vllm_python), "replicas": 2,
+                                     "tensor_parallel_size": 2})
+    fails_fast(["run", str(config)], env, "inference.replicas 2 × inference.tensor_parallel_size 2",
+               "none is visible")
+
+
 def test_an_unreachable_prefect_api(tmp_path, tiny_model, env):
     config = write_config(tmp_path, tiny_model, str(tmp_path / "root"))
     url = f"http://127.0.0.1:{free_port()}/api"

@@ -78,6 +78,34 @@ def test_a_replica_that_dies_mid_job_is_replaced_and_its_job_runs_again(cluster,
         pool.close()
 
 
+def die_always() -> None:
+    os._exit(1)
+
+
+def refuse(text: str) -> None:
+    raise ValueError(f"bad input: {text}")
+
+
+def test_a_job_that_kills_every_replica_goes_to_the_retries_and_its_own_errors_keep_their_type(cluster):
+    from metareward.pipeline.faults import transient
+    from metareward.placement.replicas import MAX_REQUEUES, ReplicaLostError
+
+    pool = ReplicaPool(replicas=1, tensor_parallel_size=2, placement_timeout_s=60)
+    told = []
+    try:
+        with pytest.raises(ReplicaLostError, match=f"died {MAX_REQUEUES + 1} times in a row") as lost:
+            pool.run(die_always, on_requeue=told.append)
+        assert transient(lost.value) and len(told) == MAX_REQUEUES and pool.replaced == MAX_REQUEUES + 1
+        with pytest.raises(ValueError, match="bad input: x") as refused:
+            pool.run(refuse, "x")
+        assert not transient(refused.value)  # bad input is not retried, on Ray as in-process
+        assert pool.run(where, "still serving")[0]["marker"] == "still serving"
+    finally:
+        pool.close()
+    with pytest.raises(ReplicaLostError, match="released"):
+        pool.run(where, "after close")
+
+
 def test_two_pools_never_share_a_gpu_and_the_second_waits_for_the_first(cluster):
     first = ReplicaPool(replicas=2, tensor_parallel_size=2, placement_timeout_s=60)
     placed = {}
@@ -118,6 +146,35 @@ def test_an_unreachable_ray_address_fails_in_seconds():
     with pytest.raises(PlacementError, match="no Ray cluster answers at 127.0.0.1:"):
         check_ray_address(f"127.0.0.1:{free_port()}")
     assert time.monotonic() - started < 6
+
+
+def serve_in_replica(model_path: str, vllm_python: str, log_dir: str) -> dict:
+    """A job in a replica: the process's shared vLLM engine (started by the first job, kept by the next), one
+    greedy answer, and the engine's server process."""
+    from metareward.config.campaign import InferenceConfig, ModelConfig
+    from metareward.inference.base import GenerationRequest
+    from metareward.inference.engines import shared_backend
+
+    backend = shared_backend(ModelConfig(path=model_path, dtype="float32"),
+                             InferenceConfig(backend="vllm", vllm_python=vllm_python, max_model_len=2048,
+                                             startup_timeout_s=600, replicas=1), model_path, log_dir=log_dir)
+    request = GenerationRequest(({"role": "user", "content": "Explain recursion."},), max_tokens=4, temperature=0.0)
+    return {"text": backend.generate([request])[0].completions[0].text, "server": backend.servers[0].process.pid,
+            "replica": os.getpid()}
+
+
+def test_a_vllm_server_runs_inside_a_replica_and_stays_for_the_next_job(cluster, tiny_model, vllm_python, tmp_path):
+    pool = ReplicaPool(replicas=1, tensor_parallel_size=1, placement_timeout_s=60)
+    try:
+        first, replica = pool.run(serve_in_replica, str(tiny_model), str(vllm_python), str(tmp_path))
+        second, _ = pool.run(serve_in_replica, str(tiny_model), str(vllm_python), str(tmp_path))
+        assert first["replica"] == second["replica"] and first["server"] == second["server"]  # one engine, kept
+        assert first["text"] == second["text"] and replica.gpu_ids
+    finally:
+        pool.close()
+    from metareward.inference.vllm_backend import _group_alive
+
+    assert not _group_alive(first["server"])  # closing the pool stopped the engine's server, no orphan left
 
 
 def test_a_node_lost_during_judgments_costs_only_its_shard_and_the_tables_match_a_run_without_ray(

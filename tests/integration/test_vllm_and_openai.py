@@ -166,3 +166,31 @@ def test_retries_on_5xx_then_succeeds_and_4xx_fails_at_once():
         assert _FlakyHandler.calls == 4
     finally:
         server.shutdown()
+
+
+def test_an_engine_killed_between_shards_is_replaced_not_reused(tiny_model, vllm_python, tmp_path):
+    """The in-process path: shared_backend keeps one engine for every shard of a model, but an engine whose server was
+    killed between two shards (OOM killer, a crashed engine core) is closed and replaced by the next shard's call."""
+    import os
+    import signal
+
+    from metareward.config.campaign import InferenceConfig, ModelConfig
+    from metareward.inference.engines import close_shared_backends, shared_backend
+
+    model = ModelConfig(path=str(tiny_model), dtype="float32")
+    inference = InferenceConfig(backend="vllm", vllm_python=str(vllm_python), max_model_len=2048,
+                                startup_timeout_s=600)
+    request = [GenerationRequest(USER, n=1, max_tokens=4, temperature=0.0)]
+    try:
+        first = shared_backend(model, inference, str(tiny_model), log_dir=tmp_path)
+        assert shared_backend(model, inference, str(tiny_model), log_dir=tmp_path) is first  # kept between shards
+        answer = first.generate(request)[0].completions[0].text
+        os.killpg(first.servers[0].process.pid, signal.SIGKILL)
+        first.servers[0].process.wait(timeout=30)
+        assert not first.alive()
+        second = shared_backend(model, inference, str(tiny_model), log_dir=tmp_path)
+        assert second is not first and second.alive()
+        assert second.generate(request)[0].completions[0].text == answer
+        assert not _group_alive(first.servers[0].process.pid)  # the dead engine's workers were stopped too
+    finally:
+        close_shared_backends()

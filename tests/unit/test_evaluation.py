@@ -1,5 +1,6 @@
 """Judge agreement with labelled rankings (sec. 3.4), the rankings loader and the AlpacaEval format, by hand."""
 
+import json
 import math
 
 import polars as pl
@@ -61,3 +62,15 @@ def test_bootstrap_below_one_is_rejected_before_any_work(bootstrap):
     with pytest.raises(ValueError, match="bootstrap"):
         # Before the config is read or a model loaded: neither argument is looked at.
         evaluate_judge_agreement(None, "no-such-rankings.jsonl", bootstrap=bootstrap)
+
+
+@pytest.mark.parametrize("rank,accepted", [("1", True), (None, False), (True, False), ("best", False)])
+def test_a_rank_is_a_number_or_text_that_reads_as_one(tmp_path, rank, accepted):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "a", "rank": 2}) + "\n"
+                    + json.dumps({"prompt": "p", "response": "b", "rank": rank}) + "\n")
+    if accepted:
+        assert load_labelled_rankings(path)["rank"].to_list() == [2.0, 1.0]
+    else:
+        with pytest.raises(ValueError, match=r"r.jsonl: row 2: 'rank' must be a number"):
+            load_labelled_rankings(path)

@@ -66,3 +66,17 @@ def test_compose_file_is_valid_and_wires_the_worker_to_every_service():
             if line.startswith("COPY "):
                 for source in line.split()[1:-1]:
                     assert (REPO / source).exists(), f"infra/{dockerfile}: COPY {source} does not exist"
+
+
+def test_the_ray_cluster_gives_each_worker_pod_whole_gpus_and_its_own_credentials():
+    cluster = yaml.safe_load((REPO / "infra" / "kubernetes" / "raycluster.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head places and heals; no replica runs there
+    assert 10001 in [port["containerPort"] for port in head["template"]["spec"]["containers"][0]["ports"]]
+    [gpu] = cluster["spec"]["workerGroupSpecs"]
+    container = gpu["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert container["envFrom"] == [{"secretRef": {"name": "metareward-s3"}}]
+    assert not any("SECRET" in variable["name"] or "KEY" in variable["name"] for variable in container["env"])
+    assert cluster["spec"]["rayVersion"].split(".")[:2] == ["2", "60"]

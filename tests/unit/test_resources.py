@@ -14,6 +14,7 @@ from metareward.placement.resources import (
     OVERHEAD_BYTES,
     architecture,
     campaign_estimates,
+    inference_estimate,
     problems,
     training_estimate,
 )
@@ -55,6 +56,23 @@ def test_components_by_hand():
     lora = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024, lora_rank=8), "lora")
     assert "reference model" not in lora.parts and "gradients" not in lora.parts
     assert lora.parts["LoRA weights, gradients, Adam"] == 32 * 8 * sum(a + b for a, b in arch.linear_shapes) * w * 4
+
+
+def test_tensor_parallel_engines_split_the_weights_and_the_kv_heads():
+    arch = architecture("x", str(LLAMA), "bfloat16")  # 8 KV heads of 128, 32 layers
+    config = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "paper-llama3-8b.yaml")
+
+    def engine(replicas, tensor_parallel_size):
+        inference = config.inference.model_copy(update={"replicas": replicas,
+                                                         "tensor_parallel_size": tensor_parallel_size})
+        return inference_estimate(arch, config.model_copy(update={"inference": inference}))
+
+    one, four = engine(8, 1), engine(2, 4)
+    assert (one.gpus, four.gpus) == (8, 8)
+    assert four.parts["weights"] == one.parts["weights"] / 4 == arch.parameters * 2 / 4
+    assert four.parts["KV cache"] == one.parts["KV cache"] / 4
+    # 16 GPUs for 8 KV heads: each GPU still holds a whole head.
+    assert engine(1, 16).parts["KV cache"] == one.parts["KV cache"] / 8
 
 
 @pytest.mark.parametrize("name,gpus", [("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1)])
