@@ -22,6 +22,13 @@ DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
 vLLM cannot live beside Prefect (their fastapi pins conflict), so it has its own virtual environment."""
 
 
+DIES_WITH_PARENT = "METAREWARD_ENGINE_DIES_WITH_PARENT"
+"""Set by an engine replica's process (placement.replicas): its vLLM servers get SIGTERM when it dies, so that a
+replica killed by the OOM killer leaves no server holding its GPUs for the replica that replaces it. Not set
+elsewhere: Linux sends the signal when the *thread* that started the server ends, and a Prefect task thread may
+end while the engine is meant to stay; a replica runs its jobs on the one thread it lives on."""
+
+
 class VLLMServer:
     """One `vllm.entrypoints.openai.api_server` subprocess on 127.0.0.1: on the CPU, or on `devices` (the GPUs of its
     replicas, as the parent's CUDA_VISIBLE_DEVICES names them) with `data_parallel_size` replicas of
@@ -85,7 +92,8 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{self.port}.log"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, start_new_session=True,
+            preexec_fn=_terminated_with_parent if os.environ.get(DIES_WITH_PARENT) else None,
         )
         self._wait_until_ready(startup_timeout_s)
 
@@ -276,3 +284,9 @@ def _group_alive(group: int) -> bool:
         if int(fields[2]) == group and fields[0] != "Z":
             return True
     return False
+
+
+def _terminated_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

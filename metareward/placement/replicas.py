@@ -79,7 +79,12 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 class _ReplicaActor:
-    """The actor class: where it runs, and a call of any function in its process."""
+    """The actor class: where it runs, and a call of any function in its process, whose engine servers end with it."""
+
+    def __init__(self):
+        from metareward.inference.vllm_backend import DIES_WITH_PARENT
+
+        os.environ[DIES_WITH_PARENT] = "1"
 
     def where(self) -> dict[str, Any]:
         import os

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -15,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from metareward.inference.vllm_backend import _group_alive  # noqa: E402
 from metareward.placement.replicas import PlacementError, ReplicaPool, check_ray_address  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -170,11 +173,45 @@ def test_a_vllm_server_runs_inside_a_replica_and_stays_for_the_next_job(cluster,
         second, _ = pool.run(serve_in_replica, str(tiny_model), str(vllm_python), str(tmp_path))
         assert first["replica"] == second["replica"] and first["server"] == second["server"]  # one engine, kept
         assert first["text"] == second["text"] and replica.gpu_ids
+        # The replica killed as the OOM killer would: its server must not outlive it on the replica's GPUs.
+        os.kill(first["replica"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _group_alive(first["server"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(first["server"]), "the dead replica's vLLM server was left running"
+        third, _ = pool.run(serve_in_replica, str(tiny_model), str(vllm_python), str(tmp_path))
+        assert third["replica"] != first["replica"] and third["text"] == first["text"]  # a new replica, a new engine
     finally:
         pool.close()
-    from metareward.inference.vllm_backend import _group_alive
+    assert not _group_alive(third["server"])  # closing the pool stopped the engine's server, no orphan left
 
-    assert not _group_alive(first["server"])  # closing the pool stopped the engine's server, no orphan left
+
+def test_two_campaigns_on_one_cluster_take_turns_for_its_gpus_and_both_complete(cluster, tmp_path, tiny_model):
+    """Each campaign asks for every GPU of the cluster (2 replicas × 2): while one holds them the other's model stage
+    waits for placement, then runs; both finish, each job on a whole 2-GPU replica."""
+    from tests.integration.campaigns import cli_environment, start_cli, write_config
+
+    ray_cluster, _ = cluster
+    runs = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(folder, tiny_model, str(folder / "root"), name=name,
+                              inference={"backend": "transformers", "verdict_mode": "forced", "max_model_len": 2048,
+                                         "batch_size": 8, "replicas": 2, "tensor_parallel_size": 2})
+        env = cli_environment(folder / "prefect", RAY_ADDRESS=ray_cluster.address)
+        runs.append((start_cli(["run", str(config)], env, folder / "run.log"), folder / "run.log"))
+    for process, log in runs:
+        assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+    spans = []
+    for _, log in runs:
+        lines = re.findall(r"^(\d\d:\d\d:\d\d\.\d+) .*ran on replica \d on node \S+ \(\w+\), GPUs ([\w,]+)",
+                           log.read_text(), flags=re.M)
+        assert len(lines) == 9 and all(len(gpus.split(",")) == 2 for _, gpus in lines)  # 3 model stages × 3 shards
+        spans.append((min(time for time, _ in lines), max(time for time, _ in lines)))
+    # Each held every GPU from its first job to its training: their jobs never ran at the same time.
+    (first_start, first_end), (second_start, second_end) = sorted(spans)
+    assert first_end < second_start, spans
 
 
 def test_a_node_lost_during_judgments_costs_only_its_shard_and_the_tables_match_a_run_without_ray(
