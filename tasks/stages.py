@@ -127,16 +127,14 @@ class IterationStages:
     (stages.why_not_run), each on the model of its role (model_roles.IterationModels) — and remembers what each
     finished with."""
 
-    def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef, mlflow_link: str | None = None):
+    def __init__(self, config: CampaignConfig, iteration: int, model: ModelRef):
         self.config = config
         self.iteration = iteration
         self.models = IterationModels(config, iteration, model)
-        self.mlflow_link = mlflow_link
-        """Where the iteration's MLflow run is seen (None with tracking off)."""
+        self.mlflow_link: str | None = None
+        """Where the iteration's MLflow run is seen (None with tracking off), once its run is open."""
         self.finished: dict[str, dict] = {}
         """Combined statistics of each stage this flow run finished, in the order they ran."""
-        self.not_run: dict[str, str] = {}
-        """Why each stage of the iteration's phase that did not run was left out."""
         self._storage = result_storage(config)
 
     def run(self, name: str, wait_for: list | None = None,
@@ -149,7 +147,6 @@ class IterationStages:
         entry = stage(name)
         reason = why_not_run(self.config, name, self.iteration)
         if reason:
-            self.not_run[name] = reason
             get_run_logger().info("%s not run: %s", name, reason)
             return None
         model = self.models.of(entry.model)
