@@ -98,11 +98,11 @@ def check_engine(inference: InferenceConfig, field: str = "inference", on_ray: b
         if not python.exists():
             raise ConfigError(f"{field}.backend vllm: vLLM's Python {python} does not exist "
                               f"(bash infra/setup.sh --vllm, or set {field}.vllm_python)")
-        try:
-            if not on_ray:
+        if not on_ray:
+            try:
                 replica_devices(inference.replicas, inference.tensor_parallel_size, visible_gpus())
-        except DeviceError as error:
-            raise ConfigError(str(error).replace("inference.", f"{field}.")) from None
+            except DeviceError as error:
+                raise ConfigError(str(error).replace("inference.", f"{field}.")) from None
         return
     if inference.backend == "transformers" or inference.base_url is None:
         return

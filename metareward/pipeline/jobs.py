@@ -262,9 +262,8 @@ def run_job_on_replicas(config: CampaignConfig, job: Job,
                         on_requeue: Callable[[str], None] | None = None) -> tuple[JobResult, Replica | None]:
     """run_job on the next free engine replica of the Ray cluster (placement.replicas.shared_pool), where the
     replica's engine stays loaded from one job to the next; returns the result and the replica that computed it
-    (None for a finished job, read from the store here). A
-    replica that dies mid-job is replaced and the job runs again on another (on_requeue says so). Keys, markers and
-    tables are those run_job writes in this process."""
+    (None for a finished job, read from the store here). A replica that dies mid-job is replaced and the job runs
+    again on another (on_requeue says so). Keys, markers and tables are those run_job writes in this process."""
     if stored(open_store(config.artifact_root), job)[0] is not None:
         return run_job(config, job), None  # finished: read here, no replica (and no GPU) needed
     inference = config.inference
