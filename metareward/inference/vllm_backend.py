@@ -29,6 +29,10 @@ elsewhere: Linux sends the signal when the *thread* that started the server ends
 end while the engine is meant to stay; a replica runs its jobs on the one thread it lives on."""
 
 
+_KILL_WAIT_S = 60.0
+"""How long stop() waits for SIGKILLed processes to end (the kernel frees their memory first)."""
+
+
 class VLLMServer:
     """One `vllm.entrypoints.openai.api_server` subprocess on 127.0.0.1: on the CPU, or on `devices` (the GPUs of its
     replicas, as the parent's CUDA_VISIBLE_DEVICES names them) with `data_parallel_size` replicas of
@@ -130,18 +134,27 @@ class VLLMServer:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """End the server and every process it started (vLLM's engine core and workers live in its process
-        group and outlive a server that died on its own); idempotent."""
+        group and outlive a server that died on its own): SIGTERM, SIGKILL after `grace_s`, then wait up to
+        a minute for the killed processes to be gone; idempotent."""
         group = self.process.pid
         if _group_alive(group):
             os.killpg(group, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while _group_alive(group) and time.monotonic() < deadline:
-                self.process.poll()
-                time.sleep(0.2)
-            if _group_alive(group):
+            if not self._group_ended(grace_s):
                 os.killpg(group, signal.SIGKILL)
+                self._group_ended(_KILL_WAIT_S)
         self.process.wait()
         self._close_log()
+
+    def _group_ended(self, within_s: float) -> bool:
+        """Whether the server's process group has ended within `within_s` seconds (a killed process is still
+        alive while the kernel frees its memory, which takes seconds for GBs)."""
+        deadline = time.monotonic() + within_s
+        while _group_alive(self.process.pid):
+            if time.monotonic() >= deadline:
+                return False
+            self.process.poll()
+            time.sleep(0.2)
+        return True
 
     def _close_log(self) -> None:
         if not self._log.closed:

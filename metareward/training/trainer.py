@@ -192,9 +192,9 @@ def sft_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_d
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """What TRL prints on its own, silenced while it trains: the progress bar of its reference log-probs (it reads
-    TQDM_DISABLE, not the trainer's disable_tqdm) and the FutureWarning of its own read of the model's deprecated
-    `is_gradient_checkpointing` (trl/models/utils.py) — nothing of ours to change in either."""
+    """What TRL and PEFT print on their own, silenced while they run: the progress bar of TRL's reference log-probs
+    (it reads TQDM_DISABLE, not the trainer's disable_tqdm) and the FutureWarning of their own reads of the model's
+    deprecated `is_gradient_checkpointing` (trl/models/utils.py, peft/peft_model.py) — nothing of ours to change."""
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
@@ -365,7 +365,8 @@ def _save_merged(adapter: Path, base_path, target: Path, tokenizer, torch_dtype)
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
-    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    with _quiet():
+        model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

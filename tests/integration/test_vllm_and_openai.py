@@ -101,18 +101,23 @@ def test_openai_backend_against_the_same_server(vllm, tiny_model):
         OpenAIBackend(vllm.base_urls, "no-such-model", max_retries=0).generate(requests)
 
 
-def test_engine_that_dies_mid_stage_is_a_clear_error(vllm):
-    # Runs last in this module: it kills the shared server.
+def test_engine_that_dies_mid_stage_is_a_clear_error(vllm, monkeypatch):
+    # Runs last in this module: it kills the shared server, as soon as its first answer is in (mid-stage).
+    server = vllm.servers[0]
+    answer_then_die = vllm._post
+
+    def post(*args):
+        answer = answer_then_die(*args)
+        server.process.kill()
+        return answer
+
+    monkeypatch.setattr(vllm, "_post", post)
     prompts = load_prompts(PROMPT_FILE).table.head(40)
     requests = [GenerationRequest(({"role": "user", "content": p},), n=4, max_tokens=200) for p in prompts["prompt"]]
-    killer = threading.Timer(1.0, vllm.servers[0].process.kill)
-    killer.start()
     vllm.max_retries, vllm.backoff_s = 1, 0.1
     with pytest.raises(BackendUnavailableError, match="died"):
         vllm.generate(requests)
-    killer.join()
     # The server's engine core and workers outlive it; stopping must end them too (GBs of memory each).
-    server = vllm.servers[0]
     server.stop(grace_s=10)
     assert not _group_alive(server.process.pid)
 
