@@ -84,7 +84,7 @@ def _all_epochs_saved(model: str, data, settings, folder: Path, dtype: str) -> N
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from metareward.training.trainer import dpo_arguments
+    from metareward.training.process import dpo_arguments
 
     torch_dtype = getattr(torch, dtype)
     data.select("prompt", "chosen", "rejected").write_parquet(folder / "pairs.parquet")

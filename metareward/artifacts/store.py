@@ -7,6 +7,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -173,6 +174,11 @@ class ArtifactStore:
         if self.exists(key):
             self.fs.rm(self.uri(key))
 
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under prefix and, in a local root, its folders (nothing when there is none)."""
+        if self.list(prefix) or self.exists(prefix):
+            self.fs.rm(self.uri(prefix), recursive=True)
+
     def mismatch(self, table: TableRef) -> str | None:
         """Why the stored object is not the table `table` records — missing, another size, other bytes (local:
         its digest, read from disk; S3: its ETag, from one HEAD request) — or None when it is."""
@@ -218,23 +224,45 @@ class ArtifactStore:
         keys = [self.key_of(path if self.protocol == "file" else "s3://" + path) for path in found]
         return sorted(key for key in keys if not key.endswith(".tmp"))
 
+    def put_file(self, local_file: str | Path, key: str) -> None:
+        """Upload one local file under key atomically and streamed, never whole in memory (a local copy is
+        renamed into place; s3fs uploads a large file in parts that S3 shows only once all are in)."""
+        target = self.uri(key)
+        if self.protocol == "file":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+            shutil.copyfile(local_file, temporary)
+            os.replace(temporary, target)
+        else:
+            self.fs.put_file(str(local_file), target)
+
+    def get_file(self, key: str, local_file: str | Path) -> Path:
+        """Download the object at key into local_file, streamed, replacing it only once complete."""
+        local_file = Path(local_file)
+        local_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = local_file.with_name(f"{local_file.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.fs.get_file(self.uri(key), str(temporary))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"artifact {self.uri(key)} does not exist") from None
+        os.replace(temporary, local_file)
+        return local_file
+
     def put_folder(self, local_folder: str | Path, key: str, last: str | None = None) -> str:
-        """Upload a local folder under key, file by file, each atomically; the file named `last` (e.g. the
-        digest that marks a checkpoint complete) is uploaded after all others. Returns the folder's URI."""
+        """Upload a local folder under key, file by file (put_file); the file named `last` (e.g. the digest that
+        marks a checkpoint complete) is uploaded after all others. Returns the folder's URI."""
         local_folder = Path(local_folder)
         files = sorted(p for p in local_folder.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == last)
         for file in files:
-            self.write_bytes(f"{key}/{file.relative_to(local_folder).as_posix()}", file.read_bytes())
+            self.put_file(file, f"{key}/{file.relative_to(local_folder).as_posix()}")
         return self.uri(key)
 
     def get_folder(self, key: str, local_folder: str | Path) -> Path:
-        """Download every file under key into a local folder; returns the folder."""
+        """Download every file under key into a local folder (get_file); returns the folder."""
         local_folder = Path(local_folder)
         for file_key in self.list(key):
-            target = local_folder / file_key[len(key):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read_bytes(file_key))
+            self.get_file(file_key, local_folder / file_key[len(key):].lstrip("/"))
         return local_folder
 
 

@@ -199,8 +199,14 @@ class OrchestrationConfig(Strict):
     )
     placement_timeout_s: float = Field(
         default=600.0, gt=0,
-        description="Ray: seconds to wait for the cluster to place every engine replica before the stage fails, "
-        "saying which GPUs are missing.",
+        description="Ray: seconds to wait for the cluster to place every engine replica, or every worker of a "
+        "training gang, before the stage fails saying which GPUs are missing.",
+    )
+    training_max_failures: int = Field(
+        default=3, ge=0,
+        description="Ray: how many times a training gang that lost a worker (node removed, process killed, spot "
+        "reclaim) restarts from its last checkpoint before the training job fails (Ray Train's "
+        "FailureConfig.max_failures).",
     )
     retries: int = Field(
         default=3, ge=0, description="Retries of a stage job that failed for a reason that can heal (network, "

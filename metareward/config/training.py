@@ -3,7 +3,7 @@ schedule, epochs and the kept one, batch sizes, processes, LoRA — and what eac
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,10 +33,26 @@ class TrainingConfig(Strict):
         default=32, ge=1, description="Examples per optimizer step over all processes (paper A.3: 32)."
     )
     per_device_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass on one device.")
-    num_processes: int = Field(default=1, ge=1, description="Training processes (GPUs); >1 uses accelerate.")
+    num_processes: int = Field(
+        default=1, ge=1,
+        description="Training processes, one GPU each: with a Ray cluster (orchestration.ray_address) a Ray Train "
+        "gang across its nodes; without one, >1 runs them on this machine under `accelerate launch`.",
+    )
     accelerate_config: str = Field(
         default="deployments/accelerate/fsdp.yaml",
-        description="`accelerate launch` config when num_processes > 1 (FSDP; deepspeed-zero3.yaml; ddp.yaml).",
+        description="How num_processes > 1 share the model — FSDP (fsdp.yaml), DeepSpeed ZeRO-3 (deepspeed-zero3.yaml) "
+        "or DDP (ddp.yaml) — for `accelerate launch` and for a Ray Train gang alike.",
+    )
+    save_steps: int | None = Field(
+        default=100, ge=1,
+        description="Optimizer steps between checkpoints (weights, optimizer, scheduler, RNG and data position) kept "
+        "in the artifact store under the training job's key until its model is written: a killed or retried training "
+        "resumes from the last one. None: no checkpoints, a failure trains again from the start.",
+    )
+    activation_checkpointing: bool = Field(
+        default=True,
+        description="Recompute activations in the backward pass instead of keeping them (TRL's default): far less "
+        "memory for about a third more compute; the trained weights are the same either way.",
     )
     max_length: int | None = Field(
         default=2048, ge=16,
@@ -46,6 +62,14 @@ class TrainingConfig(Strict):
     lora_rank: int | None = Field(
         default=None, ge=1, description="LoRA rank r; None trains all weights (the paper's full fine-tuning)."
     )
+
+    UNHASHED: ClassVar[frozenset[str]] = frozenset({"save_steps", "activation_checkpointing"})
+    """Fields that change how a training runs (memory, what it can resume from), never the weights it trains: left out
+    of the training stage's cache key."""
+
+    def cache_key_form(self) -> dict:
+        """The settings as a training stage's cache key hashes them: all but UNHASHED."""
+        return self.model_dump(mode="json", exclude=set(self.UNHASHED))
 
     @property
     def gradient_accumulation_steps(self) -> int:

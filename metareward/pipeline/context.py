@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from metareward.artifacts.store import ArtifactStore, TableRef
-from metareward.config.campaign import InferenceConfig
+from metareward.config.campaign import InferenceConfig, OrchestrationConfig
 from metareward.training.models import resolve_model
 
 
@@ -36,6 +36,8 @@ class StageContext:
     model_key: str
     store: ArtifactStore
     inference: InferenceConfig
+    orchestration: OrchestrationConfig
+    checkpoints_key: str
     _local_model: str | None = field(default=None, repr=False)
 
     @property

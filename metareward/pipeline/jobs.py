@@ -12,13 +12,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -27,11 +24,13 @@ from metareward.artifacts.stats import StageStats
 from metareward.artifacts.store import ArtifactStore, CorruptArtifactError, TableRef, open_store
 from metareward.artifacts.tables import validate_table
 from metareward.config.campaign import CampaignConfig
+from metareward.host.faults import inject_job_fault
 from metareward.inference import progress
 from metareward.pipeline.context import ModelRef, StageContext
 from metareward.pipeline.fingerprints import installed_index
 from metareward.pipeline.stages import stage
 from metareward.placement.replicas import Replica, ray_address, shared_pool
+from metareward.training.checkpoints import CheckpointStore
 from metareward.training.models import MODEL_DIGEST_FILE
 
 
@@ -68,6 +67,11 @@ class Job:
     def model_key(self) -> str:
         """Where a checkpoint job puts its model folder (model_id.txt, written last, marks it complete)."""
         return self.key + "/model"
+
+    @property
+    def checkpoints_key(self) -> str:
+        """Where a training job keeps its checkpoints until its model and marker are written."""
+        return self.key + "/checkpoints"
 
     @property
     def run_name(self) -> str:
@@ -116,12 +120,15 @@ def shard_inputs(inputs: Mapping[str, Sequence[JobResult]], index: int) -> dict[
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:
-    """A digest of a stage's settings in canonical JSON (pydantic models as their JSON form, a ContentFile
-    as the digest of its bytes)."""
+    """A digest of a stage's settings in canonical JSON (pydantic models as their JSON form — a training section
+    without the fields that cannot change its weights, TrainingConfig.UNHASHED — a ContentFile as the digest of
+    its bytes)."""
     return _digest(json.dumps(settings, sort_keys=True, default=_canonical))
 
 
 def _canonical(value: Any) -> Any:
+    if hasattr(value, "cache_key_form"):
+        return value.cache_key_form()
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and hasattr(value, "digest"):
@@ -198,20 +205,6 @@ def remove_job_listener(listener: JobListener) -> None:
     _listeners.remove(listener)
 
 
-FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
-"""Test-only: "STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process fail,
-to exercise retries; "STAGE:SHARD:while=PATH" makes every attempt fail while the file PATH exists, to exercise
-a job that fails past its retries and a retry of the whole run; "STAGE:SHARD:hold=PATH" holds the job's first
-attempt (anywhere: the file PATH.started records that it began, and on which Ray node) until the file PATH
-exists, so that a test can remove the node or kill the process under a job known to be running. Never set in
-production."""
-_faults_raised: set[str] = set()
-
-
-class InjectedFault(RuntimeError):
-    """The failure METAREWARD_INJECT_FAULT asked for."""
-
-
 class SettingsChangedError(RuntimeError):
     """The config a job runs with is not the one its key was computed from."""
 
@@ -224,7 +217,7 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
     store = store or open_store(config.artifact_root)
     result, distrust = stored(store, job)
     if result is None:
-        _inject_fault(job)
+        inject_job_fault(job.stage, job.shard, job.run_name)
         entry = stage(job.stage)
         settings = entry.settings(config, job.iteration)
         if settings_digest(settings) != job.settings_digest:
@@ -234,7 +227,7 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         # Where the stage's model runs: the evaluator has an engine of its own.
         inference = config.evaluation.evaluator.inference if entry.model == "evaluator" else config.inference
         context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
-                               job.model_key, store, inference)
+                               job.model_key, store, inference, config.orchestration, job.checkpoints_key)
         try:
             with progress.labelled(f"iter-{job.iteration} {job.stage}"):
                 table, stats = entry.runner(context, **settings)
@@ -245,6 +238,8 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         stats.counts["compute_seconds"] = time.perf_counter() - started
         result = complete(store, job, validate_table(table, entry.schema, job.stage), stats)
         result.recomputed = distrust
+        if entry.writes_model:
+            CheckpointStore(store.root, job.checkpoints_key).clear()  # the kept model and the job's marker are in
     for listener in list(_listeners):
         listener(job, result)
     return result
@@ -276,34 +271,6 @@ def _one_replica(config: CampaignConfig) -> CampaignConfig:
     # Inside a replica the engine is one replica on the GPUs Ray gave it (its CUDA_VISIBLE_DEVICES).
     inference = config.inference.model_copy(update={"replicas": 1})
     return config.model_copy(update={"inference": inference})
-
-
-def _inject_fault(job: Job) -> None:
-    setting = os.environ.get(FAULT_ENVIRONMENT, "")
-    target, _, hold = setting.partition(":hold=")
-    if hold and target == f"{job.stage}:{job.shard}":
-        _hold(Path(hold))
-        return
-    target, _, condition = setting.partition(":while=")
-    if target != f"{job.stage}:{job.shard}":
-        return
-    if condition and os.path.exists(condition):
-        raise InjectedFault(f"{FAULT_ENVIRONMENT}: {job.run_name} fails on purpose while {condition} exists")
-    if not condition and target not in _faults_raised:
-        _faults_raised.add(target)
-        raise InjectedFault(f"{FAULT_ENVIRONMENT}: the first attempt of {job.run_name} fails on purpose")
-
-
-def _hold(release: Path, timeout_s: float = 600.0) -> None:
-    started = release.with_name(release.name + ".started")
-    if started.exists():  # only the first attempt is held
-        return
-    ray = sys.modules.get("ray")
-    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
-    started.write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
-    deadline = time.monotonic() + timeout_s
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None]:

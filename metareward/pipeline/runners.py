@@ -10,7 +10,6 @@ names its engine (`shared_backend`) rather than receiving one.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -37,16 +36,12 @@ from metareward.pipeline.input_files import (
     load_reference_outputs,
     load_sft_examples,
 )
+from metareward.placement.gang import GangTraining, train_on_cluster
+from metareward.placement.replicas import ray_address
+from metareward.training.checkpoints import CheckpointStore
+from metareward.training.logs import TRAINING_LOG, training_log_table
 from metareward.training.models import MODEL_DIGEST_FILE
-from metareward.training.trainer import (
-    TRAINING_LOG,
-    EmptyPreferenceSetError,
-    EmptyTrainingSetError,
-    TrainingResult,
-    train_dpo,
-    train_sft,
-    training_log_table,
-)
+from metareward.training.trainer import EmptyPreferenceSetError, EmptyTrainingSetError, train_dpo, train_sft
 
 Result = tuple[pl.DataFrame, StageStats]
 
@@ -125,10 +120,8 @@ def sft_data(context: StageContext, *, sft_file: ContentFile) -> Result:
 def sft(context: StageContext, *, training: TrainingConfig, dtype: str, chat_template: str | None,
         seed: int) -> Result:
     """SFT of the base model into M_1; the model folder is uploaded beside the table, model_id.txt last."""
-    examples = context.table("sft_data")
     try:
-        return _trained(context, "sft", lambda folder: train_sft(context.local_model(), examples, training, folder,
-                                                                 seed, dtype, chat_template))
+        return _trained(context, "sft", context.table("sft_data"), training, dtype, chat_template, seed)
     except EmptyTrainingSetError as error:
         raise EmptyTrainingSetError(f"seed SFT: {error}; raise sft.max_length or shorten the examples") from None
 
@@ -137,10 +130,8 @@ def checkpoint(context: StageContext, *, dpo: DPOConfig, dtype: str, chat_templa
                on_empty_preferences: str) -> Result:
     """DPO of M_t into M_{t+1}; the model folder is uploaded beside the table, model_id.txt last. With no
     trainable pair: stop (EmptyPreferenceSetError), or keep M_t as M_{t+1} (`on_empty_preferences`)."""
-    dataset = context.table("dpo_dataset")
     try:
-        return _trained(context, "dpo", lambda folder: train_dpo(context.local_model(), dataset, dpo, folder, seed,
-                                                                 dtype, chat_template))
+        return _trained(context, "dpo", context.table("dpo_dataset"), dpo, dtype, chat_template, seed)
     except EmptyPreferenceSetError as error:
         if on_empty_preferences == "stop":
             raise EmptyPreferenceSetError(
@@ -152,16 +143,29 @@ def checkpoint(context: StageContext, *, dpo: DPOConfig, dtype: str, chat_templa
         return pl.DataFrame(schema=TRAINING_LOG), stats
 
 
-def _trained(context: StageContext, kind: str, train: Callable[[str], TrainingResult]) -> Result:
-    """Run `train` into a scratch folder with no inference engine holding the accelerator (vLLM does not free
-    memory in-process), upload the model beside the job's table (model_id.txt last): TRL's log and the stats."""
+def _trained(context: StageContext, kind: str, examples: pl.DataFrame, settings: TrainingConfig, dtype: str,
+             chat_template: str | None, seed: int) -> Result:
+    """Train M_t on `examples` with no inference engine holding the accelerator (vLLM does not free memory
+    in-process) — as a Ray Train gang when a Ray cluster is set, else here — keeping checkpoints under the job's
+    key to resume from; the model ends up beside the job's table (model_id.txt last). TRL's log and the stats."""
     close_shared_backends()
-    with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
-        result = train(scratch)
-        model_uri = context.store.put_folder(result.checkpoint, context.model_key, last=MODEL_DIGEST_FILE)
+    checkpoints = CheckpointStore(context.store.root, context.checkpoints_key)
+    address = ray_address(context.orchestration)
+    if address:
+        orchestration = context.orchestration
+        gang = GangTraining(kind, context.model.uri, examples, settings, seed, dtype, chat_template, checkpoints,
+                            context.model_key)
+        result, model_uri = train_on_cluster(address, gang, orchestration.placement_timeout_s,
+                                             orchestration.training_max_failures)
+    else:
+        train = train_dpo if kind == "dpo" else train_sft
+        with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
+            result = train(context.local_model(), examples, settings, scratch, seed, dtype, chat_template, checkpoints)
+            model_uri = context.store.put_folder(result.checkpoint, context.model_key, last=MODEL_DIGEST_FILE)
     stats = StageStats(context.stage, rows=len(result.log_history), seconds=result.seconds)
     stats.counts.update(result.summary, model_uri=model_uri, model_id=result.model_id,
-                        pairs_trained=result.pairs_trained, pairs_too_long=result.pairs_too_long)
+                        pairs_trained=result.pairs_trained, pairs_too_long=result.pairs_too_long,
+                        resumed_from_step=result.resumed_from_step)
     return training_log_table(result.log_history, kind), stats
 
 

@@ -38,7 +38,7 @@ from metareward.artifacts.tables import (
 )
 from metareward.config.campaign import CampaignConfig, ConfigError, EvaluationConfig, InferenceConfig, SFTConfig
 from metareward.pipeline import runners
-from metareward.training.trainer import SFT_LOG, TRAINING_LOG
+from metareward.training.logs import SFT_LOG, TRAINING_LOG
 
 Settings = Callable[[CampaignConfig, int], dict[str, Any]]
 
@@ -355,12 +355,18 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "orchestration.shard_poll_interval_s": "how often shard flow runs are polled",
     "orchestration.ray_address": "where a job runs, not what it computes",
     "orchestration.placement_timeout_s": "how long engine replicas may wait for GPUs",
+    "orchestration.training_max_failures": "how often a Ray Train gang restarts from its last checkpoint",
     "orchestration.retries": "how often a failed job is tried again",
     "orchestration.retry_backoff_s": "how long before a failed job is tried again",
     "health.max_top_score_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.max_position_a_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.min_parse_rate": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.action": "decides whether the checkpoint stage runs, not what any stage computes",
+    **{f"{section}.{field}": reason for section in ("iterations[].dpo", "sft") for field, reason in {
+        "save_steps": "how often a training keeps a checkpoint to resume from (a resumed training ends with the "
+                      "weights of an uninterrupted one)",
+        "activation_checkpointing": "whether activations are recomputed in the backward pass (memory, not weights)",
+    }.items()},
     "evaluation.evaluator.model.path": "the evaluator is identified by its weights' digest, in the win_rate key",
     "evaluation.reference": "which model answers as the reference (M_t or M_1): its digest is in the "
                             "reference_answers key; a file of outputs is in the win_rate key",

@@ -273,6 +273,14 @@ def ray_address(orchestration) -> str | None:
     return orchestration.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
+def connect(address: str) -> None:
+    """Join the Ray cluster at `address` from this process, once (later calls do nothing)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+
+
 _POOLS: dict[tuple, ReplicaPool] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -289,8 +297,7 @@ def shared_pool(address: str, replicas: int | None, tensor_parallel_size: int, p
     with _POOLS_LOCK:
         if key not in _POOLS:
             _close_pools()
-            if not ray.is_initialized():
-                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            connect(address)
             gpus = int(ray.cluster_resources().get("GPU", 0))
             count = replicas or (max(1, gpus // tensor_parallel_size) if gpus else 1)
             _POOLS[key] = ReplicaPool(count, tensor_parallel_size if gpus else 0,

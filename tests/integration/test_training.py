@@ -14,15 +14,9 @@ from metareward.config.campaign import DPOConfig, SFTConfig
 from metareward.inference.base import GenerationRequest
 from metareward.inference.transformers_backend import TransformersBackend
 from metareward.pipeline.input_files import load_sft_examples
+from metareward.training.logs import SFT_LOG, training_log_table
 from metareward.training.models import compute_model_digest, model_digest
-from metareward.training.trainer import (
-    SFT_LOG,
-    EmptyPreferenceSetError,
-    EmptyTrainingSetError,
-    train_dpo,
-    train_sft,
-    training_log_table,
-)
+from metareward.training.trainer import EmptyPreferenceSetError, EmptyTrainingSetError, train_dpo, train_sft
 from tests.conftest import REPO
 from tests.integration.campaigns import cli_environment, run_cli, write_config
 
@@ -53,11 +47,11 @@ def full_run_epoch_weights(model_path, data: pl.DataFrame, settings: DPOConfig, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from metareward.training.trainer import dpo_arguments
+    from metareward.training.process import dpo_arguments
 
     data.select("prompt", "chosen", "rejected").write_parquet(folder / "pairs.parquet")
     arguments = dataclasses.replace(dpo_arguments(settings, folder / "runs", 0, torch.float32, on_gpu=False),
-                                    save_strategy="epoch", save_only_model=True)
+                                    save_strategy="epoch", save_only_model=True, save_total_limit=None)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=arguments,
                          train_dataset=Dataset.from_parquet(str(folder / "pairs.parquet")),
                          processing_class=AutoTokenizer.from_pretrained(model_path))

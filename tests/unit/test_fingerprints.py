@@ -80,7 +80,7 @@ def test_code_recomputes_exactly_the_stages_that_reach_it(tmp_path, original):
     assert changed(original, edited(tmp_path / "b", "paper/selection.py", "def select_actor_pair(",
                                     "def _unused():\n    pass\n\n\ndef select_actor_pair(")) == set()
     assert changed(original, edited(tmp_path / "c", "paper/elo.py", "RIDGE = ", "RIDGE = 2 * ")) == {"judgment_elo"}
-    assert changed(original, edited(tmp_path / "d", "training/trainer.py", "logging_steps=1,", "logging_steps=2,")) == {
+    assert changed(original, edited(tmp_path / "d", "training/process.py", "logging_steps=1,", "logging_steps=2,")) == {
         "checkpoint", "sft"}
     assert changed(original, edited(tmp_path / "e", "inference/vllm_backend.py", "def _group_alive(",
                                     "def _group_alive(unused, ")) == {

@@ -1,0 +1,122 @@
+"""Training checkpoints kept in the artifact store while a training runs, so that a killed, retried or restarted
+training resumes from the last complete one — on this machine or on any node of a Ray cluster.
+
+Every save_steps optimizer steps the Trainer writes `checkpoint-{step}` locally (weights, optimizer, scheduler,
+trainer state with its log, each rank's RNG state; under FSDP each rank's shard). Each rank uploads the files it
+wrote to `{prefix}/checkpoint-{step}/`; once all have, rank 0 writes `complete.json` there and removes the older
+steps. A step without `complete.json` (its upload was cut short) is never resumed from. The stage removes the
+whole prefix once its job is recorded (pipeline.jobs.run_job).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from metareward.artifacts.store import ArtifactStore, open_store
+
+COMPLETE_FILE = "complete.json"
+"""Written last into a stored checkpoint, by rank 0, once every rank's files are there."""
+
+_PER_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
+_STEP = re.compile(r"checkpoint-(\d+)$")
+
+log = logging.getLogger(__name__)
+
+
+def file_rank(name: str) -> int | None:
+    """The rank that writes, and alone reads back, a per-rank file of a Trainer checkpoint — its RNG state
+    (`rng_state_{rank}.pth`), its shard of a sharded state dict (`__{rank}_0.distcp`) — or None for a file that rank
+    0 writes and every rank reads (weights, optimizer, scheduler, trainer state, a single process's rng_state.pth)."""
+    match = _PER_RANK_FILE.match(name)
+    return None if match is None else int(match.group(1) or match.group(2))
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    """The checkpoints of one training job: under `prefix` (the job's key + "/checkpoints") in the artifact store at
+    `root`. Picklable: a Ray Train worker opens the same store from the environment of the node it runs on."""
+
+    root: str
+    prefix: str
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The artifact store (made once per process)."""
+        return open_store(self.root)
+
+    def uri(self, step: int | None = None) -> str:
+        """Where the checkpoints (or the one of `step`) live."""
+        return self.store.uri(self.prefix if step is None else self._key(step))
+
+    def latest(self) -> int | None:
+        """The step of the latest complete checkpoint, or None when there is none."""
+        steps = [int(match.group(1)) for key in self.store.list(self.prefix)
+                 if key.endswith("/" + COMPLETE_FILE) and (match := _STEP.search(key.rsplit("/", 1)[0]))]
+        return max(steps, default=None)
+
+    def fetch(self, step: int, rank: int, local_folder: str | Path) -> Path:
+        """Download what rank `rank` reads of the checkpoint of `step` — the shared files and its own — into
+        local_folder/checkpoint-{step}; returns that folder."""
+        target = Path(local_folder) / f"checkpoint-{step}"
+        prefix = self._key(step)
+        for key in self.store.list(prefix):
+            name = key.rsplit("/", 1)[1]
+            if name == COMPLETE_FILE or file_rank(name) not in (None, rank):
+                continue
+            self.store.get_file(key, target / key[len(prefix) + 1:])
+        return target
+
+    def upload(self, folder: str | Path, step: int, rank: int) -> None:
+        """Upload the files of a local checkpoint folder that rank `rank` wrote (rank 0: also the shared ones)."""
+        folder = Path(folder)
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            owner = file_rank(file.name)
+            if owner == rank or (owner is None and rank == 0):
+                self.store.put_file(file, f"{self._key(step)}/{file.relative_to(folder).as_posix()}")
+
+    def mark_complete(self, step: int, world_size: int) -> None:
+        """Mark the checkpoint of `step` complete (after every rank's upload), then remove every other step."""
+        self.store.write_json(f"{self._key(step)}/{COMPLETE_FILE}", {"step": step, "world_size": world_size})
+        for older in self._steps() - {step}:
+            self.store.delete_prefix(self._key(older))
+        log.info("checkpoint of step %d kept at %s", step, self.uri(step))
+
+    def clear(self) -> None:
+        """Remove every checkpoint of the job (its kept model is written)."""
+        self.store.delete_prefix(self.prefix)
+
+    def _steps(self) -> set[int]:
+        return {int(match.group(1)) for key in self.store.list(self.prefix)
+                if (match := _STEP.search(key.rsplit("/", 1)[0]))}
+
+    def _key(self, step: int) -> str:
+        return f"{self.prefix}/checkpoint-{step}"
+
+
+def uploading_callback(checkpoints: CheckpointStore):
+    """A TrainerCallback that, after each checkpoint the Trainer saves, has every rank upload its files, then rank 0
+    mark the step complete (barriers around the uploads: a Trainer's ranks reach on_save without waiting for
+    each other)."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            _barrier()
+            checkpoints.upload(folder, state.global_step, args.process_index)
+            _barrier()
+            if args.process_index == 0:
+                checkpoints.mark_complete(state.global_step, args.world_size)
+            return control
+
+    return UploadCheckpoints()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

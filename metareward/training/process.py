@@ -1,0 +1,258 @@
+"""One training process with TRL — alone, as a rank under `accelerate launch`, or as a worker of a Ray Train gang:
+TRL's arguments for our settings, the stop at the kept epoch, checkpoints kept in the artifact store and resumed
+from, the reference log-probs computed across the ranks, and the kept model saved as a plain checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from metareward.config.training import DPOConfig, TrainingConfig
+from metareward.host.faults import hold, training_step_hold
+from metareward.training.checkpoints import CheckpointStore, uploading_callback
+from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
+from metareward.training.models import write_model_digest
+
+PAIRS_FILE = "pairs.parquet"
+"""The rows a training reads, written into its folder (write_training_set)."""
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_path, chat_template: str | None):
+    """The model's tokenizer, with chat_template (model.chat_template) in place of its own and a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dpo_arguments(settings: DPOConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool,
+                  keep_checkpoints: bool = False):
+    """TRL's DPOConfig for our settings: the paper's β and reference log-probs, and the common arguments."""
+    from trl import DPOConfig as TRLDPOConfig
+
+    return TRLDPOConfig(beta=settings.beta, precompute_ref_log_probs=settings.precompute_ref_log_probs,
+                        **_common_arguments(settings, output_dir, seed, torch_dtype, on_gpu, keep_checkpoints))
+
+
+def sft_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool,
+                  keep_checkpoints: bool = False):
+    """TRL's SFTConfig for our settings: loss on the completion (the judgment) only, no packing, and the
+    common arguments."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    return TRLSFTConfig(completion_only_loss=True, packing=False,
+                        **_common_arguments(settings, output_dir, seed, torch_dtype, on_gpu, keep_checkpoints))
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """What TRL and PEFT print on their own, silenced while they run: the progress bar of TRL's reference log-probs
+    (it reads TQDM_DISABLE, not the trainer's disable_tqdm) and the FutureWarning of their own reads of the model's
+    deprecated `is_gradient_checkpointing` (trl/models/utils.py, peft/peft_model.py) — nothing of ours to change."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, torch_dtype, on_gpu: bool,
+                      keep_checkpoints: bool) -> dict:
+    """The paper's learning rate, schedule and global batch over all `num_epochs` (so that epoch e of a run
+    stopped there is epoch e of the full run), logging every step, a checkpoint every save_steps when
+    keep_checkpoints, bf16 on a GPU that has it."""
+    import torch
+
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        # Checkpoints every save_steps when they are kept (in the artifact store, see train_here); the Trainer keeps
+        # only the latest locally. Without them nothing is written before the kept model.
+        save_strategy="steps" if settings.save_steps and keep_checkpoints else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=1,
+        logging_steps=1,
+        report_to=[],
+        bf16=on_gpu and torch_dtype in ("auto", torch.bfloat16) and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        # Under the name transformers 5.24 uses (TRL's own `gradient_checkpointing` is deprecated).
+        activation_checkpointing=settings.activation_checkpointing,
+    )
+
+
+def stop_after_epoch(epoch: int):
+    """A TrainerCallback that ends training once `epoch` epochs are done: the learning-rate schedule is still
+    the one of the full run (its steps are counted from num_train_epochs), so the weights at that point are
+    those the full run would have saved at the end of `epoch` (paper A.3 keeps epoch 6, 4, 2, 2 of 10)."""
+    from transformers import TrainerCallback
+
+    class StopAfterEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch is not None and round(state.epoch) >= epoch:
+                control.should_training_stop = True
+            return control
+
+    return StopAfterEpoch()
+
+
+def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path, seed: int, dtype: str,
+               chat_template: str | None, checkpoints: CheckpointStore | None = None) -> TrainingResult | None:
+    """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank of several (under
+    `accelerate launch` or Ray Train; ranks other than 0 return None). Stops at the kept epoch. With
+    `checkpoints`, every rank resumes from the latest complete checkpoint there (each fetches the shared files
+    and its own) and a checkpoint is kept every settings.save_steps steps."""
+    import torch
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoModelForCausalLM, PrinterCallback
+    from trl import SFTTrainer
+
+    disable_progress_bars()
+    rank = int(os.environ.get("RANK", "0"))
+    tokenizer = load_tokenizer(model_path, chat_template)
+    on_gpu = torch.cuda.is_available()
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
+    peft_config = None
+    if settings.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
+    trainer_type, arguments = (_dpo_trainer(), dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
+    keep = checkpoints is not None and settings.save_steps is not None
+    callbacks = [stop_after_epoch(settings.kept_epoch)] if settings.kept_epoch < settings.num_epochs else []
+    fault = training_step_hold(STAGE_OF[kind])
+    if fault is not None:
+        callbacks.append(_hold_at_step(*fault))
+    resume, resumed_from = None, 0
+    if keep:
+        callbacks.append(uploading_callback(checkpoints))
+        step = checkpoints.latest()
+        if step is not None:
+            resume, resumed_from = str(checkpoints.fetch(step, rank, output_dir / "resume")), step
+            if rank == 0:
+                log.warning("%s resumes from the checkpoint of step %d (%s)", kind.upper(), step, checkpoints.uri(step))
+    with _quiet():
+        trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
+                                                           on_gpu, keep),
+                               train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
+                               callbacks=callbacks or None)
+        # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train(resume_from_checkpoint=resume)
+        # How the kept model does on its own training set (DPO: against the reference log-probs computed before
+        # training): a step's logged loss is the one it starts from, so a one-step DPO logs only ln 2.
+        trainer.eval_dataset = trainer.train_dataset
+        after = trainer.evaluate()
+    trained = output_dir / "trained"
+    trainer.save_model(str(trained))  # every rank: under FSDP the full state dict is gathered to rank 0
+    if not trainer.is_world_process_zero():
+        return None
+    final = output_dir / "model"
+    if settings.lora_rank:
+        _save_merged(trained, model_path, final, tokenizer, torch_dtype)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        trained.rename(final)
+    # The Trainer pickles its arguments beside the weights, its scratch folder's path included: the same weights
+    # got another digest on every run (and every later table other ids).
+    (final / "training_args.bin").unlink(missing_ok=True)
+    model_id = write_model_digest(final)
+    history = [dict(entry) for entry in trainer.state.log_history]
+    summary = {**summarize_log(history, kind), "epochs_trained": float(round(trainer.state.epoch or 0)),
+               "epochs_scheduled": float(settings.num_epochs),
+               **{f"{name.replace('/', '_')}_after": float(after[f"eval_{name}"]) for name in AFTER_TRAINING[kind]
+                  if f"eval_{name}" in after}}
+    return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
+                          seconds=0.0, summary=summary, resumed_from_step=resumed_from)
+
+
+STAGE_OF = {"dpo": "checkpoint", "sft": "sft"}
+"""The stage that runs each kind of training."""
+
+
+def _hold_at_step(step: int, rank: int, release: Path):
+    from transformers import TrainerCallback
+
+    class HoldAtStep(TrainerCallback):  # test-only (host.faults.FAULT_ENVIRONMENT)
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step and args.process_index == rank:
+                hold(release)
+            return control
+
+    return HoldAtStep()
+
+
+def _dpo_trainer():
+    """TRL's DPOTrainer with the reference log-probs precomputed on every rank's share of the pairs and gathered
+    by every rank into its own copy of the dataset. TRL's own precompute has rank 0 write them to a cache file
+    beside the dataset that the other ranks then read: a rank on another node of a Ray cluster has no such file.
+    The values are TRL's (its compute_ref_log_probs, float32); DeepSpeed keeps TRL's precompute, which needs its
+    inference engine."""
+    import torch
+    from datasets import Value
+    from torch.utils.data import DataLoader
+    from trl import DPOTrainer
+
+    class DPOTrainerOnAnyNode(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if self.is_deepspeed_enabled:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                         collate_fn=self.data_collator,
+                                                         num_workers=self.args.dataloader_num_workers))
+            chosen, rejected = [], []
+            for batch in loader:
+                values = self.compute_ref_log_probs(self.ref_model or self.model, batch)
+                batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(values)
+                chosen.append(batch_chosen.float().cpu())
+                rejected.append(batch_rejected.float().cpu())
+            return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist(), feature=Value("float32"))
+                    .add_column("ref_rejected_logps", torch.cat(rejected).tolist(), feature=Value("float32")))
+
+    return DPOTrainerOnAnyNode
+
+
+def _save_merged(adapter: Path, base_path, target: Path, tokenizer, torch_dtype) -> Path:
+    """The base model with the trained LoRA adapter merged in, saved as a plain checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
+    with _quiet():
+        model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    shutil.rmtree(target, ignore_errors=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+

@@ -1,0 +1,111 @@
+"""Training resumes on this machine: checkpoints are kept in the artifact store every save_steps; a training process
+killed mid-epoch (held at a step by METAREWARD_INJECT_FAULT until the test has killed it) resumes from the last
+complete one, says so, and ends with the weights of an uninterrupted run — SFT called directly, DPO inside
+`metareward run`; the checkpoints are gone once the job is recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metareward.config.campaign import DPOConfig, SFTConfig
+from metareward.pipeline.input_files import load_sft_examples
+from metareward.training.checkpoints import COMPLETE_FILE, CheckpointStore
+from metareward.training.trainer import train_dpo, train_sft
+from tests.conftest import REPO
+from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+SFT_EXAMPLES = REPO / "deployments" / "sft" / "eft-example.jsonl"
+
+
+def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 400) -> dict:
+    """The hold's record once the held process wrote it; fails with the process's log if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def stored_steps(checkpoints: CheckpointStore) -> dict[int, bool]:
+    """Each stored checkpoint's step and whether it is complete."""
+    steps: dict[int, bool] = {}
+    for key in checkpoints.store.list(checkpoints.prefix):
+        step = int(key.split("checkpoint-")[1].split("/")[0])
+        steps[step] = steps.get(step, False) or key.endswith(COMPLETE_FILE)
+    return steps
+
+
+def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_with_the_weights_of_an_uninterrupted_run(
+        tmp_path, tiny_model):
+    examples = load_sft_examples(SFT_EXAMPLES).head(8)
+    settings = SFTConfig(path="unused", num_epochs=2, checkpoint_epoch=None, global_batch_size=2,
+                         per_device_batch_size=2, learning_rate=1e-3, max_length=2048, save_steps=2).training()
+    checkpoints = CheckpointStore(str(tmp_path / "store"), "job/checkpoints")
+    examples.write_parquet(tmp_path / "examples.parquet")
+    release, log = tmp_path / "release", tmp_path / "killed.log"
+    script = (
+        "import polars as pl, sys\n"
+        "from metareward.config.training import TrainingConfig\n"
+        "from metareward.training.checkpoints import CheckpointStore\n"
+        "from metareward.training.trainer import train_sft\n"
+        f"train_sft({str(tiny_model)!r}, pl.read_parquet({str(tmp_path / 'examples.parquet')!r}),\n"
+        f"          TrainingConfig.model_validate_json({settings.model_dump_json()!r}), {str(tmp_path / 'killed')!r},\n"
+        f"          dtype='float32', checkpoints=CheckpointStore({checkpoints.root!r}, {checkpoints.prefix!r}))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "METAREWARD_INJECT_FAULT": f"sft:all:step=3:hold={release}"})
+    held = wait_for(release.with_name("release.started"), process, log)
+    assert held["pid"] == process.pid
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert stored_steps(checkpoints) == {2: True}  # step 3 was held before its save; save_steps=2 kept step 2
+
+    resumed = train_sft(tiny_model, examples, settings, tmp_path / "resumed", dtype="float32", checkpoints=checkpoints)
+    uninterrupted = train_sft(tiny_model, examples, settings, tmp_path / "whole", dtype="float32")
+    assert resumed.resumed_from_step == 2 and uninterrupted.resumed_from_step == 0
+    assert resumed.model_id == uninterrupted.model_id  # the same bytes: weights equal tensor by tensor
+    steps = [entry["step"] for entry in resumed.log_history if "loss" in entry]
+    assert steps == list(range(1, 9))  # the curve continues at step 3, with the killed run's steps 1–2 kept
+    assert [e["loss"] for e in resumed.log_history if "loss" in e] == [
+        e["loss"] for e in uninterrupted.log_history if "loss" in e]
+    assert stored_steps(checkpoints) == {8: True}  # the latest only: older steps are removed as newer complete
+
+
+def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, tiny_model):
+    """`metareward run` is SIGKILLed (its whole process group) while DPO holds at step 3; the next run resumes
+    from the checkpoint of step 2, logs so, trains the model an uninterrupted DPO on the same pairs trains, and
+    removes the checkpoints once the job is recorded."""
+    overrides = {"dpo": {"num_epochs": 2, "global_batch_size": 2, "per_device_batch_size": 2, "max_length": 2048,
+                         "learning_rate": 1e-4, "save_steps": 2}}
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "artifacts"), iteration_overrides=overrides)
+    release, log = tmp_path / "release", tmp_path / "killed.log"
+    env = cli_environment(tmp_path / "prefect", METAREWARD_INJECT_FAULT=f"checkpoint:all:step=3:hold={release}")
+    process = start_cli(["run", str(config)], env, log)
+    wait_for(release.with_name("release.started"), process, log)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stored = sorted((tmp_path / "artifacts").rglob(f"checkpoints/checkpoint-*/{COMPLETE_FILE}"))
+    assert [path.parent.name for path in stored] == ["checkpoint-2"]
+
+    rerun = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "DPO resumes from the checkpoint of step 2" in rerun.stdout + rerun.stderr
+    assert not list((tmp_path / "artifacts").rglob("checkpoints/*"))  # removed once the job was recorded
+    marker = json.loads(next((tmp_path / "artifacts").rglob("checkpoint/all-*.json")).read_text())
+    assert marker["stats"]["resumed_from_step"] == 2
+
+    import polars as pl
+
+    pairs = pl.read_parquet(next((tmp_path / "artifacts").rglob("dpo_dataset/all-*.parquet")))
+    whole = train_dpo(tiny_model, pairs, DPOConfig(**overrides["dpo"]), tmp_path / "whole", seed=5, dtype="float32")
+    assert marker["stats"]["model_id"] == whole.model_id
