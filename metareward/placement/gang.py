@@ -139,7 +139,12 @@ def _worker(config: dict) -> dict | None:
     """One rank of the gang: M_t resolved on this node, the training set written to a scratch folder, the training
     (resumed from the latest checkpoint), then rank 0 uploads the kept model. A training set left empty is
     returned, not raised: every rank finds it so, and no restart would change that."""
+    import torch
+
     training: GangTraining = config["training"]
+    if not torch.cuda.is_available():
+        # Ray Train points accelerate at "cuda" in any worker it gave a GPU, a logical one too (a CPU test cluster).
+        os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
     with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
         folder = Path(scratch)
         model_path = resolve_model(training.model)
