@@ -130,6 +130,7 @@ def _config_check(arguments: argparse.Namespace) -> int:
         architecture,
         campaign_estimates,
         problems,
+        smallest_trainings,
         visible_gpu_memory,
     )
 
@@ -151,10 +152,20 @@ def _config_check(arguments: argparse.Namespace) -> int:
         gpus = visible_gpu_memory()
     print(f"checked against: {len(gpus)} GPU(s)" + (f" of {min(m for _, m in gpus) / GB:.0f} GB" if gpus else "")
           + (" (--gpus/--gpu-memory)" if arguments.gpus else " visible here"))
-    for problem in problems(estimates, gpus):
+    found = problems(estimates, gpus)
+    for problem in found:
         print(f"warning: {problem}")
+    memory = min(m for _, m in gpus) if gpus else arguments.gpu_memory * GB
+    largest_dpo = max((it.dpo for it in config.iterations), key=lambda dpo: (dpo.max_length or 0,
+                                                                           dpo.per_device_batch_size))
+    for size in smallest_trainings(arch, largest_dpo, memory, lora_rank=64):
+        print(f"training, {size.what}: " + (
+            f"≥ {size.gpus} GPU(s) of {memory / GB:.0f} GB (≈{size.per_gpu / GB:.1f} GB each"
+            f"{', sharded' if size.gpus > 1 else ''}), "
+            f"{size.nodes(arguments.gpus_per_node)} node(s) of {arguments.gpus_per_node}" if size.gpus else
+            f"does not fit GPUs of {memory / GB:.0f} GB at global_batch_size {largest_dpo.global_batch_size}"))
     print("assumptions: " + "; ".join(ASSUMPTIONS))
-    return 0
+    return 1 if found else 0
 
 
 def _prompts_check(arguments: argparse.Namespace) -> int:
@@ -261,13 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_check = config_commands.add_parser(
         "check", help="estimate the GPU memory a config needs and check it against the GPUs",
         description="Estimate per-GPU memory of DPO (weights, gradients, optimizer states, reference, activations) "
-        "and of the inference engines from the model's architecture, and warn when it exceeds the visible GPUs "
-        "(or the ones given with --gpus/--gpu-memory).")
+        "and of the inference engines from the model's architecture, warn when it exceeds the visible GPUs "
+        "(or the ones given with --gpus/--gpu-memory) and exit 1 then, and say how many GPUs and nodes training "
+        "needs with full fine-tuning and with LoRA.")
     config_check.add_argument("config", help="campaign YAML file")
     config_check.add_argument("--model-config", default=None,
                               help="config.json of the model when model.path is a hub id not in the local cache")
     config_check.add_argument("--gpus", type=int, default=None, help="check against this many GPUs instead")
     config_check.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU with --gpus (default 80)")
+    config_check.add_argument("--gpus-per-node", type=int, default=8,
+                              help="GPUs per node, to say how many nodes a training needs (default 8)")
     config_check.set_defaults(handler=_config_check)
 
     stages = commands.add_parser(

@@ -28,10 +28,11 @@ ASSUMPTIONS = (
     "copy), divided by the number of processes under FSDP or DeepSpeed ZeRO-3, not under DDP",
     "the reference model is a second copy of the weights (TRL reloads it to precompute or to run it), none "
     "with LoRA (the base model with its adapter disabled is the reference)",
-    "activations: every micro-batch of p pairs is 2p sequences of max_length tokens, storing per token and "
-    "layer the norm inputs (and their fp32 upcast), q/k/v, the attention output (memory-efficient attention: "
-    "no score matrix) and the MLP's gate, up, activation and product; logits in the dtype plus fp32 "
-    "log-softmax and its gradient",
+    "activations: every micro-batch of p pairs is 2p sequences of max_length tokens; a layer's activations per "
+    "token are the norm inputs (and their fp32 upcast), q/k/v, the attention output (memory-efficient "
+    "attention: no score matrix) and the MLP's gate, up, activation and product, kept for every layer without "
+    "activation checkpointing, and with it (the default) only each layer's input plus one layer's at a time; "
+    "logits in the dtype plus fp32 log-softmax and its gradient",
     f"{OVERHEAD_BYTES / GB:.0f} GB per GPU for the CUDA context, fragmentation and workspaces",
     f"vLLM engines take {VLLM_MEMORY_SHARE:.0%} of a GPU (gpu_memory_utilization); weights must leave room for "
     "at least one sequence of max_model_len tokens in the KV cache",
@@ -148,9 +149,10 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def training_estimate(arch: Architecture, dpo: DPOConfig, label: str) -> Estimate:
-    """Per-GPU memory of DPO with these settings (see ASSUMPTIONS)."""
-    shards = dpo.num_processes if _shards_model(dpo) else 1
+def training_estimate(arch: Architecture, dpo: DPOConfig, label: str, sharded: bool | None = None) -> Estimate:
+    """Per-GPU memory of DPO with these settings (see ASSUMPTIONS); `sharded` says whether the processes shard the
+    model (None: as dpo.accelerate_config says — FSDP or ZeRO-3)."""
+    shards = dpo.num_processes if (_shards_model(dpo) if sharded is None else sharded) else 1
     w = arch.dtype_bytes
     estimate = Estimate(f"DPO {label}: {'LoRA r=' + str(dpo.lora_rank) if dpo.lora_rank else 'full fine-tuning'}, "
                         f"{dpo.num_processes} process(es)" + (f", sharded over {shards}" if shards > 1 else ""),
@@ -167,11 +169,15 @@ def training_estimate(arch: Architecture, dpo: DPOConfig, label: str) -> Estimat
     tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     per_token_layer = w * (2 * h) + 4 * (2 * h) + w * (h + q + 2 * kv + q) + w * (h + 4 * arch.intermediate)
-    estimate.parts["activations"] = tokens * arch.layers * per_token_layer
+    if dpo.activation_checkpointing:
+        estimate.parts["activations"] = tokens * (arch.layers * w * h + per_token_layer)
+    else:
+        estimate.parts["activations"] = tokens * arch.layers * per_token_layer
     estimate.parts["logits"] = tokens * arch.vocab * (w + 4 + 4)
     estimate.parts["overhead"] = OVERHEAD_BYTES
     estimate.notes.append(f"micro-batch {dpo.per_device_batch_size} pair(s) = {tokens} tokens at max_length "
-                          f"{dpo.max_length}; {dpo.gradient_accumulation_steps} accumulation step(s)")
+                          f"{dpo.max_length}; {dpo.gradient_accumulation_steps} accumulation step(s); activation "
+                          f"checkpointing {'on' if dpo.activation_checkpointing else 'off'}")
     return estimate
 
 
@@ -211,6 +217,40 @@ def _shards_model(dpo: DPOConfig) -> bool:
     if launch.get("distributed_type") == "FSDP":
         return True
     return launch.get("distributed_type") == "DEEPSPEED" and launch.get("deepspeed_config", {}).get("zero_stage") == 3
+
+
+@dataclass(frozen=True)
+class TrainingSize:
+    """The fewest GPUs of one size that a training fits on, sharded (FSDP) over all of them; None when none of the
+    process counts its global batch allows fits."""
+
+    what: str
+    gpus: int | None
+    per_gpu: float
+
+    def nodes(self, gpus_per_node: int) -> int | None:
+        """Nodes of gpus_per_node GPUs those GPUs take."""
+        return None if self.gpus is None else -(-self.gpus // gpus_per_node)
+
+
+def smallest_trainings(arch: Architecture, dpo: DPOConfig, gpu_memory: float, lora_rank: int) -> list[TrainingSize]:
+    """How few GPUs of gpu_memory bytes DPO with these settings needs, sharded over all of them: with full
+    fine-tuning, and with LoRA of dpo.lora_rank (or lora_rank). Process counts are those that divide the global
+    batch into whole micro-batches."""
+    sizes = []
+    rank_of_lora = dpo.lora_rank or lora_rank
+    for what, rank in (("full fine-tuning", None), (f"LoRA r={rank_of_lora}", rank_of_lora)):
+        fitting = None
+        for processes in range(1, dpo.global_batch_size + 1):
+            if dpo.global_batch_size % (dpo.per_device_batch_size * processes):
+                continue
+            settings = dpo.model_copy(update={"num_processes": processes, "lora_rank": rank})
+            estimate = training_estimate(arch, settings, what, sharded=processes > 1)
+            if estimate.total <= gpu_memory:
+                fitting = TrainingSize(what, processes, estimate.total)
+                break
+        sizes.append(fitting or TrainingSize(what, None, 0.0))
+    return sizes
 
 
 def campaign_estimates(config: CampaignConfig, arch: Architecture) -> list[Estimate]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from metareward.config.training import DPOConfig, TrainingConfig
 from metareward.host.faults import hold, training_step_hold
 from metareward.training.checkpoints import CheckpointStore, uploading_callback
+from metareward.training.export import save_gathered
 from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
 from metareward.training.models import write_model_digest
 
@@ -174,7 +175,13 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         trainer.eval_dataset = trainer.train_dataset
         after = trainer.evaluate()
     trained = output_dir / "trained"
-    trainer.save_model(str(trained))  # every rank: under FSDP the full state dict is gathered to rank 0
+    if trainer.is_fsdp_enabled and not settings.lora_rank:
+        # Every rank: one parameter gathered at a time, never the whole model on rank 0 (a LoRA adapter is small).
+        save_gathered(trainer.model, trained, trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(trained)
+    else:
+        trainer.save_model(str(trained))  # every rank
     if not trainer.is_world_process_zero():
         return None
     final = output_dir / "model"

@@ -21,11 +21,27 @@ from metareward.placement.resources import (
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA = REPO / "deployments" / "architectures" / "Meta-Llama-3-8B-Instruct.json"
+LLAMA_70B = REPO / "deployments" / "architectures" / "Meta-Llama-3-70B-Instruct.json"
 
 
-def test_llama_3_8b_has_its_published_parameter_count():
+def test_llama_3_8b_and_70b_have_their_published_parameter_counts():
     arch = architecture("meta-llama/Meta-Llama-3-8B-Instruct", str(LLAMA))
     assert arch.parameters == 8_030_261_248 and arch.dtype_bytes == 2
+    assert architecture("meta-llama/Meta-Llama-3-70B-Instruct", str(LLAMA_70B)).parameters == 70_553_706_496
+
+
+def test_config_check_says_how_many_gpus_and_nodes_a_training_needs(capsys):
+    path = REPO / "deployments" / "configs" / "paper-llama3-70b.yaml"
+    main(["config", "check", str(path), "--model-config", str(LLAMA_70B), "--gpus", "32", "--gpus-per-node", "8"])
+    out = capsys.readouterr().out
+    assert "training, full fine-tuning: ≥ 16 GPU(s) of 80 GB (≈58.3 GB each, sharded), 2 node(s) of 8" in out
+    assert "training, LoRA r=64: ≥ 4 GPU(s) of 80 GB" in out
+    # 16 sharded processes fit and 8 do not: the smallest count is the smallest that fits.
+    config = CampaignConfig.from_yaml(path)
+    arch = architecture("x", str(LLAMA_70B))
+    for processes, fits in ((8, False), (16, True)):
+        dpo = config.iterations[0].dpo.model_copy(update={"num_processes": processes})
+        assert (training_estimate(arch, dpo, "n", sharded=True).total <= 80 * GB) is fits
 
 
 def test_parameters_are_counted_from_the_safetensors_when_the_weights_are_there(tiny_model):
@@ -45,8 +61,12 @@ def test_components_by_hand():
     h, i = 4096, 14336
     per_token_layer = w * 2 * h + 4 * 2 * h + w * (h + 4096 + 2 * 1024 + 4096) + w * (h + 4 * i)
     assert single.parts == {"weights": p * w, "gradients": p * w, "Adam states": 2 * p * w, "reference model": p * w,
-                            "activations": tokens * 32 * per_token_layer, "logits": tokens * 128256 * (w + 8),
-                            "overhead": OVERHEAD_BYTES}
+                            "activations": tokens * (32 * w * h + per_token_layer),
+                            "logits": tokens * 128256 * (w + 8), "overhead": OVERHEAD_BYTES}
+    # Without activation checkpointing every layer keeps all its activations for the backward pass.
+    kept = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024,
+                                             activation_checkpointing=False), "kept")
+    assert kept.parts["activations"] == tokens * 32 * per_token_layer
     fsdp = training_estimate(arch, DPOConfig(per_device_batch_size=1, max_length=1024, num_processes=8,
                                              global_batch_size=32), "fsdp")
     assert fsdp.parts["weights"] == p * w / 8 and fsdp.parts["activations"] == single.parts["activations"]
@@ -75,10 +95,12 @@ def test_tensor_parallel_engines_split_the_weights_and_the_kv_heads():
     assert engine(1, 16).parts["KV cache"] == one.parts["KV cache"] / 8
 
 
-@pytest.mark.parametrize("name,gpus", [("paper-llama3-8b", 8), ("paper-llama3-8b-1gpu", 1)])
-def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(name, gpus, capsys):
+@pytest.mark.parametrize("name,gpus,architecture_file", [("paper-llama3-8b", 8, LLAMA),
+                                                          ("paper-llama3-8b-1gpu", 1, LLAMA),
+                                                          ("paper-llama3-70b", 32, LLAMA_70B)])
+def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(name, gpus, architecture_file, capsys):
     path = REPO / "deployments" / "configs" / f"{name}.yaml"
-    assert main(["config", "check", str(path), "--model-config", str(LLAMA), "--gpus", str(gpus)]) == 0
+    assert main(["config", "check", str(path), "--model-config", str(architecture_file), "--gpus", str(gpus)]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out
     dpo = float(re.search(r"DPO iterations 1, 2, 3, 4.*\n    per GPU ≈ ([\d.]+) GB", out).group(1))
@@ -94,12 +116,16 @@ def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(n
 
 def test_too_few_or_too_small_gpus_are_warned_about(capsys):
     path = REPO / "deployments" / "configs" / "paper-llama3-8b.yaml"
-    assert main(["config", "check", str(path), "--model-config", str(LLAMA), "--gpus", "4"]) == 0
+    assert main(["config", "check", str(path), "--model-config", str(LLAMA), "--gpus", "4"]) == 1
     assert "warning: DPO iterations 1, 2, 3, 4: full fine-tuning, 8 process(es), sharded over 8: needs 8 GPU(s), " \
            "4 visible" in capsys.readouterr().out
     config = CampaignConfig.from_yaml(path)
     estimates = campaign_estimates(config, architecture("x", str(LLAMA)))
-    small = problems(estimates, [("a", 24 * GB)] * 8)
+    # Without activation checkpointing DPO keeps every layer's activations: ≈ 43.6 GB a GPU.
+    unchecked = config.model_copy(update={"iterations": [
+        it.model_copy(update={"dpo": it.dpo.model_copy(update={"activation_checkpointing": False})})
+        for it in config.iterations]})
+    small = problems(campaign_estimates(unchecked, architecture("x", str(LLAMA))), [("a", 24 * GB)] * 8)
     assert any(problem.startswith("DPO") and "over the 24.0 GB available" in problem for problem in small)
     assert not any(problem.startswith("inference") for problem in small)  # 19.1 GB fits 90 % of 24 GB
     tiny = problems(estimates, [("a", 16 * GB)] * 8)
