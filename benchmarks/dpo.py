@@ -10,6 +10,12 @@ allocated; CPU: max RSS).
 
 Run: python benchmarks/dpo.py [--model tiny|smollm2|random-1b|PATH] [--pairs 128] [--words 60]
 Target: the recipe's DPO time per campaign >= 2.5x less than before; precomputing >= 1.3x over 10 epochs.
+
+With --ray, the Ray Train path instead, on Ray's multi-node simulation (a head and two nodes of one CPU and one
+logical GPU each): pairs/s of a gang of 2 workers against a gang of 1 on the same global batch, and the time one
+killed worker costs (the worker is killed once it is past step --kill-at) with checkpoints every --save-steps
+steps against none (the gang then starts over), each as a share of an uninterrupted run.
+Run: python benchmarks/dpo.py --ray --pairs 64 [--model tiny] [--save-steps 4] [--kill-at 6]
 """
 
 from __future__ import annotations
@@ -132,7 +138,13 @@ def main() -> None:
     parser.add_argument("--one", choices=["default", "precomputed", "stopped"], help=argparse.SUPPRESS)
     parser.add_argument("--kept", type=int, default=EPOCHS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--ray", action="store_true", help="benchmark the Ray Train gang instead")
+    parser.add_argument("--save-steps", type=int, default=4)
+    parser.add_argument("--kill-at", type=int, default=6)
     arguments = parser.parse_args()
+    if arguments.ray:
+        _ray_train(arguments)
+        return
     if arguments.one:
         print(json.dumps(_one(arguments.one, arguments.model_path, arguments.pairs, arguments.words, arguments.kept)))
         return
@@ -164,6 +176,79 @@ def main() -> None:
           f"{per_campaign['precomputed'] / per_campaign['stopped']:.2f}x less time (target >= 2.5x); "
           f"vs TRL default: {per_campaign['default'] / per_campaign['stopped']:.2f}x; "
           f"precomputing alone: {per_campaign['default'] / per_campaign['precomputed']:.2f}x")
+
+
+def _gang_run(address: str, model: Path, data, workers: int, save_steps: int | None, kill_at: int | None,
+              scratch: Path) -> float:
+    """Seconds of one gang training (rank 1 killed once past step kill_at, when given)."""
+    import json as json_module
+    import os
+    import signal
+    import threading
+
+    from metareward.config.campaign import DPOConfig
+    from metareward.placement.gang import GangTraining, train_on_cluster
+    from metareward.training.checkpoints import CheckpointStore
+
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    settings = DPOConfig(num_epochs=2, global_batch_size=4, per_device_batch_size=2, max_length=1024,
+                         num_processes=workers, save_steps=save_steps,
+                         accelerate_config=str(REPO / "deployments" / "accelerate" / "ddp.yaml"))
+    training = GangTraining("dpo", str(model), data, settings, 0, "float32", None,
+                            CheckpointStore(str(folder / "store"), "job/checkpoints"), "job/model")
+    release = folder / "release"
+    os.environ.pop("METAREWARD_INJECT_FAULT", None)
+    if kill_at is not None:
+        os.environ["METAREWARD_INJECT_FAULT"] = f"checkpoint:all:step={kill_at}:rank=1:hold={release}"
+    started = time.perf_counter()
+    thread = threading.Thread(target=train_on_cluster, args=(address, training, 300, 2))
+    thread.start()
+    if kill_at is not None:
+        held = release.with_name("release.started")
+        while not held.exists() and thread.is_alive():
+            time.sleep(0.1)
+        os.kill(json_module.loads(held.read_text())["pid"], signal.SIGKILL)
+    thread.join()
+    os.environ.pop("METAREWARD_INJECT_FAULT", None)
+    return time.perf_counter() - started
+
+
+def _ray_train(arguments) -> None:
+    """The Ray Train figures (see the module docstring)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    pairs = arguments.pairs
+    data = _dataset(pairs, arguments.words)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            model = _model(arguments.model, Path(scratch))
+
+            def run(workers: int, save_steps: int | None, kill_at: int | None) -> float:
+                return _gang_run(cluster.address, model, data, workers, save_steps, kill_at, Path(scratch))
+
+            one, two = run(1, None, None), run(2, None, None)
+            kept = run(2, arguments.save_steps, arguments.kill_at)
+            lost = run(2, None, arguments.kill_at)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    steps = 2 * pairs // 4
+    print(f"DPO as a Ray Train gang, model {arguments.model}, {pairs} pairs x 2 epochs ({steps} steps of 4 pairs), "
+          f"CPU workers (gloo)")
+    print(f"{'run':<58} {'s':>7} {'pairs/s':>8}")
+    for label, seconds in (("1 worker", one), ("2 workers on 2 nodes", two),
+                           (f"2 workers, one killed past step {arguments.kill_at}, checkpoints every "
+                            f"{arguments.save_steps}", kept),
+                           (f"2 workers, one killed past step {arguments.kill_at}, no checkpoints", lost)):
+        print(f"{label:<58} {seconds:>7.1f} {2 * pairs / seconds:>8.2f}")
+    print(f"2 workers vs 1: {one / two:.2f}x the pairs/s; a lost worker costs {(kept - two) / two:.0%} of an "
+          f"uninterrupted run with checkpoints, {(lost - two) / two:.0%} without ({(lost - two) / (kept - two):.2f}x "
+          "more)")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ def _prefect_defaults() -> None:
     # Prefect's ephemeral API takes 10-25 s to start on 2 cores; its default timeouts are 20-30 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # What metareward's own modules log (a training resumed from a checkpoint, …) goes to the run's log in the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "metareward")
 
 
 def _config_show(arguments: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from metareward.inference.base import InferenceError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
 from metareward.pipeline.model_roles import check_evaluator, evaluator_model, starting_model
+from metareward.placement.gang import sharing_environment
 from metareward.placement.replicas import PlacementError, check_ray_address, ray_address
 from metareward.tracking.tracker import check_tracking
 from metareward.training.models import check_model, model_id_of
@@ -24,7 +25,8 @@ from metareward.training.models import check_model, model_id_of
 def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str | None = None) -> str:
     """Check the start iteration, the prompt file, the artifact root (bucket exists, endpoint reachable,
     writable), MLflow when tracking is on, the model the campaign starts from (the base model when the seed's
-    SFT runs first), the engine (vLLM's interpreter, or an OpenAI-compatible server that answers), the SFT file
+    SFT runs first), on Ray the cluster and how its training gangs share the model (check_training_gangs), the
+    engine (vLLM's interpreter, or an OpenAI-compatible server that answers), the SFT file
     and the evaluation's inputs (check_evaluation_inputs). Returns that model (see starting_model). Raises
     ConfigError, InputFileError, StoreError, TrackingError, ModelNotFoundError or InferenceError naming what
     to fix."""
@@ -42,11 +44,24 @@ def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str
             check_ray_address(address)
         except PlacementError as error:
             raise ConfigError(f"orchestration.ray_address / RAY_ADDRESS: {error}") from None
+        check_training_gangs(config)
     check_engine(config.inference, on_ray=address is not None)
     if config.sft is not None:
         load_sft_examples(config.sft.path)
     check_evaluation_inputs(config, None if runs_sft else model)
     return model
+
+
+def check_training_gangs(config: CampaignConfig) -> None:
+    """Every training section's accelerate_config can say how a Ray Train gang shares the model (it exists, and
+    is not DeepSpeed, which runs under `accelerate launch` only). Raises ConfigError naming the section."""
+    sections = [("sft", config.sft)] if config.sft is not None else []
+    sections += [(f"iterations[{index}].dpo", iteration.dpo) for index, iteration in enumerate(config.iterations)]
+    for where, settings in sections:
+        try:
+            sharing_environment(settings.accelerate_config, settings.num_processes)
+        except (PlacementError, FileNotFoundError) as error:
+            raise ConfigError(f"{where}.accelerate_config: {error}") from None
 
 
 def check_evaluation_inputs(config: CampaignConfig, start_model: str | None = None) -> None:

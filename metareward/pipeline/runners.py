@@ -9,6 +9,7 @@ names its engine (`shared_backend`) rather than receiving one.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -44,6 +45,8 @@ from metareward.training.models import MODEL_DIGEST_FILE
 from metareward.training.trainer import EmptyPreferenceSetError, EmptyTrainingSetError, train_dpo, train_sft
 
 Result = tuple[pl.DataFrame, StageStats]
+
+log = logging.getLogger(__name__)
 
 
 def prompts(context: StageContext, *, prompt_file: ContentFile, column: str, seed: int,
@@ -150,6 +153,10 @@ def _trained(context: StageContext, kind: str, examples: pl.DataFrame, settings:
     key to resume from; the model ends up beside the job's table (model_id.txt last). TRL's log and the stats."""
     close_shared_backends()
     checkpoints = CheckpointStore(context.store.root, context.checkpoints_key)
+    step = checkpoints.latest() if settings.save_steps else None
+    if step is not None:
+        log.warning("%s iter-%d: %s resumes from the checkpoint of step %d (%s)", context.stage, context.iteration,
+                    kind.upper(), step, checkpoints.uri(step))
     address = ray_address(context.orchestration)
     if address:
         orchestration = context.orchestration

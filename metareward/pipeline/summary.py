@@ -69,6 +69,8 @@ def job_line(result: JobResult) -> str:
     if "loss_last" in stats:
         figures.append(f"{kind} loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f} over "
                        f"{stats.get('epochs_trained', 0):g} epoch(s)")
+    if stats.get("resumed_from_step"):
+        figures.append(f"resumed from the checkpoint of step {stats['resumed_from_step']:g}")
     if "loss_after" in stats:
         accuracy = (f"token accuracy {stats.get('mean_token_accuracy_after', 0):.0%}" if kind == "SFT"
                     else f"reward accuracy {stats.get('rewards_accuracies_after', 0):.0%}")

@@ -102,8 +102,9 @@ def train_on_cluster(address: str, training: GangTraining, placement_timeout_s: 
 
 def sharing_environment(accelerate_config: str, workers: int) -> dict[str, str]:
     """What `accelerate launch --config_file accelerate_config` would tell each process about sharing the model —
-    ACCELERATE_USE_FSDP and the FSDP_* settings, mixed precision — for workers that Ray Train starts instead: the
-    same YAML describes a gang's sharding as it does a launch's. Raises PlacementError for DeepSpeed (run it under
+    ACCELERATE_USE_FSDP and the FSDP_* settings — for workers that Ray Train starts instead: the same YAML describes
+    a gang's sharding as it does a launch's. Precision is the trainer's, as in one process (bf16 on a GPU that has
+    it), never the YAML's mixed_precision: a CPU gang would otherwise train in bf16 autocast. Raises PlacementError for DeepSpeed (run it under
     `accelerate launch`, without a Ray address) and FileNotFoundError for a missing file."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
@@ -119,8 +120,7 @@ def sharing_environment(accelerate_config: str, workers: int) -> dict[str, str]:
     arguments, _, _ = _validate_launch_command(arguments)
     launched = prepare_multi_gpu_env(arguments)
     return {name: value for name, value in launched.items()
-            if name.startswith(("ACCELERATE_USE_FSDP", "FSDP_", "ACCELERATE_MIXED_PRECISION"))
-            and os.environ.get(name) != value}
+            if name.startswith(("ACCELERATE_USE_FSDP", "FSDP_")) and os.environ.get(name) != value}
 
 
 def _workers_have_cuda() -> bool:

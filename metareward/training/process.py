@@ -4,7 +4,6 @@ from, the reference log-probs computed across the ranks, and the kept model save
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import warnings
@@ -21,9 +20,6 @@ from metareward.training.models import write_model_digest
 
 PAIRS_FILE = "pairs.parquet"
 """The rows a training reads, written into its folder (write_training_set)."""
-
-log = logging.getLogger(__name__)
-
 
 def load_tokenizer(model_path, chat_template: str | None):
     """The model's tokenizer, with chat_template (model.chat_template) in place of its own and a pad token."""
@@ -160,8 +156,6 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         step = checkpoints.latest()
         if step is not None:
             resume, resumed_from = str(checkpoints.fetch(step, rank, output_dir / "resume")), step
-            if rank == 0:
-                log.warning("%s resumes from the checkpoint of step %d (%s)", kind.upper(), step, checkpoints.uri(step))
     with _quiet():
         trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
                                                            on_gpu, keep),

@@ -15,10 +15,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from metareward.config.campaign import DPOConfig, SFTConfig  # noqa: E402
+from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig, SFTConfig  # noqa: E402
 from metareward.pipeline.input_files import load_sft_examples  # noqa: E402
 from metareward.placement.gang import GangTraining, sharing_environment, train_on_cluster  # noqa: E402
 from metareward.placement.replicas import PlacementError  # noqa: E402
+from metareward.preflight import check_training_gangs  # noqa: E402
 from metareward.training.checkpoints import COMPLETE_FILE, CheckpointStore  # noqa: E402
 from metareward.training.trainer import train_dpo, train_sft  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -145,7 +146,15 @@ def test_a_cluster_too_small_for_the_gang_is_a_clear_error(cluster, tiny_model, 
 def test_the_accelerate_config_says_how_a_gang_shares_the_model():
     fsdp = sharing_environment(str(REPO / "deployments" / "accelerate" / "fsdp.yaml"), 8)
     assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_VERSION"] == "2"
-    assert fsdp["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and fsdp["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert fsdp["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and "ACCELERATE_MIXED_PRECISION" not in fsdp
     assert "ACCELERATE_USE_FSDP" not in sharing_environment(DPO["accelerate_config"], 2)
     with pytest.raises(PlacementError, match="DeepSpeed runs under `accelerate launch` only"):
         sharing_environment(str(REPO / "deployments" / "accelerate" / "deepspeed-zero3.yaml"), 2)
+    # Before anything runs, the campaign's preflight says which section would fail on a Ray cluster.
+    config = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "paper-llama3-70b.yaml")
+    check_training_gangs(config)
+    third = config.iterations[2]
+    deepspeed = third.model_copy(update={"dpo": third.dpo.model_copy(update={
+        "accelerate_config": str(REPO / "deployments" / "accelerate" / "deepspeed-zero3.yaml")})})
+    with pytest.raises(ConfigError, match=r"iterations\[2\]\.dpo\.accelerate_config: .*DeepSpeed"):
+        check_training_gangs(config.model_copy(update={"iterations": [*config.iterations[:2], deepspeed]}))
