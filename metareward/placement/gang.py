@@ -104,8 +104,9 @@ def sharing_environment(accelerate_config: str, workers: int) -> dict[str, str]:
     """What `accelerate launch --config_file accelerate_config` would tell each process about sharing the model —
     ACCELERATE_USE_FSDP and the FSDP_* settings — for workers that Ray Train starts instead: the same YAML describes
     a gang's sharding as it does a launch's. Precision is the trainer's, as in one process (bf16 on a GPU that has
-    it), never the YAML's mixed_precision: a CPU gang would otherwise train in bf16 autocast. Raises PlacementError for DeepSpeed (run it under
-    `accelerate launch`, without a Ray address) and FileNotFoundError for a missing file."""
+    it), never the YAML's mixed_precision: a CPU gang would otherwise train in bf16 autocast. Raises PlacementError
+    for DeepSpeed (run it under `accelerate launch`, without a Ray address) and FileNotFoundError for a missing
+    file."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
