@@ -158,3 +158,42 @@ def test_the_accelerate_config_says_how_a_gang_shares_the_model():
         "accelerate_config": str(REPO / "deployments" / "accelerate" / "deepspeed-zero3.yaml")})})
     with pytest.raises(ConfigError, match=r"iterations\[2\]\.dpo\.accelerate_config: .*DeepSpeed"):
         check_training_gangs(config.model_copy(update={"iterations": [*config.iterations[:2], deepspeed]}))
+
+
+def test_a_node_removed_mid_epoch_restarts_the_gang_on_the_nodes_left(cluster, uninterrupted_gang, tiny_model,
+                                                                       tmp_path, monkeypatch):
+    """Runs last: it removes a node. A third node joins; rank 1 holds after step 3 until the test has removed the
+    node it runs on (once the checkpoint of step 2 is complete). The gang restarts on the two nodes left, resumes
+    from step 2, and trains the uninterrupted gang's weights."""
+    ray_cluster, _ = cluster
+    ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    ray_cluster.wait_for_nodes()
+    release = tmp_path / "release"
+    monkeypatch.setenv("METAREWARD_INJECT_FAULT", f"checkpoint:all:step=3:rank=1:hold={release}")
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["result"] = train_on_cluster(ray_cluster.address, gang("dpo", tiny_model, dataset(),
+                                                                           DPOConfig(num_processes=2, **DPO),
+                                                                           tmp_path / "store"), 120, 1)
+        except Exception as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    started, complete = release.with_name("release.started"), tmp_path / "store/job/checkpoints/checkpoint-2"
+    deadline = time.monotonic() + 300
+    while not (started.exists() and (complete / COMPLETE_FILE).exists()):
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "rank 1 never reached step 3"
+        time.sleep(0.1)
+    held_on = json.loads(started.read_text())["node_id"]
+    node = next(node for node in ray_cluster.worker_nodes if node.node_id == held_on)
+    ray_cluster.remove_node(node)
+    release.touch()
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    result, _ = outcome["result"]
+    assert result.resumed_from_step == 2
+    assert result.model_id == uninterrupted_gang[0].model_id
