@@ -108,10 +108,17 @@ def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, tor
 def stop_after_epoch(epoch: int):
     """A TrainerCallback that ends training once `epoch` epochs are done: the learning-rate schedule is still
     the one of the full run (its steps are counted from num_train_epochs), so the weights at that point are
-    those the full run would have saved at the end of `epoch` (paper A.3 keeps epoch 6, 4, 2, 2 of 10)."""
+    those the full run would have saved at the end of `epoch` (paper A.3 keeps epoch 6, 4, 2, 2 of 10). No
+    checkpoint is kept at that last step: a training resumed from it would start epoch `epoch` + 1 (the Trainer
+    stops only at an epoch's end) and train past the kept weights."""
     from transformers import TrainerCallback
 
     class StopAfterEpoch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.epoch is not None and state.epoch >= epoch - 1e-6:
+                control.should_save = False
+            return control
+
         def on_epoch_end(self, args, state, control, **kwargs):
             if state.epoch is not None and round(state.epoch) >= epoch:
                 control.should_training_stop = True

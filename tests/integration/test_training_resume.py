@@ -21,6 +21,7 @@ from metareward.training.checkpoints import COMPLETE_FILE, CheckpointStore
 from metareward.training.trainer import train_dpo, train_sft
 from tests.conftest import REPO
 from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+from tests.integration.test_training import dataset
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +80,20 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_with_the_weights_of_an
     assert [e["loss"] for e in resumed.log_history if "loss" in e] == [
         e["loss"] for e in uninterrupted.log_history if "loss" in e]
     assert stored_steps(checkpoints) == {8: True}  # the latest only: older steps are removed as newer complete
+
+
+def test_a_training_stopped_at_its_kept_epoch_keeps_no_checkpoint_past_it(tmp_path, tiny_model):
+    """16 pairs in steps of 4: the kept epoch 2 of 3 ends at step 8. The checkpoint of step 8 is not kept (resumed
+    from, the Trainer would train epoch 3 before stopping), so a training run again over the same checkpoints
+    resumes from step 6 and ends with the same weights."""
+    settings = DPOConfig(num_epochs=3, checkpoint_epoch=2, global_batch_size=4, per_device_batch_size=2,
+                         learning_rate=1e-3, max_length=256, save_steps=2)
+    checkpoints = CheckpointStore(str(tmp_path / "store"), "job/checkpoints")
+    first = train_dpo(tiny_model, dataset(), settings, tmp_path / "first", dtype="float32", checkpoints=checkpoints)
+    assert stored_steps(checkpoints) == {6: True}
+    again = train_dpo(tiny_model, dataset(), settings, tmp_path / "again", dtype="float32", checkpoints=checkpoints)
+    assert (first.resumed_from_step, again.resumed_from_step) == (0, 6)
+    assert again.model_id == first.model_id and again.summary["epochs_trained"] == 2
 
 
 def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, tiny_model):
