@@ -206,7 +206,7 @@ class OrchestrationConfig(Strict):
         default=3, ge=0,
         description="Ray: how many times a training gang that lost a worker (node removed, process killed, spot "
         "reclaim) restarts from its last checkpoint before the training job fails (Ray Train's "
-        "FailureConfig.max_failures).",
+        "FailureConfig.max_failures, and max_preemption_failures for reclaimed nodes).",
     )
     retries: int = Field(
         default=3, ge=0, description="Retries of a stage job that failed for a reason that can heal (network, "

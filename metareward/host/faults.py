@@ -25,11 +25,22 @@ class InjectedFault(RuntimeError):
 
 
 def _fault(target: str) -> dict[str, str] | None:
-    """The options of the fault set for `target` ("STAGE:SHARD"), or None when none is."""
-    parts = os.environ.get(FAULT_ENVIRONMENT, "").split(":")
-    if ":".join(parts[:2]) != target:
+    """The options of the fault set for `target` ("STAGE:SHARD"), or None when none is: KEY=VALUE parts after the
+    target, where a `hold=` or `while=` path is the rest of the setting (colons included)."""
+    setting = os.environ.get(FAULT_ENVIRONMENT, "")
+    head, found, path = setting, "", ""
+    for option in (":hold=", ":while="):
+        if option in setting:
+            head, _, path = setting.partition(option)
+            found = option.strip(":=")
+            break
+    parts = head.split(":")
+    if ":".join(parts[:2]) != target or any("=" not in part for part in parts[2:]):
         return None
-    return dict(part.split("=", 1) for part in parts[2:] if "=" in part)
+    options = dict(part.split("=", 1) for part in parts[2:])
+    if found:
+        options[found] = path
+    return options
 
 
 def inject_job_fault(stage: str, shard: str, run_name: str) -> None:

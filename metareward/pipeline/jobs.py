@@ -238,8 +238,9 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         stats.counts["compute_seconds"] = time.perf_counter() - started
         result = complete(store, job, validate_table(table, entry.schema, job.stage), stats)
         result.recomputed = distrust
-        if entry.writes_model:
-            CheckpointStore(store.root, job.checkpoints_key).clear()  # the kept model and the job's marker are in
+    if stage(job.stage).writes_model:
+        # The kept model and the job's marker are in: its checkpoints go (also when a run died before removing them).
+        CheckpointStore(store.root, job.checkpoints_key).clear()
     for listener in list(_listeners):
         listener(job, result)
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -65,15 +66,19 @@ def train_on_cluster(address: str, training: GangTraining, placement_timeout_s: 
     environment.update(sharing_environment(settings.accelerate_config, workers))
     # Read by Ray Train's controller when fit() starts: how long the gang may wait for its placement group.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s)
+    # Ray Train's own run folder: only its storage marker goes there (the checkpoints are in the artifact store).
+    storage = tempfile.mkdtemp(prefix="metareward-ray-train-")
     trainer = TorchTrainer(
         _worker, train_loop_config={"training": training},
-        torch_config=TorchConfig(backend="nccl" if gpus and _workers_have_cuda() else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpus and _workers_have_cuda(placement_timeout_s) else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, placement_strategy="PACK",
                                      resources_per_worker={"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}),
         run_config=RunConfig(
             name=f"metareward-{training.kind}-{uuid.uuid4().hex[:8]}",
-            storage_path=tempfile.mkdtemp(prefix="metareward-ray-train-"),
-            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+            storage_path=storage,
+            # A spot reclaim counts as a preemption in Ray Train, apart from max_failures: bounded the same.
+            failure_config=FailureConfig(max_failures=max_failures, max_preemption_failures=max_failures,
+                                         controller_failure_limit=0),
             worker_runtime_env={"env_vars": environment}),
     )
     started = time.perf_counter()
@@ -93,6 +98,8 @@ def train_on_cluster(address: str, training: GangTraining, placement_timeout_s: 
         detail = "; ".join(f"rank {rank}: {failure!r}" for rank, failure in sorted(failures.items())) or repr(error)
         raise TrainingGangError(f"{training.kind.upper()} gang of {workers} on {address} failed after "
                                 f"{max_failures} restart(s) (orchestration.training_max_failures): {detail}") from error
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
@@ -120,12 +127,14 @@ def sharing_environment(accelerate_config: str, workers: int) -> dict[str, str]:
         ["--config_file", str(path), "--num_processes", str(workers), "--main_process_port", "0", "-m", "gang"])
     arguments, _, _ = _validate_launch_command(arguments)
     launched = prepare_multi_gpu_env(arguments)
-    return {name: value for name, value in launched.items()
-            if name.startswith(("ACCELERATE_USE_FSDP", "FSDP_")) and os.environ.get(name) != value}
+    return {name: value for name, value in launched.items() if name.startswith(("ACCELERATE_USE_FSDP", "FSDP_"))}
 
 
-def _workers_have_cuda() -> bool:
+def _workers_have_cuda(timeout_s: float) -> bool:
+    """Whether a process given one of the cluster's GPUs sees CUDA (a CPU test cluster has logical GPUs only);
+    PlacementError when no GPU is free within timeout_s."""
     import ray
+    from ray.exceptions import GetTimeoutError
 
     @ray.remote(num_gpus=1, num_cpus=0)
     def cuda_available() -> bool:
@@ -133,7 +142,13 @@ def _workers_have_cuda() -> bool:
 
         return torch.cuda.is_available()
 
-    return ray.get(cuda_available.remote())
+    probe = cuda_available.remote()
+    try:
+        return ray.get(probe, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.cancel(probe, force=True)
+        raise PlacementError(f"no GPU of the cluster came free within orchestration.placement_timeout_s="
+                             f"{timeout_s:.0f} s (free: {ray.available_resources()})") from None
 
 
 def _worker(config: dict) -> dict | None:

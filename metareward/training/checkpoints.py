@@ -4,14 +4,19 @@ training resumes from the last complete one — on this machine or on any node o
 Every save_steps optimizer steps the Trainer writes `checkpoint-{step}` locally (weights, optimizer, scheduler,
 trainer state with its log, each rank's RNG state; under FSDP each rank's shard). Each rank uploads the files it
 wrote to `{prefix}/checkpoint-{step}/`; once all have, rank 0 writes `complete.json` there and removes the older
-steps. A step without `complete.json` (its upload was cut short) is never resumed from. The stage removes the
-whole prefix once its job is recorded (pipeline.jobs.run_job).
+steps. A step without `complete.json` (its upload was cut short) is never resumed from; resuming, each node fetches
+the step once into a folder its ranks share. The stage removes the whole prefix once its job is recorded
+(pipeline.jobs.run_job).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,7 @@ COMPLETE_FILE = "complete.json"
 """Written last into a stored checkpoint, by rank 0, once every rank's files are there."""
 
 _PER_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
-_STEP = re.compile(r"checkpoint-(\d+)$")
+_STEP_FOLDER = re.compile(r"/checkpoint-(\d+)/")
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +53,37 @@ class CheckpointStore:
         return open_store(self.root)
 
     def uri(self, step: int | None = None) -> str:
-        """Where the checkpoints (or the one of `step`) live."""
+        """Where the job's checkpoints (or the one of `step`) live."""
         return self.store.uri(self.prefix if step is None else self._key(step))
 
     def latest(self) -> int | None:
         """The step of the latest complete checkpoint, or None when there is none."""
-        steps = [int(match.group(1)) for key in self.store.list(self.prefix)
-                 if key.endswith("/" + COMPLETE_FILE) and (match := _STEP.search(key.rsplit("/", 1)[0]))]
-        return max(steps, default=None)
+        return max((step for step, key in self._stored() if key.endswith("/" + COMPLETE_FILE)), default=None)
 
-    def fetch(self, step: int, rank: int, local_folder: str | Path) -> Path:
-        """Download what rank `rank` reads of the checkpoint of `step` — the shared files and its own — into
-        local_folder/checkpoint-{step}; returns that folder."""
-        target = Path(local_folder) / f"checkpoint-{step}"
+    def fetch(self, step: int) -> Path:
+        """The checkpoint of `step` in this node's local copy, downloaded once per node: every file of it, since a
+        rank of a sharded checkpoint reads values that torch's planner stored in other ranks' files. The ranks of
+        one node share the copy (a lock file orders them; a file already there is not fetched again). Remove it
+        with drop_local once every rank of the node has loaded it."""
+        target = self.local_folder() / f"checkpoint-{step}"
+        target.mkdir(parents=True, exist_ok=True)
         prefix = self._key(step)
-        for key in self.store.list(prefix):
-            name = key.rsplit("/", 1)[1]
-            if name == COMPLETE_FILE or file_rank(name) not in (None, rank):
-                continue
-            self.store.get_file(key, target / key[len(prefix) + 1:])
+        with open(target.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for key in self.store.list(prefix):
+                local = target / key[len(prefix) + 1:]
+                if key.rsplit("/", 1)[1] != COMPLETE_FILE and not local.exists():
+                    self.store.get_file(key, local)
         return target
+
+    def local_folder(self) -> Path:
+        """This node's folder for the job's fetched checkpoints (the same path for every rank on the node)."""
+        digest = hashlib.blake2b(self.uri().encode(), digest_size=8).hexdigest()
+        return Path(tempfile.gettempdir()) / "metareward-checkpoints" / digest
+
+    def drop_local(self) -> None:
+        """Remove this node's fetched copies (once the training no longer reads them)."""
+        shutil.rmtree(self.local_folder(), ignore_errors=True)
 
     def upload(self, folder: str | Path, step: int, rank: int) -> None:
         """Upload the files of a local checkpoint folder that rank `rank` wrote (rank 0: also the shared ones)."""
@@ -78,7 +94,8 @@ class CheckpointStore:
                 self.store.put_file(file, f"{self._key(step)}/{file.relative_to(folder).as_posix()}")
 
     def mark_complete(self, step: int, world_size: int) -> None:
-        """Mark the checkpoint of `step` complete (after every rank's upload), then remove every other step."""
+        """Mark the checkpoint of `step` complete (after every rank's upload; complete.json records the step and the
+        ranks that wrote it), then remove every other step, complete or cut short."""
         self.store.write_json(f"{self._key(step)}/{COMPLETE_FILE}", {"step": step, "world_size": world_size})
         for older in self._steps() - {step}:
             self.store.delete_prefix(self._key(older))
@@ -89,8 +106,12 @@ class CheckpointStore:
         self.store.delete_prefix(self.prefix)
 
     def _steps(self) -> set[int]:
-        return {int(match.group(1)) for key in self.store.list(self.prefix)
-                if (match := _STEP.search(key.rsplit("/", 1)[0]))}
+        return {step for step, _ in self._stored()}
+
+    def _stored(self) -> list[tuple[int, str]]:
+        """(step, key) of every stored file, at any depth of its checkpoint folder."""
+        return [(int(match.group(1)), key) for key in self.store.list(self.prefix)
+                if (match := _STEP_FOLDER.search(key))]
 
     def _key(self, step: int) -> str:
         return f"{self.prefix}/checkpoint-{step}"

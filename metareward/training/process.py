@@ -91,7 +91,7 @@ def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, tor
         # Checkpoints every save_steps when they are kept (in the artifact store, see train_here); the Trainer keeps
         # only the latest locally. Without them nothing is written before the kept model.
         save_strategy="steps" if settings.save_steps and keep_checkpoints else "no",
-        save_steps=settings.save_steps or 500,
+        save_steps=settings.save_steps or 1,  # read only when saving
         save_total_limit=1,
         logging_steps=1,
         report_to=[],
@@ -131,15 +131,14 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
                chat_template: str | None, checkpoints: CheckpointStore | None = None) -> TrainingResult | None:
     """The training itself on output_dir/pairs.parquet, in this process: alone, or as one rank of several (under
     `accelerate launch` or Ray Train; ranks other than 0 return None). Stops at the kept epoch. With
-    `checkpoints`, every rank resumes from the latest complete checkpoint there (each fetches the shared files
-    and its own) and a checkpoint is kept every settings.save_steps steps."""
+    `checkpoints`, every rank resumes from the latest complete checkpoint there (fetched once per node) and a
+    checkpoint is kept every settings.save_steps steps."""
     import torch
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import SFTTrainer
 
     disable_progress_bars()
-    rank = int(os.environ.get("RANK", "0"))
     tokenizer = load_tokenizer(model_path, chat_template)
     on_gpu = torch.cuda.is_available()
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -162,7 +161,7 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         callbacks.append(uploading_callback(checkpoints))
         step = checkpoints.latest()
         if step is not None:
-            resume, resumed_from = str(checkpoints.fetch(step, rank, output_dir / "resume")), step
+            resume, resumed_from = str(checkpoints.fetch(step)), step
     with _quiet():
         trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
                                                            on_gpu, keep),
@@ -171,6 +170,8 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
         trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=resume)
+        if resume and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            checkpoints.drop_local()  # every rank of the node loaded it before the first step's collectives
         # How the kept model does on its own training set (DPO: against the reference log-probs computed before
         # training): a step's logged loss is the one it starts from, so a one-step DPO logs only ln 2.
         trainer.eval_dataset = trainer.train_dataset
