@@ -64,13 +64,14 @@ def train_on_cluster(address: str, training: GangTraining, placement_timeout_s: 
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     environment = {name: os.environ[name] for name in REPLICA_ENVIRONMENT if name in os.environ}
     environment.update(sharing_environment(settings.accelerate_config, workers))
+    backend = "nccl" if gpus and _workers_have_cuda(placement_timeout_s) else "gloo"
     # Read by Ray Train's controller when fit() starts: how long the gang may wait for its placement group.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s)
     # Ray Train's own run folder: only its storage marker goes there (the checkpoints are in the artifact store).
     storage = tempfile.mkdtemp(prefix="metareward-ray-train-")
     trainer = TorchTrainer(
         _worker, train_loop_config={"training": training},
-        torch_config=TorchConfig(backend="nccl" if gpus and _workers_have_cuda(placement_timeout_s) else "gloo"),
+        torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, placement_strategy="PACK",
                                      resources_per_worker={"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}),
         run_config=RunConfig(
