@@ -21,6 +21,7 @@ from metareward.placement.gang import GangTraining, sharing_environment, train_o
 from metareward.placement.replicas import PlacementError  # noqa: E402
 from metareward.preflight import check_training_gangs  # noqa: E402
 from metareward.training.checkpoints import COMPLETE_FILE, CheckpointStore  # noqa: E402
+from metareward.training.logs import TrainingResult  # noqa: E402
 from metareward.training.trainer import train_dpo, train_sft  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.integration.test_training import dataset  # noqa: E402
@@ -92,20 +93,18 @@ def test_a_gang_of_two_on_two_nodes_trains_the_weights_of_one_process(uninterrup
     assert sorted(p.parent.name for p in root.rglob(COMPLETE_FILE)) == ["checkpoint-8"]
 
 
-def test_a_worker_killed_mid_epoch_restarts_the_gang_from_its_checkpoint(
-        cluster, uninterrupted_gang, tiny_model, tmp_path, monkeypatch):
-    """Rank 1 holds after step 3 (METAREWARD_INJECT_FAULT); once the checkpoint of step 2 is complete the test kills
-    rank 1's process. Ray Train restarts both workers, they resume from step 2, and the weights are the
-    uninterrupted gang's, bit for bit."""
+def gang_losing_rank_1(address: str, tiny_model, tmp_path, monkeypatch, lose) -> TrainingResult:
+    """A DPO gang of 2 whose rank 1 holds after step 3 (METAREWARD_INJECT_FAULT); once the checkpoint of step 2 is
+    complete, lose(record of the hold: pid, node_id) takes rank 1 away, then the hold is released. Returns the
+    gang's result; fails the test with the gang's error if it raised."""
     release = tmp_path / "release"
     monkeypatch.setenv("METAREWARD_INJECT_FAULT", f"checkpoint:all:step=3:rank=1:hold={release}")
-    settings = DPOConfig(num_processes=2, **DPO)
     outcome: dict = {}
 
     def train():
         try:
-            outcome["result"] = train_on_cluster(cluster[0].address,
-                                                 gang("dpo", tiny_model, dataset(), settings, tmp_path / "store"),
+            outcome["result"] = train_on_cluster(address, gang("dpo", tiny_model, dataset(),
+                                                               DPOConfig(num_processes=2, **DPO), tmp_path / "store"),
                                                  120, 1)
         except Exception as error:  # reported by the assertion below
             outcome["error"] = error
@@ -118,10 +117,19 @@ def test_a_worker_killed_mid_epoch_restarts_the_gang_from_its_checkpoint(
         assert thread.is_alive(), outcome
         assert time.monotonic() < deadline, "rank 1 never reached step 3"
         time.sleep(0.1)
-    os.kill(json.loads(started.read_text())["pid"], signal.SIGKILL)
+    lose(json.loads(started.read_text()))
+    release.touch()
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
-    result, uri = outcome["result"]
+    return outcome["result"][0]
+
+
+def test_a_worker_killed_mid_epoch_restarts_the_gang_from_its_checkpoint(
+        cluster, uninterrupted_gang, tiny_model, tmp_path, monkeypatch):
+    """Rank 1's process is SIGKILLed while it holds after step 3. Ray Train restarts both workers, they resume from
+    step 2, and the weights are the uninterrupted gang's, bit for bit."""
+    result = gang_losing_rank_1(cluster[0].address, tiny_model, tmp_path, monkeypatch,
+                                lambda held: os.kill(held["pid"], signal.SIGKILL))
     assert result.resumed_from_step == 2
     assert [e["step"] for e in result.log_history if "loss" in e] == list(range(1, 9))
     assert result.model_id == uninterrupted_gang[0].model_id
@@ -168,32 +176,10 @@ def test_a_node_removed_mid_epoch_restarts_the_gang_on_the_nodes_left(cluster, u
     ray_cluster, _ = cluster
     ray_cluster.add_node(num_cpus=1, num_gpus=1)
     ray_cluster.wait_for_nodes()
-    release = tmp_path / "release"
-    monkeypatch.setenv("METAREWARD_INJECT_FAULT", f"checkpoint:all:step=3:rank=1:hold={release}")
-    outcome: dict = {}
 
-    def train():
-        try:
-            outcome["result"] = train_on_cluster(ray_cluster.address, gang("dpo", tiny_model, dataset(),
-                                                                           DPOConfig(num_processes=2, **DPO),
-                                                                           tmp_path / "store"), 120, 1)
-        except Exception as error:  # reported by the assertion below
-            outcome["error"] = error
+    def remove_its_node(held: dict) -> None:
+        ray_cluster.remove_node(next(node for node in ray_cluster.worker_nodes if node.node_id == held["node_id"]))
 
-    thread = threading.Thread(target=train)
-    thread.start()
-    started, complete = release.with_name("release.started"), tmp_path / "store/job/checkpoints/checkpoint-2"
-    deadline = time.monotonic() + 300
-    while not (started.exists() and (complete / COMPLETE_FILE).exists()):
-        assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, "rank 1 never reached step 3"
-        time.sleep(0.1)
-    held_on = json.loads(started.read_text())["node_id"]
-    node = next(node for node in ray_cluster.worker_nodes if node.node_id == held_on)
-    ray_cluster.remove_node(node)
-    release.touch()
-    thread.join(timeout=600)
-    assert "error" not in outcome, outcome.get("error")
-    result, _ = outcome["result"]
+    result = gang_losing_rank_1(ray_cluster.address, tiny_model, tmp_path, monkeypatch, remove_its_node)
     assert result.resumed_from_step == 2
     assert result.model_id == uninterrupted_gang[0].model_id
