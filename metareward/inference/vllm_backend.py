@@ -30,6 +30,7 @@ end while the engine is meant to stay; a replica runs its jobs on the one thread
 
 
 _KILL_WAIT_S = 60.0
+_DEATH_WAIT_S = 5.0  # how long a server that stopped answering is given to show it died
 """How long stop() waits for SIGKILLed processes to end (the kernel frees their memory first)."""
 
 
@@ -132,6 +133,15 @@ class VLLMServer:
         """Whether the server process is still running."""
         return self.process.poll() is None
 
+    def ended_within(self, seconds: float) -> bool:
+        """Whether the server process has ended, or ends within `seconds`: a killed server refuses connections
+        (its sockets are closed) a moment before it can be reaped, so a refusal alone does not show it alive."""
+        try:
+            self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def stop(self, grace_s: float = 30.0) -> None:
         """End the server and every process it started (vLLM's engine core and workers live in its process
         group and outlive a server that died on its own): SIGTERM, SIGKILL after `grace_s`, then wait up to
@@ -225,7 +235,7 @@ class VLLMBackend(OpenAIBackend):
         try:
             return super()._post(server, path, body)
         except BackendUnavailableError as error:
-            dead = [s for s in self.servers if s.base_url == server and not s.alive()]
+            dead = [s for s in self.servers if s.base_url == server and s.ended_within(_DEATH_WAIT_S)]
             if dead:
                 raise BackendUnavailableError(
                     f"vLLM server {server} died (exit status {dead[0].process.returncode}); last lines of "
