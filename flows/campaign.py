@@ -13,6 +13,7 @@ from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.model_roles import starting_model
 from metareward.pipeline.summary import campaign_markdown
 from metareward.preflight import check_start_iteration
+from tasks.common import in_this_environment
 from tasks.track import artifact_key
 
 
@@ -32,6 +33,7 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
             SFT's model when config has an sft section, trained first), the previous iteration's checkpoint in
             the artifact store for a later one.
     """
+    config = in_this_environment(config)
     check_start_iteration(config, start_iteration)
     outcomes = []
     if not start_model and config.sft and start_iteration == 1:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from metareward.config.campaign import CampaignConfig
 from metareward.preflight import check_evaluation
+from tasks.common import in_this_environment
 from tasks.evaluate import alpaca_eval_export, judge_agreement
 
 
@@ -27,6 +28,7 @@ def evaluation_flow(config: CampaignConfig, model: str = "", rankings: str = "",
         alpaca_eval_prompts: A prompt file whose answers are exported in AlpacaEval's format.
         num_judgments: N for agreement; 0: the last iteration's.
     """
+    config = in_this_environment(config)
     if not rankings and not alpaca_eval_prompts:
         raise ValueError("nothing to evaluate: give rankings (labelled rankings file) and/or alpaca_eval_prompts")
     model, num_judgments = model or None, num_judgments or None

@@ -10,7 +10,7 @@ from metareward.config.campaign import CampaignConfig
 from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
-from tasks.common import result_storage, retried
+from tasks.common import in_this_environment, result_storage, retried
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run
 
@@ -26,6 +26,7 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
         model_path: M_t: a model folder, a checkpoint URI (e.g. the previous iteration's), a hub id, or
             builtin:smollm2-135m-instruct.
     """
+    config = in_this_environment(config)
     with iteration_run(config, iteration, model_path) as stages:
         prompts = stages.run("prompts")
         # Actor (sec. 2.1): K responses per prompt. Judge: N judgments per response; their mean is its reward.
@@ -61,6 +62,7 @@ def seed_flow(config: CampaignConfig) -> dict:
     Args:
         config: The campaign; its sft section names the judge examples and the training settings.
     """
+    config = in_this_environment(config)
     with iteration_run(config, 0, config.model.path) as stages:
         examples = stages.run("sft_data")
         stages.run("sft", sft_data=examples)
@@ -83,6 +85,11 @@ def shard_flow(config: CampaignConfig, stage: str, iteration: int, shard: int, m
         model: M_t (URI and content digest).
         upstream: The tables the shard reads, by stage (results of the stages before it).
     """
+    resolved = in_this_environment(config)
+    if resolved.artifact_root != config.artifact_root:
+        raise ValueError(f"this worker's METAREWARD_ARTIFACT_ROOT ({resolved.artifact_root}) is not where the "
+                         f"iteration flow that started this shard reads its tables ({config.artifact_root}): set the "
+                         "same artifact root on both work pools")
     try:
         result = run_stage.with_options(name=stage, result_storage=result_storage(config), **retried(config))(
             config, stage, iteration, shard, model, upstream)

@@ -1,9 +1,13 @@
-"""What every metareward task shares: retries that skip errors that cannot heal, the GPU tag, result storage."""
+"""What every metareward flow and task shares: the deployment's environment applied, retries that skip errors that
+cannot heal, the GPU tag, result storage."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from prefect import get_run_logger
+from prefect.context import FlowRunContext
 from prefect.tasks import exponential_backoff
 
 from metareward.artifacts.store import open_store, s3_storage_options
@@ -11,7 +15,19 @@ from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.faults import transient
 
 GPU_TAG = "gpu"
-"""Tag of every task that holds a model: a Prefect concurrency limit on it caps them at the GPU count."""
+"""Tag of every task that holds a model, to find them in the UI. It governs nothing: GPUs are governed by the GPU
+pool's jobs (one job holds the GPUs its `gpu_count` asks for), the campaign deployments' concurrency limit and, on
+Ray, by placement groups."""
+
+
+def in_this_environment(config: CampaignConfig) -> CampaignConfig:
+    """The config a flow runs: its parameter with the settings this process's environment overrides
+    (CampaignConfig.with_environment; a worker's METAREWARD_ARTIFACT_ROOT applies to a run started from the UI as
+    to the CLI), each setting and where it came from logged to the run (secrets by variable name only)."""
+    config = config.with_environment()
+    logger = get_run_logger() if FlowRunContext.get() else logging.getLogger("metareward")
+    logger.info("Settings from the environment:\n  %s", "\n  ".join(config.setting_sources()))
+    return config
 
 
 def worth_retrying(task, task_run, state) -> bool:

@@ -18,8 +18,14 @@ from metareward.config.sections import (  # noqa: F401 (ConfigError is imported 
     TrackingConfig,
     form_schema,
     no_password,
+    redact,
 )
 from metareward.config.training import DPOConfig, SFTConfig, TrainingConfig  # noqa: F401 (imported from here)
+
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PREFECT_API_AUTH_STRING",
+                         "PREFECT_API_KEY")
+
 
 Mode = Literal["meta_rewarding", "self_rewarding"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -313,6 +319,34 @@ class CampaignConfig(Strict):
             return self
         return CampaignConfig.from_dict({**self.model_dump(), "artifact_root": environ["METAREWARD_ARTIFACT_ROOT"]},
                                         source="METAREWARD_ARTIFACT_ROOT")
+
+    def setting_sources(self, environ: dict[str, str] | None = None) -> list[str]:
+        """One line per deployment setting: its value and where it came from (the config or the variable that
+        overrides it), for a run's log. Secrets appear by variable name only, URLs without user:password."""
+        environ = os.environ if environ is None else environ
+
+        def origin(variable: str, config_value: str | None, what: str, default: str) -> str:
+            if environ.get(variable):
+                return f"{what}: {redact(environ[variable])} (from ${variable})"
+            if config_value:
+                return f"{what}: {redact(config_value)} (from the config)"
+            return f"{what}: {default}"
+
+        lines = [
+            origin("METAREWARD_ARTIFACT_ROOT", self.artifact_root, "artifact root", ""),
+            origin("MLFLOW_TRACKING_URI", self.tracking.uri, "MLflow tracking URI",
+                   "a sqlite store beside the artifacts (neither $MLFLOW_TRACKING_URI nor tracking.uri set)"),
+            "Ray cluster: " + (f"{self.orchestration.ray_address} (from the config)" if self.orchestration.ray_address
+                               else f"{environ['RAY_ADDRESS']} (from $RAY_ADDRESS)" if environ.get("RAY_ADDRESS")
+                               else "none (the model stages and training run in this process)"),
+            origin("AWS_ENDPOINT_URL_S3", None, "S3 endpoint", "AWS's own (no $AWS_ENDPOINT_URL_S3)"),
+            origin("PREFECT_API_URL", None, "Prefect API", "an ephemeral local API (no $PREFECT_API_URL)"),
+        ]
+        secrets = [name for name in _CREDENTIAL_VARIABLES + ((self.inference.api_key_env,)
+                                                             if self.inference.api_key_env else ())
+                   if environ.get(name)]
+        lines.append("credentials from the environment: " + (", ".join(f"${name}" for name in secrets) or "none"))
+        return lines
 
     def to_yaml(self) -> str:
         """The config as YAML that from_yaml reads back to an equal object (every default written out)."""

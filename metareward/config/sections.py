@@ -23,6 +23,14 @@ def no_password(value: str | None, where: str, instead: str) -> str | None:
     return value
 
 
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """The text with any URL's user:password replaced by ***."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
 _PRIMITIVES = {"string", "integer", "number", "boolean", "array"}
 
 
@@ -191,6 +199,11 @@ class OrchestrationConfig(Strict):
         "meta-judgments shards as separate flow runs; None runs them in-process.",
     )
     shard_poll_interval_s: float = Field(default=5.0, gt=0, description="Seconds between checks of shard flow runs.")
+    shard_timeout_s: float = Field(
+        default=86400.0, gt=0,
+        description="Seconds a stage waits for its shard flow runs (shard_deployment) before it cancels those not "
+        "finished (a GPU node that stays NotReady, a worker that never picks the run up) and fails, to be retried.",
+    )
     ray_address: str | None = Field(
         default=None,
         description="Ray cluster (ray://host:10001, host:6379 or auto) whose engine replicas run the model stages' "

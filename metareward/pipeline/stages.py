@@ -353,6 +353,7 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "tracking.registered_model": "MLflow logging reads finished tables; it writes none",
     "orchestration.shard_deployment": "where a shard runs, not what it computes",
     "orchestration.shard_poll_interval_s": "how often shard flow runs are polled",
+    "orchestration.shard_timeout_s": "how long a stage waits for its shard flow runs",
     "orchestration.ray_address": "where a job runs, not what it computes",
     "orchestration.placement_timeout_s": "how long engine replicas may wait for GPUs",
     "orchestration.training_max_failures": "how often a Ray Train gang restarts from its last checkpoint",

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from metareward.config.sections import redact
 from metareward.pipeline.stages import STAGES
 
 TAG = "metareward"
@@ -20,13 +21,7 @@ NOTE = "mlflow.note.content"
 """The tag MLflow renders (markdown) as a run's, a logged model's or an experiment's description."""
 
 _SECRET_KEY = re.compile(r"(password|secret|token|credential)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _PARAM_VALUE_LIMIT = 6000
-
-
-def redact(text: str) -> str:
-    """The text with any URL's user:password replaced by ***."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:

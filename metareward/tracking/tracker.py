@@ -31,9 +31,10 @@ import polars as pl
 from metareward.artifacts.store import open_store
 from metareward.artifacts.tables import file_digest
 from metareward.config.campaign import CampaignConfig
+from metareward.config.sections import redact
 from metareward.pipeline.model_roles import evaluator_model
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
-from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params, redact
+from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params
 from metareward.tracking.record import IterationRecord, iteration_record
 from metareward.tracking.tracked_datasets import log_datasets
 

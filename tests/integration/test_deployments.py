@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
+PREFECT_BIN = str(Path(sys.executable).parent / "prefect")
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +54,11 @@ def prefect_stack(tmp_path_factory):
     server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
     wait_until_healthy(f"{url}/health", server, home / "server.log", timeout=180)
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([*PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        return result
-
-    cli("work-pool", "create", "metareward-process", "--type", "process")
-    cli("work-pool", "create", "metareward-gpu", "--type", "kubernetes",
-        "--base-job-template", "infra/kubernetes/gpu-base-job-template.json")
-    cli("--no-prompt", "deploy", "--all")  # ./prefect.yaml links to deployments/prefect.yaml
+    # Pools, the GPU pool's queues, the automations, then deploy --all (./prefect.yaml links to
+    # deployments/prefect.yaml), as the compose worker does.
+    result = subprocess.run(["bash", "infra/prefect-bootstrap.sh"], env={**env, "PREFECT": PREFECT_BIN}, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"infra/prefect-bootstrap.sh:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     start("worker", "worker", "start", "--pool", "metareward-process", "--type", "process")
     yield url, env
     for process in reversed(processes):
@@ -379,3 +376,46 @@ def screenshot(page, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / name), full_page=True)
     print(f"screenshot: {folder / name}")
+
+
+def test_shard_flow_runs_that_never_start_are_cancelled_at_the_deadline_and_a_retry_adopts_one_still_scheduled(
+        prefect_stack, tmp_path, tiny_model):
+    # The GPU pool has no worker here: its shard flow runs stay Scheduled, as on a GPU node that never comes up.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Scheduled
+
+    url, _ = prefect_stack
+    config = yaml.safe_load(write_config(
+        tmp_path, tiny_model, str(tmp_path / "artifacts"), name="stalled", iteration_overrides={"num_prompts": 4},
+        orchestration={"shard_deployment": "metareward-shard/shard-gpu", "shard_poll_interval_s": 0.5,
+                       "shard_timeout_s": 3}).read_text())
+    names = [f"stalled responses iter-1 shard-000{i}" for i in range(2)]
+
+    def runs_of(name: str) -> list:
+        return _read(url, "read_flow_runs", flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+    flow_run = _run_and_wait(url, "metareward-iteration/demo-iteration",
+                             {"config": config, "iteration": 1, "model_path": str(tiny_model)})
+    assert flow_run.state.is_failed(), flow_run.state
+    assert "did not finish within orchestration.shard_timeout_s=3 s" in flow_run.state.message
+    # The fan-out waited, cancelled, retried once (the shards started again), cancelled again.
+    first = {name: runs_of(name) for name in names}
+    assert [len(runs) for runs in first.values()] == [2, 2]
+    assert all(run.state.name in ("Cancelling", "Cancelled") for runs in first.values() for run in runs)
+
+    # A shard run left scheduled (its parent crashed before it could cancel it) is adopted by the retried
+    # iteration: no second flow run of that shard is started beside it.
+    left = first[names[0]][0]
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        client.set_flow_run_state(left.id, Scheduled(), force=True)
+        client.set_flow_run_state(flow_run.id, Scheduled(name="AwaitingRetry"), force=True)
+        deadline = time.monotonic() + 300
+        while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+            assert time.monotonic() < deadline, flow_run.state
+            time.sleep(1)
+    assert flow_run.state.is_failed(), flow_run.state
+    assert [len(runs_of(name)) for name in names] == [3, 4]  # adopted, then started again by the retry; 2 more
+    assert runs_of(names[0])[0].state.name in ("Cancelling", "Cancelled") or left.id in {
+        run.id for run in runs_of(names[0])}
