@@ -80,7 +80,7 @@ def _run_and_wait(url: str, deployment: str, parameters: dict, job_variables: di
 
     with temporary_settings({PREFECT_API_URL: url}):
         flow_run = run_deployment(deployment, parameters=parameters, job_variables=job_variables, timeout=0,
-                                  as_subflow=False)
+                                  as_subflow=False, _sync=True)  # sync even where a test left a loop
         deadline = time.monotonic() + timeout
         with get_client(sync_client=True) as client:
             while True:
