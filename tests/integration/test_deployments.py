@@ -3,6 +3,7 @@ model, a fault-injected stage retried without recomputing upstream, and shards f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -336,23 +337,24 @@ def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("seen").experiment_id
     models = {model.name: model.model_id for model in client.search_logged_models([experiment])}
-    page = browser_page()  # after Prefect's client calls: Playwright's sync API runs an event loop in this thread
-    page.goto(f"{mlflow_server}/#/experiments/{experiment}/models/{models['seen-M2']}?workflowType=machine_learning")
-    page.get_by_text("Model versions").wait_for()
-    page.get_by_role("link", name="seen-M1").wait_for()
-    text = page.inner_text("body")
-    screenshot(page, "mlflow-model-M2.png")
-    assert "Not registered" not in text and "v2" in text and "trained by DPO in" in text
-    assert "seen/iter-1/actor_pairs" in text
+    with browser_page() as page:  # after Prefect's client calls: Playwright's sync API runs an event loop here
+        page.goto(f"{mlflow_server}/#/experiments/{experiment}/models/{models['seen-M2']}?workflowType=machine_learning")
+        page.get_by_text("Model versions").wait_for()
+        page.get_by_role("link", name="seen-M1").wait_for()
+        text = page.inner_text("body")
+        screenshot(page, "mlflow-model-M2.png")
+        assert "Not registered" not in text and "v2" in text and "trained by DPO in" in text
+        assert "seen/iter-1/actor_pairs" in text
 
-    page.goto(f"{url.removesuffix('/api')}/runs/flow-run/{iteration.id}")
-    page.get_by_text("judgments iter-1 shard-0001: 18 rows").wait_for()
-    text = page.inner_text("body")
-    screenshot(page, "prefect-iteration-logs.png")
-    assert "health before training iteration 1" in text and "MLflow: iteration 1 is logged to" in text
-    page.context.browser.close()
+        page.goto(f"{url.removesuffix('/api')}/runs/flow-run/{iteration.id}")
+        page.get_by_text("judgments iter-1 shard-0001: 18 rows").wait_for()
+        text = page.inner_text("body")
+        screenshot(page, "prefect-iteration-logs.png")
+        assert "health before training iteration 1" in text and "MLflow: iteration 1 is logged to" in text
+        assert "Settings from the environment" in text and "artifact root: " in text
 
 
+@contextlib.contextmanager
 def browser_page():
     """A page of headless Chromium (Debian's, driven by Playwright); the test is skipped without one, and fails
     where METAREWARD_REQUIRE_BROWSER=1 (CI installs it). Call it after the last Prefect client call of the
@@ -364,10 +366,12 @@ def browser_page():
         pytest.skip("no chromium on PATH (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    browser = sync_playwright().start().chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-    page = browser.new_page(viewport={"width": 1500, "height": 1100})
-    page.set_default_timeout(60_000)
-    return page
+    with sync_playwright() as playwright:  # stopped on exit: its event loop would outlive the test in this thread
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
 
 
 def screenshot(page, name: str) -> None:

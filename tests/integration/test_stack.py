@@ -6,6 +6,7 @@ retried as the UI's Retry does, and finishes on S3 without recomputing a finishe
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -346,3 +347,31 @@ def test_the_image_environment_is_the_tests():
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     for name, value in IMAGE_ENV.items():
         assert f"{name}={value}" in dockerfile
+
+
+def test_a_flow_run_whose_process_and_worker_die_is_marked_crashed_by_the_zombie_automation(stack, tmp_path,
+                                                                                           tiny_model):
+    # Runs last in this module: it kills the worker. Its node lost, nothing is left to report the run's end: only
+    # the missing heartbeats (every 30 s, the compose worker's PREFECT_FLOWS_HEARTBEAT_FREQUENCY) can.
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(tmp_path / "artifacts"), name="zombie").read_text())
+    release = tmp_path / "release"
+    fault = json.dumps({"METAREWARD_INJECT_FAULT": f"responses:shard-0000:hold={release}"})
+    result = subprocess.run([f"{REPO}/.venv/bin/prefect", "deployment", "run", "metareward-campaign/demo",
+                             "--params", json.dumps({"config": config}), "--job-variable", f"env={fault}"],
+                            env=stack.worker_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+    started = release.with_name("release.started")
+    deadline = time.monotonic() + 300
+    while not started.exists():  # the flow run is inside its first model stage, heartbeats going
+        assert time.monotonic() < deadline, (stack.home / "worker.log").read_text()[-3000:]
+        time.sleep(0.5)
+    worker = next(process for process in stack.processes if process.args[:1] == ["/bin/sh"])
+    os.killpg(worker.pid, 9)  # the worker and its flow-run process, as a lost node takes them
+    with contextlib.suppress(ProcessLookupError):  # in the worker's process group or not
+        os.kill(json.loads(started.read_text())["pid"], 9)
+    killed = time.monotonic()
+    flow_run = _wait_final(stack, flow_run_id, timeout=300)
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert "metareward-crash-zombie-flow-runs" in flow_run.state.message
+    print(f"marked crashed {time.monotonic() - killed:.0f} s after its process and worker were killed")

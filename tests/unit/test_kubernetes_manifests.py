@@ -222,7 +222,9 @@ def test_the_ray_cluster_holds_the_70b_recipe_and_is_sized_like_the_gpu_pool():
     assert container["envFrom"] == [{"secretRef": {"name": DEFAULTS["secret_name"]}}]
     env = {variable["name"]: variable["value"] for variable in container["env"]}
     [cache] = [mount["mountPath"] for mount in container["volumeMounts"] if mount["name"] == "model-cache"]
-    assert {name: env[name] for name in ("METAREWARD_MODEL_CACHE", "HF_HOME")} == TEMPLATE["job_configuration"]["env"]
+    cache_variables = ("METAREWARD_MODEL_CACHE", "HF_HOME")
+    assert {name: env[name] for name in cache_variables} == {
+        name: TEMPLATE["job_configuration"]["env"][name] for name in cache_variables}
     assert all(env[name].startswith(cache + "/") for name in ("METAREWARD_MODEL_CACHE", "HF_HOME"))
 
 
