@@ -30,8 +30,9 @@ end while the engine is meant to stay; a replica runs its jobs on the one thread
 
 
 _KILL_WAIT_S = 60.0
-_DEATH_WAIT_S = 5.0  # how long a server that stopped answering is given to show it died
 """How long stop() waits for SIGKILLed processes to end (the kernel frees their memory first)."""
+_DEATH_WAIT_S = 5.0
+"""How long a server that stopped answering is given to show it died."""
 
 
 class VLLMServer:
