@@ -1,4 +1,4 @@
-"""Evaluation of one model as a Prefect flow: judge agreement (paper sec. 3.4) and the AlpacaEval export."""
+"""Evaluation of one model as a Prefect flow: judge agreement (paper sec. 3.4), AlpacaEval 2 and Arena-Hard exports."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from pydantic import Field
 from metareward.config.campaign import CampaignConfig
 from metareward.preflight import check_evaluation
 from tasks.common import in_this_environment
-from tasks.evaluate import alpaca_eval_export, judge_agreement
+from tasks.evaluate import alpaca_eval_export, arena_hard_export, judge_agreement
 
 
 @flow(name="metareward-evaluation", flow_run_name="{config.name} evaluation", persist_result=True)
 def evaluation_flow(config: CampaignConfig, model: str = "", rankings: str = "", alpaca_eval_prompts: str = "",
-                    num_judgments: Annotated[int, Field(ge=0)] = 0) -> dict:
-    """Evaluate a model: judge agreement with a labelled-rankings file and/or an AlpacaEval export of a prompt
-    file, each logged to MLflow as an evaluation run. Returns the agreement estimates and the export's URI.
+                    num_judgments: Annotated[int, Field(ge=0)] = 0, arena_hard_questions: str = "") -> dict:
+    """Evaluate a model: judge agreement with a labelled-rankings file, an AlpacaEval export of a prompt file and/or
+    an Arena-Hard export of a question file, each logged to MLflow as an evaluation run. Returns the agreement
+    estimates and the exports' URIs.
 
     Args:
         config: The campaign whose engine, judge sampling and MLflow experiment are used.
@@ -27,10 +28,12 @@ def evaluation_flow(config: CampaignConfig, model: str = "", rankings: str = "",
             agreement (paper sec. 3.4).
         alpaca_eval_prompts: A prompt file whose answers are exported in AlpacaEval's format.
         num_judgments: N for agreement; 0: the last iteration's.
+        arena_hard_questions: An Arena-Hard question file whose answers are exported in Arena-Hard's format.
     """
     config = in_this_environment(config)
-    if not rankings and not alpaca_eval_prompts:
-        raise ValueError("nothing to evaluate: give rankings (labelled rankings file) and/or alpaca_eval_prompts")
+    if not rankings and not alpaca_eval_prompts and not arena_hard_questions:
+        raise ValueError("nothing to evaluate: give rankings (labelled rankings file), alpaca_eval_prompts and/or "
+                         "arena_hard_questions")
     model, num_judgments = model or None, num_judgments or None
     check_evaluation(config, model)
     outcome: dict = {"model": model or config.model.path}
@@ -43,5 +46,8 @@ def evaluation_flow(config: CampaignConfig, model: str = "", rankings: str = "",
     if alpaca_eval_prompts:
         outcome["alpaca_eval"] = alpaca_eval_export(config, alpaca_eval_prompts, model)
         lines += ["", f"AlpacaEval outputs: `{outcome['alpaca_eval']}`"]
+    if arena_hard_questions:
+        outcome["arena_hard"] = arena_hard_export(config, arena_hard_questions, model)
+        lines += ["", f"Arena-Hard answers: `{outcome['arena_hard']}`"]
     create_markdown_artifact(markdown="\n".join(lines), description=f"{config.name}: evaluation")
     return outcome

@@ -1,4 +1,5 @@
-"""Prefect tasks: judge agreement with labelled rankings, and the AlpacaEval export into the artifact store."""
+"""Prefect tasks: judge agreement with labelled rankings, and the AlpacaEval 2 and Arena-Hard exports into the artifact
+store."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
+from metareward.pipeline.arena_hard import export_arena_hard
 from metareward.pipeline.evaluation import evaluate_judge_agreement, export_alpaca_eval
 from metareward.tracking.tracker import log_evaluation
 from tasks.common import GPU_TAG, RETRIED
@@ -35,5 +37,20 @@ def alpaca_eval_export(config: CampaignConfig, prompts: str, model: str | None) 
         log_evaluation(config, export)
         store = open_store(config.artifact_root)
         key = f"{config.name}/evaluations/{export.model_digest}/alpaca_eval.json"
+        store.write_bytes(key, local.read_bytes())
+    return store.uri(key)
+
+
+@task(name="arena-hard-export", **_OPTIONS)
+def arena_hard_export(config: CampaignConfig, questions: str, model: str | None) -> str:
+    """The model's answers to an Arena-Hard question file in Arena-Hard's answer format, stored at
+    {campaign}/evaluations/{digest}/arena-hard/{model id}.jsonl in the artifact store (Arena-Hard names a model
+    by its answer file); returns that URI."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / "answers.jsonl"
+        export = export_arena_hard(config, questions, local, model)
+        log_evaluation(config, export)
+        store = open_store(config.artifact_root)
+        key = f"{config.name}/evaluations/{export.model_digest}/arena-hard/{export.rows['model_id'][0]}.jsonl"
         store.write_bytes(key, local.read_bytes())
     return store.uri(key)

@@ -161,7 +161,7 @@ class EvaluationResult:
 
 
 @contextmanager
-def _evaluated_model(config, model_path: str | None):
+def evaluated_model(config, model_path: str | None):
     """(model URI, its content digest, a started backend serving it) for model_path (default: the seed
     model), the model resolved to a local folder once; the backend is closed on exit."""
     from metareward.inference.engines import create_backend
@@ -176,6 +176,12 @@ def _evaluated_model(config, model_path: str | None):
         backend.close()
 
 
+def default_model_name(campaign: str, digest: str) -> str:
+    """CAMPAIGN-DIGEST: the name an exported model's answers carry unless the user gives one (AlpacaEval's
+    generator, Arena-Hard's model id)."""
+    return f"{campaign}-{digest}"
+
+
 def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str | None = None,
                              num_judgments: int | None = None,
                              bootstrap: int = 1000) -> tuple[dict[str, Estimate], EvaluationResult]:
@@ -187,7 +193,7 @@ def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str 
     settings = config.iterations[-1]
     num_judgments = num_judgments or settings.num_judgments
     rankings = load_labelled_rankings(rankings_path)
-    with _evaluated_model(config, model_path) as (model, digest, backend):
+    with evaluated_model(config, model_path) as (model, digest, backend):
         scored = judge_labelled_responses(rankings, backend, num_judgments, settings.judge_sampling, config.seed,
                                           config.inference.verdict_mode)
     estimates = judge_agreement(scored, bootstrap=bootstrap, seed=config.seed)
@@ -201,12 +207,13 @@ def evaluate_judge_agreement(config, rankings_path: str | Path, model_path: str 
 def export_alpaca_eval(config, prompts_path: str | Path, output_path: str | Path, model_path: str | None = None,
                        generator: str | None = None, column: str = "prompt") -> EvaluationResult:
     """Answers of model_path (default: the seed model) to a prompt file, written as AlpacaEval's model
-    outputs JSON (instruction, output, generator) for AlpacaEval 2 / Arena-Hard; sampling is the last
-    iteration's actor sampling. Returns the evaluation to log, its rows the outputs written."""
+    outputs JSON (instruction, output, generator) for AlpacaEval 2 (Arena-Hard reads its own format:
+    arena_hard.export_arena_hard); sampling is the last iteration's actor sampling. Returns the evaluation to log,
+    its rows the outputs written."""
     prompts = load_prompts(prompts_path, column, "--column").table["prompt"].to_list()
-    with _evaluated_model(config, model_path) as (model, digest, backend):
+    with evaluated_model(config, model_path) as (model, digest, backend):
         answers = answer_prompts(prompts, backend, config.iterations[-1].actor_sampling, config.seed)
-    outputs = alpaca_eval_outputs(prompts, answers, generator or f"{config.name}-{digest}")
+    outputs = alpaca_eval_outputs(prompts, answers, generator or default_model_name(config.name, digest))
     Path(output_path).write_text(json.dumps(outputs, indent=2, ensure_ascii=False), encoding="utf-8")
     lengths = [len(answer) for answer in answers]
     metrics = {"export/answers": float(len(answers)), "export/mean_chars": float(np.mean(lengths)) if lengths else 0.0,

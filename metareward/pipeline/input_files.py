@@ -45,7 +45,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
     if suffix in (".jsonl", ".json"):
         return _json_rows(path, list(columns), list(optional), list(numbers), error, hint)
     if suffix == ".csv":
-        text = _decode(path, error)
+        text = decode_text(path, error)
         if not text.strip():
             raise error(f"{path}: empty CSV file (no header row)")
         try:
@@ -75,7 +75,9 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str, error: type[I
                         *(pl.col(name).cast(pl.Float64) for name in numbers))
 
 
-def _decode(path: Path, error: type[InputFileError]) -> str:
+def decode_text(path: Path, error: type[InputFileError] = InputFileError) -> str:
+    """The file's text as UTF-8; raises `error` naming the file, the line and the byte offset of the first bytes that
+    are not UTF-8, and saying to re-encode the file."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -87,7 +89,7 @@ def _decode(path: Path, error: type[InputFileError]) -> str:
 
 def _json_rows(path: Path, columns: list[str], optional: list[str], numbers: list[str], error: type[InputFileError],
                hint: str) -> pl.DataFrame:
-    text = _decode(path, error)
+    text = decode_text(path, error)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = list(enumerate(json.loads(text), start=1))
