@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metareward.config.schedule import PaperScheduleWarning, schedule_departures
 from metareward.config.sections import (  # noqa: F401 (ConfigError is imported from here)
     ConfigError,
     HealthConfig,
@@ -116,10 +118,11 @@ class IterationConfig(Strict):
         description="Weight a battle won in the first position by ω1 = win_2nd/(win_1st+win_2nd) and one won in "
         "the second by ω2 (paper sec. 2.2); false: ω1 = ω2 = ½. Applies to battle_rule weighted.",
     )
-    battle_rule: Literal["weighted", "both_orders_agree"] = Field(
+    battle_rule: Literal["weighted", "both_orders_agree", "both_orders_or_tie"] = Field(
         default="weighted",
-        description="weighted (paper): each order's verdict is a weighted win; both_orders_agree (NeMo-Aligner): a "
-        "judgment wins a battle only when it wins in both orders, and a split counts for neither.",
+        description="weighted (paper): each order's verdict is a weighted win; both_orders_agree: a judgment wins a "
+        "battle only when it wins in both orders, and a split (each won one order) counts for neither; "
+        "both_orders_or_tie (NeMo-Aligner's self-rewarding trainer): the same, but a split is a tie, one win each way.",
     )
     meta_judge_sees_scores: bool = Field(
         default=True,
@@ -268,6 +271,17 @@ class CampaignConfig(Strict):
     @classmethod
     def _root_without_password(cls, value: str) -> str:
         return no_password(value, "artifact_root", "put S3 credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+
+    @model_validator(mode="after")
+    def _warn_where_defaults_leave_the_paper(self) -> CampaignConfig:
+        # Before _judge_training_follows_mode, which fills in train_judge: unset is still None here.
+        departures = schedule_departures(self.mode, self.iterations)
+        if departures:
+            warnings.warn(PaperScheduleWarning(
+                f"campaign {self.name}: settings left at a default that is not the paper's schedule (A.3); set them "
+                "(to the paper's value, or to keep the default) and this warning goes:\n  " + "\n  ".join(departures)),
+                stacklevel=2)
+        return self
 
     @model_validator(mode="after")
     def _judge_training_follows_mode(self) -> CampaignConfig:

@@ -76,22 +76,40 @@ def battle_matrices(
     return matrices
 
 
-def agreed_battles(group: np.ndarray, first: np.ndarray, second: np.ndarray,
-                   verdict: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """NeMo-Aligner's rule, for battle_matrices with ω1 = ω2 = 1: one battle per pair of judgments (m, n) of a
-    group judged in both orders, won by m only when m won both (r^{mn} = 1 and r^{nm} = −1), by n only when n
-    won both, and by neither otherwise (split verdicts, a tie or an unparsed verdict, a missing order). Rows as
-    battle_matrices takes them; returns (group, first, second, verdict) with first < second in each row."""
-    outcome: dict[tuple[int, int, int], list[int]] = {}
-    lists = (np.asarray(a, dtype=np.int64).tolist() for a in (group, first, second, verdict))
-    for g, m, k, r in zip(*lists, strict=True):
-        low, high = min(m, k), max(m, k)
-        # The verdict from the lower index's point of view: +1 when it won this order.
-        outcome.setdefault((g, low, high), []).append(r if m == low else -r)
-    rows = [(g, low, high, views[0] if len(views) == 2 and views[0] == views[1] != 0 else 0)
-            for (g, low, high), views in outcome.items()]
-    columns = np.array(rows, dtype=np.int64).reshape(-1, 4).T
-    return columns[0], columns[1], columns[2], columns[3]
+def order_wins(group: np.ndarray, first: np.ndarray, second: np.ndarray,
+               verdict: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both orders of each pair of judgments added up. Rows as battle_matrices takes them (one per battle); returns
+    one row per pair (m, n), m < n, of a group with a battle in either order: (group, m, n, wins_m, wins_n), wins_m
+    the orders (0–2) m won and wins_n those n won. A tie, an unparsed verdict or a missing order is a win for
+    neither, so (1, 1) is a split — each won in one order — and only (2, 0) and (0, 2) agree."""
+    group, first, second, verdict = (np.asarray(a, dtype=np.int64) for a in (group, first, second, verdict))
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    shown_first = first == low
+    low_won = np.where(shown_first, verdict == 1, verdict == -1)
+    high_won = np.where(shown_first, verdict == -1, verdict == 1)
+    pairs, pair_of = np.unique(np.stack([group, low, high], axis=1).reshape(-1, 3), axis=0, return_inverse=True)
+    pair_of = pair_of.reshape(-1)
+    wins_low = np.bincount(pair_of, weights=low_won, minlength=len(pairs)).astype(np.int64)
+    wins_high = np.bincount(pair_of, weights=high_won, minlength=len(pairs)).astype(np.int64)
+    return pairs[:, 0], pairs[:, 1], pairs[:, 2], wins_low, wins_high
+
+
+def agreed_battles(group: np.ndarray, first: np.ndarray, second: np.ndarray, verdict: np.ndarray,
+                   split_is_tie: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Battles under agreement of both orders, for battle_matrices with ω1 = ω2 = 1: a pair of judgments (m, n) of a
+    group is won by m when m won both orders (r^{mn} = 1 and r^{nm} = −1), by n when n won both (order_wins). A split
+    — each won one order — counts for neither, or with split_is_tie as a tie, one win each way (B[m, n] and B[n, m]
+    each + 1), as NeMo-Aligner's self-rewarding trainer counts a pair whose two verdicts name the same position.
+    Anything else (a tie or unparsed verdict, a missing order) counts for neither. Rows as battle_matrices takes
+    them: (group, first, second, verdict) with first < second, verdict 1 (first won) or −1 (second won); a tied pair
+    gives one row of each."""
+    pair_group, low, high, wins_low, wins_high = order_wins(group, first, second, verdict)
+    tied = split_is_tie & (wins_low == 1) & (wins_high == 1)
+    low_won = (wins_low == 2) | tied
+    high_won = (wins_high == 2) | tied
+    won = [np.ones(int(low_won.sum()), dtype=np.int64), -np.ones(int(high_won.sum()), dtype=np.int64)]
+    return (np.concatenate([pair_group[low_won], pair_group[high_won]]), np.concatenate([low[low_won], low[high_won]]),
+            np.concatenate([high[low_won], high[high_won]]), np.concatenate(won))
 
 
 def elo_scores(B: np.ndarray) -> np.ndarray:

@@ -58,9 +58,11 @@ def without_score(text: str) -> str:
     matches = list(_SCORE.finditer(text))
     if not matches:
         return text
-    score = matches[-1].start()
+    last = matches[-1]
+    score = last.start()
     start = text.rfind("\n", 0, score) + 1
-    end = text.find("\n", matches[-1].end())
+    # The match runs on over the whitespace after the number, newlines included: the line ends after the number.
+    end = text.find("\n", last.end("scale") if last["scale"] is not None else last.end("value"))
     rest = "" if end == -1 else text[end + 1:]
     head = text[start:score]
     kept = text[:start] + ("" if head.strip(" \t*_#>-") == "" else head.rstrip() + "\n")

@@ -14,13 +14,13 @@ from metareward.artifacts.tables import (
     content_seed,
     validate_table,
 )
-from metareward.paper.elo import agreed_battles, battle_matrices, elo_scores_batch, positional_weights
+from metareward.paper.elo import agreed_battles, battle_matrices, elo_scores_batch, order_wins, positional_weights
 from metareward.paper.prompts import render_judge_prompt
 from metareward.paper.selection import select_actor_pair, select_judge_pair, select_judged_response
 
-BATTLE_RULES = ("weighted", "both_orders_agree")
-"""How a pair of judgments' two verdicts (one per order) become battle wins: the paper's weighted wins, or
-NeMo-Aligner's agreement of both orders."""
+BATTLE_RULES = ("weighted", "both_orders_agree", "both_orders_or_tie")
+"""How a pair of judgments' two verdicts (one per order) become battle wins: the paper's weighted wins; a win only
+when both orders agree, a split counting for neither; or as NeMo-Aligner counts them, a split being a tie."""
 
 
 JUDGED_RESPONSES = ("highest_variance", "all")
@@ -140,6 +140,17 @@ def select_judged_responses(scores: pl.DataFrame, seed: int, which: str = "highe
                         orient="row")
 
 
+def meta_judged_judgments(judgments: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """The judgments the meta-judge compares: the valid ones (a score) of the judged responses (table with
+    response_id), each text once per response — a judgment that repeats an earlier one's text word for word (by
+    sample_idx) is left out, since the meta-judge has nothing to tell apart in two identical judgments and they make
+    no judge pair (NeMo-Aligner does not meta-judge such a pair either) — and how many were left out that way."""
+    valid = judgments.join(judged.select("response_id"), on="response_id", how="semi").filter(
+        pl.col("score").is_not_null()).sort("response_id", "sample_idx")
+    distinct = valid.unique(["response_id", "text"], keep="first", maintain_order=True)
+    return distinct, valid.height - distinct.height
+
+
 def rank_judgments(
     meta_judgments: pl.DataFrame, judgments: pl.DataFrame, iteration: int, model_id: str,
     positional: bool = True, battle_rule: str = "weighted",
@@ -149,9 +160,11 @@ def rank_judgments(
     win_1st / win_2nd are counted over the whole table given — pass the whole iteration, as the paper
     does — and give the positional weights (ω1, ω2), or ω1 = ω2 = ½ when `positional` is false; each
     response's battles make its battle matrix, and one batched fit gives the Elo scores. battle_rule
-    "both_orders_agree" (NeMo-Aligner) counts a battle only for a judgment that won it in both orders
-    (elo.agreed_battles; the weights do not apply). The statistics carry win_first, win_second, and w1, w2 under
-    the weighted rule or agreed_battles, split_battles under the other.
+    "both_orders_agree" counts a battle only for a judgment that won it in both orders, a split (each won one
+    order) for neither; "both_orders_or_tie" (NeMo-Aligner's rule) counts a split as a tie, one win each way
+    (elo.agreed_battles; the weights do not apply to either). The statistics carry win_first, win_second, and w1, w2
+    under the weighted rule or, under the others, the pairs whose orders agreed (agreed_battles), split
+    (split_battles) or were not both decided (undecided_battles: a tie, an unparsed verdict, a missing order).
     """
     if battle_rule not in BATTLE_RULES:
         raise ValueError(f"battle_rule must be one of {BATTLE_RULES}, got {battle_rule!r}")
@@ -186,10 +199,14 @@ def rank_judgments(
     )
     sizes = ranked.group_by("group").agg(pl.len()).sort("group")["len"].to_numpy()
     rows = tuple(battles[column].to_numpy() for column in ("group", "index", "second_index", "r"))
-    if battle_rule == "both_orders_agree":
-        rows = agreed_battles(*rows)
+    if battle_rule != "weighted":
+        *_, wins_low, wins_high = order_wins(*rows)
+        agreed = int(((wins_low == 2) | (wins_high == 2)).sum())
+        split = int(((wins_low == 1) & (wins_high == 1)).sum())
+        stats.counts.update(agreed_battles=agreed, split_battles=split,
+                            undecided_battles=len(wins_low) - agreed - split)
+        rows = agreed_battles(*rows, split_is_tie=battle_rule == "both_orders_or_tie")
         w1 = w2 = 1.0
-        stats.counts.update(agreed_battles=int((rows[3] != 0).sum()), split_battles=int((rows[3] == 0).sum()))
     matrices = battle_matrices(*rows, len(sizes), int(sizes.max()), w1, w2)
     elo = elo_scores_batch(matrices, sizes)
     wins = pl.concat([
@@ -227,7 +244,9 @@ def select_judge_pairs(
 ) -> tuple[pl.DataFrame, StageStats]:
     """Judge preference pairs (paper sec. 2.2): per judged response, highest vs lowest Elo (ties at random,
     seeded by (seed, response_id)); pairs whose chosen judgment is longer than max_chosen_chars are dropped
-    (A.3). The pair's prompt is the judge prompt of that response, chosen/rejected the judgment texts."""
+    (A.3), and so are pairs of two word-for-word identical judgments, which teach nothing (counted as
+    identical_texts; meta_judged_judgments keeps them from being ranked in the first place). The pair's prompt is
+    the judge prompt of that response, chosen/rejected the judgment texts."""
     stats = StageStats("judge_pairs")
     grouped = (
         judgment_elo.join(judgments.select("judgment_id", "text", "n_chars"), on="judgment_id")
@@ -241,6 +260,9 @@ def select_judge_pairs(
         # The length filter is applied here rather than by select_judge_pair so that its drops are counted.
         pair = _length_filtered(select_judge_pair(elos, lengths, None, rng), lengths, max_chosen_chars, stats)
         if pair is None:
+            continue
+        if texts[pair[0]] == texts[pair[1]]:
+            stats.counts["identical_texts"] = stats.counts.get("identical_texts", 0) + 1
             continue
         chosen, rejected = pair
         picked.append((prompt_id, response_id, texts[chosen], texts[rejected], judgment_ids[chosen],

@@ -4,6 +4,9 @@ A job's key hashes what its rows depend on and nothing else: the stage's setting
 function), the digests of its input tables, the model's digest (model stages), the shard, the iteration, and
 the code fingerprint of its runner. Its table and a completion marker (written last) sit at
 `{campaign}/iter-{t}/{stage}/{shard}-{key}.parquet|.json`; a job whose two files are there is never recomputed.
+The seed's stages (SFT of the base model into M_1) sit at `_seed/{stage}/{shard}-{key}` instead, outside every
+campaign: their key names no campaign, so campaigns on one artifact root that train the same seed — the paper's
+Meta-Rewarding and its Self-Rewarding baseline, both from "SFT on EFT" — share one M_1, byte for byte.
 """
 
 from __future__ import annotations
@@ -28,17 +31,24 @@ from metareward.host.faults import inject_job_fault
 from metareward.inference import progress
 from metareward.pipeline.context import ModelRef, StageContext
 from metareward.pipeline.fingerprints import installed_index
-from metareward.pipeline.stages import stage
+from metareward.pipeline.stages import SEED_STAGES, stage
 from metareward.placement.replicas import Replica, ray_address, shared_pool
 from metareward.training.checkpoints import CheckpointStore
 from metareward.training.models import MODEL_DIGEST_FILE
+
+SEED_FOLDER = "_seed"
+"""Where the seed stages' jobs live under the artifact root, beside the campaigns (a campaign's name cannot start
+with "_"): keyed by their inputs alone, so every campaign with the same base model, SFT data, SFT settings and seed
+finds the M_1 the first one trained."""
 
 
 @dataclass(frozen=True)
 class Job:
     """One unit of cached work. `key` is the artifact key without extension; `inputs` the URIs of the tables
     it reads, by input stage; `model` the model M_t it runs (model stages); `model_id` the model behind its
-    rows (M_t's digest, or its inputs')."""
+    rows (M_t's digest, or its inputs'); `campaign` the campaign that planned it; `former_key` where a seed stage's
+    job of this campaign was kept before seed stages were shared (`{campaign}/iter-0/…`), looked at when `key`
+    holds nothing, so that a campaign that trained its M_1 before resumes with it."""
 
     stage: str
     iteration: int
@@ -52,6 +62,8 @@ class Job:
     model_id: str | None = None
     shard_index: int | None = None
     shard_count: int = 1
+    campaign: str = ""
+    former_key: str | None = None
 
     @property
     def table_key(self) -> str:
@@ -83,13 +95,15 @@ class Job:
 class JobResult:
     """What a finished job produced: the job, its table and its statistics (stored with it); `cached` when
     it was found in the store rather than computed by this call, `recomputed` why a stored result was not
-    trusted and computed again (its table damaged, its model folder incomplete)."""
+    trusted and computed again (its table damaged, its model folder incomplete), `computed_by` the campaign whose
+    run computed a stored result (a shared seed stage's may be another campaign's; None when not recorded)."""
 
     job: Job
     table: TableRef
     stats: dict[str, Any]
     cached: bool = False
     recomputed: str | None = None
+    computed_by: str | None = None
 
     @property
     def model_id(self) -> str | None:
@@ -173,9 +187,12 @@ def plan_job(config: CampaignConfig, stage_name: str, iteration: int, inputs: Ma
         "inputs": digests, "model": model.model_id if entry.uses_model else None,
     }, sort_keys=True))
     shard = shard_label(shard_index)
+    in_campaign = f"{config.name}/iter-{iteration}/{stage_name}/{shard}-{cache_key}"
+    shared = entry in SEED_STAGES
     return Job(
         stage=stage_name, iteration=iteration, shard=shard, cache_key=cache_key,
-        key=f"{config.name}/iter-{iteration}/{stage_name}/{shard}-{cache_key}", settings_digest=settings, code=code,
+        key=f"{SEED_FOLDER}/{stage_name}/{shard}-{cache_key}" if shared else in_campaign,
+        campaign=config.name, former_key=in_campaign if shared else None, settings_digest=settings, code=code,
         # Copies: Prefect links a task's returned objects to it by identity, and an upstream result's table held
         # inside this job would draw an edge from every stage upstream of it.
         inputs={name: [dataclasses.replace(result.table) for result in results] for name, results in given.items()},
@@ -240,7 +257,7 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         result.recomputed = distrust
     if stage(job.stage).writes_model:
         # The kept model and the job's marker are in: its checkpoints go (also when a run died before removing them).
-        CheckpointStore(store.root, job.checkpoints_key).clear()
+        CheckpointStore(store.root, result.job.checkpoints_key).clear()
     for listener in list(_listeners):
         listener(job, result)
     return result
@@ -278,7 +295,18 @@ def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None
     """The job's stored result and None when its marker and table are there and agree (ArtifactStore.mismatch:
     size, and the digest of a local table or the ETag of an S3 one) and, for a trained model, its folder's
     model_id.txt is there; else None and why a stored result is not trusted (None when there is none): a
-    deleted, truncated or replaced artifact means the job runs again, never a silently missing or damaged one."""
+    deleted, truncated or replaced artifact means the job runs again, never a silently missing or damaged one.
+    A seed stage's job with nothing at its key is looked for at its former_key (the result's job then has that
+    key)."""
+    result, distrust = _stored_at(store, job)
+    if result is None and distrust is None and job.former_key:
+        former, _ = _stored_at(store, dataclasses.replace(job, key=job.former_key, former_key=None))
+        if former is not None:
+            return former, None
+    return result, distrust
+
+
+def _stored_at(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None]:
     if not store.exists(job.marker_key):
         return None, None
     try:
@@ -293,7 +321,7 @@ def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None
     trained = stage(job.stage).writes_model and not marker["stats"].get("kept_previous_model")
     if trained and not store.exists(f"{job.model_key}/{MODEL_DIGEST_FILE}"):
         return None, f"its model folder {store.uri(job.model_key)} has no {MODEL_DIGEST_FILE}"
-    return JobResult(job, table, marker["stats"], cached=True), None
+    return JobResult(job, table, marker["stats"], cached=True, computed_by=marker["job"].get("campaign")), None
 
 
 def finished(store: ArtifactStore, job: Job) -> JobResult | None:

@@ -22,6 +22,7 @@ from metareward.inference.engines import close_shared_backends, shared_backend
 from metareward.inference.roles import compare_answers, generate_responses, judge_responses, meta_judge
 from metareward.paper.preferences import (
     build_dpo_dataset,
+    meta_judged_judgments,
     rank_judgments,
     score_responses,
     select_actor_pairs,
@@ -85,12 +86,16 @@ def actor_pairs(context: StageContext, *, rho: float, max_chosen_chars: int | No
 def meta_judgments(context: StageContext, *, sampling: SamplingConfig, seed: int, verdict_mode: str,
                    engine: dict[str, Any], sees_scores: bool, judged_responses: str) -> Result:
     """Meta-judge: both orders of every pair of valid judgments of each judged response of this shard (the
-    highest-variance one per prompt, or all), the judgments shown with or without their score line."""
-    judged_table = context.table("judgments")
-    judged = select_judged_responses(score_responses(judged_table), seed, judged_responses)
-    return meta_judge(judged, judged_table, context.table("responses"), context.table("prompts"),
-                      _engine(context, engine, seed), sampling, seed, verdict_mode, context.iteration,
-                      context.model_id or "", sees_scores=sees_scores)
+    highest-variance one per prompt, or all), the judgments shown with or without their score line; a judgment
+    that repeats an earlier one's text is not compared (counted as identical_judgments)."""
+    judgment_table = context.table("judgments")
+    judged = select_judged_responses(score_responses(judgment_table), seed, judged_responses)
+    compared, identical = meta_judged_judgments(judgment_table, judged)
+    table, stats = meta_judge(judged, compared, context.table("responses"), context.table("prompts"),
+                              _engine(context, engine, seed), sampling, seed, verdict_mode, context.iteration,
+                              context.model_id or "", sees_scores=sees_scores)
+    stats.counts["identical_judgments"] = identical
+    return table, stats
 
 
 def judgment_elo(context: StageContext, *, battle_rule: str, positional_weights: bool | None) -> Result:

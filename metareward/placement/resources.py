@@ -1,5 +1,6 @@
-"""GPU memory a campaign needs, estimated per GPU from the model's architecture: DPO (weights, gradients, optimizer
-states, reference, activations) and inference (weights, KV cache), checked against the GPUs at hand.
+"""GPU memory a campaign needs, estimated per GPU from the model's architecture: DPO and the seed's SFT (weights,
+gradients, optimizer states, reference, activations) and inference (weights, KV cache), checked against the GPUs at
+hand.
 
 An estimate, not a measurement: it counts the tensors that must be resident and states its assumptions (see
 `ASSUMPTIONS`); allocator fragmentation, CUDA graphs and library workspaces are covered by a flat overhead.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig
+from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig, TrainingConfig
 
 GB = 1e9
 OVERHEAD_BYTES = 2 * GB
@@ -26,9 +27,10 @@ VLLM_MEMORY_SHARE = 0.9
 ASSUMPTIONS = (
     "training holds, per GPU: weights, gradients and two Adam states in the training dtype (no fp32 master "
     "copy), divided by the number of processes under FSDP or DeepSpeed ZeRO-3, not under DDP",
-    "the reference model is a second copy of the weights (TRL reloads it to precompute or to run it), none "
-    "with LoRA (the base model with its adapter disabled is the reference)",
-    "activations: every micro-batch of p pairs is 2p sequences of max_length tokens; a layer's activations per "
+    "DPO's reference model is a second copy of the weights (TRL reloads it to precompute or to run it), none "
+    "with LoRA (the base model with its adapter disabled is the reference); SFT has none",
+    "activations: every micro-batch of p pairs is 2p sequences of max_length tokens (of p SFT examples, p "
+    "sequences); a layer's activations per "
     "token are the norm inputs (and their fp32 upcast), q/k/v, the attention output (memory-efficient "
     "attention: no score matrix) and the MLP's gate, up, activation and product, kept for every layer without "
     "activation checkpointing, and with it (the default) only each layer's input plus one layer's at a time; "
@@ -149,35 +151,41 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def training_estimate(arch: Architecture, dpo: DPOConfig, label: str, sharded: bool | None = None) -> Estimate:
-    """Per-GPU memory of DPO with these settings (see ASSUMPTIONS); `sharded` says whether the processes shard the
-    model (None: as dpo.accelerate_config says — FSDP or ZeRO-3)."""
-    shards = dpo.num_processes if (_shards_model(dpo) if sharded is None else sharded) else 1
+def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
+                      sharded: bool | None = None) -> Estimate:
+    """Per-GPU memory of a training with these settings (see ASSUMPTIONS): DPO for a DPOConfig (pairs, a reference
+    model), else the seed's SFT (one sequence per example, no reference); `sharded` says whether the processes
+    shard the model (None: as training.accelerate_config says — FSDP or ZeRO-3)."""
+    preference = isinstance(training, DPOConfig)
+    shards = training.num_processes if (_shards_model(training) if sharded is None else sharded) else 1
     w = arch.dtype_bytes
-    estimate = Estimate(f"DPO {label}: {'LoRA r=' + str(dpo.lora_rank) if dpo.lora_rank else 'full fine-tuning'}, "
-                        f"{dpo.num_processes} process(es)" + (f", sharded over {shards}" if shards > 1 else ""),
-                        gpus=dpo.num_processes)
-    if dpo.lora_rank:
-        trainable = arch.layers * sum(dpo.lora_rank * (a + b) for a, b in arch.linear_shapes)
+    estimate = Estimate(f"{'DPO' if preference else 'SFT'} {label}: "
+                        f"{'LoRA r=' + str(training.lora_rank) if training.lora_rank else 'full fine-tuning'}, "
+                        f"{training.num_processes} process(es)" + (f", sharded over {shards}" if shards > 1 else ""),
+                        gpus=training.num_processes)
+    if training.lora_rank:
+        trainable = arch.layers * sum(training.lora_rank * (a + b) for a, b in arch.linear_shapes)
         estimate.parts["weights (frozen)"] = arch.parameters * w / shards
         estimate.parts["LoRA weights, gradients, Adam"] = trainable * w * 4
     else:
         estimate.parts["weights"] = arch.parameters * w / shards
         estimate.parts["gradients"] = arch.parameters * w / shards
         estimate.parts["Adam states"] = 2 * arch.parameters * w / shards
-        estimate.parts["reference model"] = arch.parameters * w / shards
-    tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
+        if preference:
+            estimate.parts["reference model"] = arch.parameters * w / shards
+    tokens = (2 if preference else 1) * training.per_device_batch_size * (training.max_length or 2048)
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     per_token_layer = w * (2 * h) + 4 * (2 * h) + w * (h + q + 2 * kv + q) + w * (h + 4 * arch.intermediate)
-    if dpo.activation_checkpointing:
+    if training.activation_checkpointing:
         estimate.parts["activations"] = tokens * (arch.layers * w * h + per_token_layer)
     else:
         estimate.parts["activations"] = tokens * arch.layers * per_token_layer
     estimate.parts["logits"] = tokens * arch.vocab * (w + 4 + 4)
     estimate.parts["overhead"] = OVERHEAD_BYTES
-    estimate.notes.append(f"micro-batch {dpo.per_device_batch_size} pair(s) = {tokens} tokens at max_length "
-                          f"{dpo.max_length}; {dpo.gradient_accumulation_steps} accumulation step(s); activation "
-                          f"checkpointing {'on' if dpo.activation_checkpointing else 'off'}")
+    estimate.notes.append(f"micro-batch {training.per_device_batch_size} {'pair' if preference else 'example'}(s) = "
+                          f"{tokens} tokens at max_length {training.max_length}; "
+                          f"{training.gradient_accumulation_steps} accumulation step(s); activation checkpointing "
+                          f"{'on' if training.activation_checkpointing else 'off'}")
     return estimate
 
 
@@ -206,13 +214,13 @@ def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
     return estimate
 
 
-def _shards_model(dpo: DPOConfig) -> bool:
-    if dpo.num_processes < 2:
+def _shards_model(training: TrainingConfig) -> bool:
+    if training.num_processes < 2:
         return False
     try:
-        launch = yaml.safe_load(Path(dpo.accelerate_config).read_text()) or {}
+        launch = yaml.safe_load(Path(training.accelerate_config).read_text()) or {}
     except OSError:
-        raise ConfigError(f"dpo.accelerate_config {dpo.accelerate_config} does not exist "
+        raise ConfigError(f"accelerate_config {training.accelerate_config} (of dpo or sft) does not exist "
                           "(see deployments/accelerate/)") from None
     if launch.get("distributed_type") == "FSDP":
         return True
@@ -254,13 +262,16 @@ def smallest_trainings(arch: Architecture, dpo: DPOConfig, gpu_memory: float, lo
 
 
 def campaign_estimates(config: CampaignConfig, arch: Architecture) -> list[Estimate]:
-    """The inference engines' estimate and, per distinct DPO setting, the training's (largest first)."""
+    """The inference engines' estimate and, per distinct DPO setting and for the seed's SFT (with an sft section),
+    the training's (largest first)."""
     trainings = {}
     for index, iteration in enumerate(config.iterations, start=1):
         key = iteration.dpo.model_dump_json(exclude={"num_epochs", "checkpoint_epoch", "learning_rate", "beta"})
         trainings.setdefault(key, (iteration.dpo, []))[1].append(index)
     estimates = [training_estimate(arch, dpo, "iteration" + ("s " if len(its) > 1 else " ") + ", ".join(map(str, its)))
                  for dpo, its in trainings.values()]
+    if config.sft:
+        estimates.append(training_estimate(arch, config.sft.training(), "stage 0 (the seed M_1)"))
     return [inference_estimate(arch, config)] + sorted(estimates, key=lambda e: -e.total)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from metareward.config.campaign import CampaignConfig, ConfigError, IterationConfig
+from metareward.config.schedule import PaperScheduleWarning
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "c1", "model": {"path": "m"}, "prompts": {"path": "p.jsonl"}, "iterations": [{}]}
@@ -34,6 +35,17 @@ def test_paper_recipe_file_encodes_a3():
     assert [it.max_chosen_response_chars for it in iterations] == [2500, None, None, None]
     assert [it.dpo.checkpoint_epoch for it in iterations] == [6, 4, 2, 2]
     assert all((it.num_prompts, it.num_responses, it.num_judgments) == (5000, 7, 11) for it in iterations)
+
+
+def test_the_one_gpu_recipe_trains_the_papers_seed_with_lora():
+    one = CampaignConfig.from_yaml(REPO / "deployments/configs/paper-llama3-8b-1gpu.yaml").sft
+    eight = CampaignConfig.from_yaml(REPO / "deployments/configs/paper-llama3-8b.yaml").sft
+    # The same SFT on EFT (A.3: 10 epochs, epoch 5 kept, global batch 32, cosine) with LoRA r = 64 on one GPU, at
+    # 10× A.3's learning rate as its DPO takes 10× A.3's (5e-5 for 5e-6).
+    assert (one.path, one.num_epochs, one.kept_epoch, one.global_batch_size, one.lr_scheduler_type) == (
+        eight.path, eight.num_epochs, eight.kept_epoch, eight.global_batch_size, eight.lr_scheduler_type)
+    assert (one.lora_rank, one.num_processes, eight.lora_rank) == (64, 1, None)
+    assert one.learning_rate == pytest.approx(10 * eight.learning_rate) == pytest.approx(5e-7)
 
 
 def test_yaml_round_trip(tmp_path):
@@ -145,3 +157,65 @@ def test_evaluation_section_defaults_and_rules():
     ]:
         with pytest.raises(ConfigError, match=message):
             CampaignConfig.from_dict({**MINIMAL, "evaluation": evaluation})
+
+
+SIZES_ONLY = {"num_prompts": 100, "num_responses": 4, "num_judgments": 5}
+
+
+def test_a_config_that_sets_only_sizes_is_warned_with_each_setting_the_paper_schedules_otherwise():
+    four = {**MINIMAL, "iterations": [dict(SIZES_ONLY) for _ in range(4)]}
+    with pytest.warns(PaperScheduleWarning) as caught:
+        CampaignConfig.from_dict(four)
+    [warning] = caught
+    header, *lines = str(warning.message).splitlines()
+    assert header.startswith("campaign c1: settings left at a default that is not the paper's schedule (A.3)")
+    assert [line.strip() for line in lines] == [
+        "iterations[0].max_chosen_response_chars: none (the default); the paper: 2500",
+        "iterations[0].max_chosen_judgment_chars: none (the default); the paper: 1100",
+        "iterations[0].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 6",
+        "iterations[1].rho: 0.0 (the default); the paper: 0.32",
+        "iterations[1].max_chosen_judgment_chars: none (the default); the paper: 1000",
+        "iterations[1].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 4",
+        "iterations[2].train_judge: true (the default in mode meta_rewarding); the paper: false",
+        "iterations[2].rho: 0.0 (the default); the paper: 0.32",
+        "iterations[2].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 2",
+        "iterations[3].train_judge: true (the default in mode meta_rewarding); the paper: false",
+        "iterations[3].rho: 0.0 (the default); the paper: 0.4",
+        "iterations[3].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 2",
+    ]
+    # The baseline's schedule (A.3, Self-Rewarding): ρ 0.1 in iteration 4, epochs 5, 1, 2, 2; no judge to train.
+    with pytest.warns(PaperScheduleWarning) as caught:
+        CampaignConfig.from_dict({**four, "mode": "self_rewarding"})
+    assert [line.strip() for line in str(caught[0].message).splitlines()[1:]] == [
+        "iterations[0].max_chosen_response_chars: none (the default); the paper: 2500",
+        "iterations[0].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 5",
+        "iterations[1].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 1",
+        "iterations[2].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 2",
+        "iterations[3].rho: 0.0 (the default); the paper: 0.1",
+        "iterations[3].dpo.checkpoint_epoch: none (the default: epoch 10 of 10 kept); the paper: 2",
+    ]
+
+
+def test_settings_a_config_sets_are_its_own_choice_and_the_shipped_configs_are_not_warned(recwarn):
+    paper = [dict(SIZES_ONLY, rho=rho, train_judge=judge, max_chosen_response_chars=response,
+                  max_chosen_judgment_chars=judgment, dpo={"checkpoint_epoch": epoch})
+             for rho, judge, response, judgment, epoch in ((0.0, True, 2500, 1100, 6), (0.32, True, None, 1000, 4),
+                                                          (0.32, False, None, None, 2), (0.4, False, None, None, 2))]
+    CampaignConfig.from_dict({**MINIMAL, "iterations": paper})
+    # Set explicitly, a value that is not the paper's is not a silent default: no warning.
+    chosen = [dict(SIZES_ONLY, rho=0.0, train_judge=True, max_chosen_response_chars=None,
+                   max_chosen_judgment_chars=None, dpo={"checkpoint_epoch": None}) for _ in range(4)]
+    CampaignConfig.from_dict({**MINIMAL, "iterations": chosen})
+    # A schedule of other than the paper's 10 epochs (the demo's 1) has no paper epoch to keep; a fifth iteration
+    # has no paper value at all.
+    short = [dict(item, dpo={"num_epochs": 1}) for item in paper] + [dict(SIZES_ONLY, train_judge=False)]
+    CampaignConfig.from_dict({**MINIMAL, "iterations": short})
+    for path in sorted((REPO / "deployments/configs").glob("*.yaml")):
+        CampaignConfig.from_yaml(path)
+    assert not [warning for warning in recwarn if warning.category is PaperScheduleWarning]
+    # Settings written out in full (config show, a Prefect run's parameters) are all set: no warning either.
+    with pytest.warns(PaperScheduleWarning):
+        loose = CampaignConfig.from_dict({**MINIMAL, "iterations": [dict(SIZES_ONLY) for _ in range(4)]})
+    recwarn.clear()
+    CampaignConfig.from_dict(loose.model_dump())
+    assert not [warning for warning in recwarn if warning.category is PaperScheduleWarning]

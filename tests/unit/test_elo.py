@@ -14,6 +14,7 @@ from metareward.paper.elo import (
     battle_matrix,
     elo_scores,
     elo_scores_batch,
+    order_wins,
     positional_weights,
 )
 
@@ -169,10 +170,30 @@ def test_agreed_battles_count_a_win_only_when_both_orders_agree():
     first = [0, 1, 0, 2, 1, 1, 2]
     second = [1, 0, 2, 0, 2, 2, 1]
     verdict = [1, -1, 1, 1, -1, -1, 0]
+    pairs = list(zip(*order_wins(group, first, second, verdict), strict=True))
+    assert pairs == [(0, 0, 1, 2, 0), (0, 0, 2, 1, 1), (0, 1, 2, 0, 1), (1, 1, 2, 0, 1)]
     rows = list(zip(*agreed_battles(group, first, second, verdict), strict=True))
-    assert sorted(rows) == [(0, 0, 1, 1), (0, 0, 2, 0), (0, 1, 2, 0), (1, 1, 2, 0)]
+    assert rows == [(0, 0, 1, 1)]
     matrices = battle_matrices(*agreed_battles(group, first, second, verdict), 2, 3, 1.0, 1.0)
     assert matrices[0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]] and not matrices[1].any()
-    # Judgment 1 wins in both orders against 2: counted for 1.
-    assert list(zip(*agreed_battles([0, 0], [1, 2], [2, 1], [1, -1]), strict=True)) == [(0, 1, 2, 1)]
+    # Judgment 2 wins in both orders against 1: counted for 2.
+    assert list(zip(*agreed_battles([0, 0], [1, 2], [2, 1], [-1, 1]), strict=True)) == [(0, 1, 2, -1)]
     assert [a.size for a in agreed_battles([], [], [], [])] == [0, 0, 0, 0]
+
+
+def test_a_split_is_a_tie_under_nemo_aligners_rule():
+    # NeMo-Aligner's self-rewarding trainer: both verdicts name the same position (each judgment won once) — a tie,
+    # one win each way; an agreed pair is one win; a pair with an order missing or unparsed, nothing.
+    group = [0, 0, 0, 0, 0]
+    first = [0, 1, 0, 2, 1]
+    second = [1, 0, 2, 0, 2]
+    verdict = [1, -1, 1, 1, -1]
+    tied = battle_matrices(*agreed_battles(group, first, second, verdict, split_is_tie=True), 1, 3, 1.0, 1.0)
+    assert tied[0].tolist() == [[0, 1, 1], [0, 0, 0], [1, 0, 0]]
+    strict = battle_matrices(*agreed_battles(group, first, second, verdict), 1, 3, 1.0, 1.0)
+    assert strict[0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
+    # A tie moves no one: two judgments that only split keep an Elo of 0 each.
+    splits = agreed_battles([0, 0], [0, 1], [1, 0], [1, 1], split_is_tie=True)
+    np.testing.assert_allclose(elo_scores(battle_matrices(*splits, 1, 2, 1.0, 1.0)[0]), 0.0, atol=1e-9)
+    # Position A named in one order and the other unparsed: neither agreed nor split, no battle under either rule.
+    assert agreed_battles([0, 0], [0, 1], [1, 0], [1, 0], split_is_tie=True)[0].size == 0

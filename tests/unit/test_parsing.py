@@ -95,6 +95,18 @@ def test_a_judgment_without_its_score_line_keeps_its_reasoning():
     assert parse_score(without_score("Fine.\nScore: 4")) is None
 
 
+def test_removing_the_score_keeps_the_line_after_it():
+    # The score pattern runs on over the whitespace after the number, newline included: the line that follows
+    # used to be taken for the rest of the score's line and dropped with it.
+    assert without_score("Fine.\nScore: 4\nThe line after.\nLast.") == "Fine.\nThe line after.\nLast."
+    assert without_score("Score: 4 \nThe line after.") == "The line after."
+    assert without_score("Poor. Score: 1\nThe line after.") == "Poor.\nThe line after."
+    assert without_score("Score: <3>\nThe line after.") == "The line after."
+    assert without_score("Score: 2/5\nThe line after.") == "The line after."
+    # A score whose number is on the next line: both of its lines go, the one after them stays.
+    assert without_score("Fine.\nScore:\n4\nThe line after.") == "Fine.\nThe line after."
+
+
 def test_the_evaluators_identifier_is_m_or_M_and_nothing_else():
     for text, expected in [("m", "m"), ("M", "M"), (" M\n", "M"), ('"m"', "m"), ("**M**", "M"), ("[m]", "m"),
                            ("M.", "M"), ("Mm", None), ("model m", None), ("", None), ("The best is M", None)]:

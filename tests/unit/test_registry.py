@@ -3,19 +3,32 @@ runner takes exactly its stage's settings, and a changed setting recomputes its 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import types
 import typing
 from pathlib import Path
 
+import polars as pl
 import pytest
 from pydantic import BaseModel
 
-from metareward.artifacts.store import TableRef
+from metareward.artifacts.stats import StageStats
+from metareward.artifacts.store import TableRef, open_store
 from metareward.config.campaign import CampaignConfig, ConfigError
 from metareward.pipeline.context import ModelRef
-from metareward.pipeline.jobs import JobResult, plan_job, settings_digest, shard_inputs, sharding
+from metareward.pipeline.jobs import (
+    SEED_FOLDER,
+    Job,
+    JobResult,
+    complete,
+    plan_job,
+    settings_digest,
+    shard_inputs,
+    sharding,
+    stored,
+)
 from metareward.pipeline.stages import (
     EVALUATION_STAGES,
     ITERATION_STAGES,
@@ -26,6 +39,7 @@ from metareward.pipeline.stages import (
     STAGES,
     stage,
 )
+from metareward.pipeline.summary import job_line
 from tests.conftest import PROMPT_FILE, REPO
 
 ITERATION = {"num_prompts": 4, "num_responses": 3, "num_judgments": 3}
@@ -320,3 +334,50 @@ def test_settings_that_cannot_be_hashed_are_refused():
     with pytest.raises(TypeError, match="cannot be hashed"):
         settings_digest({"engine": types.SimpleNamespace(x=1)})
     assert STAGE["checkpoint"].writes_model and not STAGE["judgments"].writes_model
+
+
+def seed_jobs(config: CampaignConfig) -> tuple[Job, Job]:
+    """The seed's two jobs (sft_data, then sft on the base model) as the seed flow plans them."""
+    examples = plan_job(config, "sft_data", 0, {})
+    trained = plan_job(config, "sft", 0, {"sft_data": [JobResult(examples, TableRef(examples.key, 4, "d"), {})]},
+                       ModelRef("m", "base-digest"))
+    return examples, trained
+
+
+def test_the_seed_is_keyed_by_its_inputs_and_filed_outside_every_campaign():
+    meta_rewarding = CampaignConfig.from_dict(base())
+    baseline = CampaignConfig.from_dict({**base(), "name": "baseline", "mode": "self_rewarding",
+                                         "iterations": [dict(ITERATION, train_judge=False)] * 2})
+    (examples, trained), (baseline_examples, baseline_trained) = seed_jobs(meta_rewarding), seed_jobs(baseline)
+    assert (examples.key, trained.key) == (baseline_examples.key, baseline_trained.key)
+    assert trained.key == f"{SEED_FOLDER}/sft/all-{trained.cache_key}" and trained.campaign == "c"
+    assert (trained.former_key, baseline_trained.former_key) == (
+        f"c/iter-0/sft/all-{trained.cache_key}", f"baseline/iter-0/sft/all-{trained.cache_key}")
+    # The iterations' stages stay in their campaign's folder.
+    assert plan_job(meta_rewarding, "prompts", 1, {}).key.startswith("c/iter-1/prompts/all-")
+    assert plan_job(baseline, "prompts", 1, {}).key.startswith("baseline/iter-1/prompts/all-")
+    # Another SFT setting, base model or seed is another seed.
+    other_settings = CampaignConfig.from_dict({**base(), "sft": {"path": str(SFT_FILE), "learning_rate": 1e-7}})
+    other_seed = CampaignConfig.from_dict({**base(), "seed": 1})
+    assert len({seed_jobs(config)[1].key for config in (meta_rewarding, other_settings, other_seed)}) == 3
+    assert plan_job(meta_rewarding, "sft", 0, {"sft_data": [JobResult(examples, TableRef(examples.key, 4, "d"), {})]},
+                    ModelRef("m", "other-base")).key != trained.key
+
+
+def test_a_seed_kept_in_its_campaign_before_seeds_were_shared_is_found_there(tmp_path):
+    config = CampaignConfig.from_dict({**base(), "artifact_root": str(tmp_path)})
+    job = plan_job(config, "sft_data", 0, {})
+    store = open_store(str(tmp_path))
+    assert stored(store, job) == (None, None)
+    before_sharing = dataclasses.replace(job, key=job.former_key, former_key=None)
+    complete(store, before_sharing, pl.DataFrame({"x": [1]}), StageStats("sft_data", rows=1))
+    result, why_not = stored(store, job)
+    assert why_not is None and result.cached and result.job.key == job.former_key and result.computed_by == "c"
+    # A seed at the shared key is the one used, by this campaign and by another, whose log says whose it is.
+    complete(store, job, pl.DataFrame({"x": [2]}), StageStats("sft_data", rows=1))
+    assert stored(store, job)[0].job.key == job.key and "reused" not in job_line(stored(store, job)[0])
+    baseline = CampaignConfig.from_dict({**base(), "name": "baseline", "artifact_root": str(tmp_path)})
+    reused = stored(store, plan_job(baseline, "sft_data", 0, {}))[0]
+    assert (reused.job.key, reused.computed_by) == (job.key, "c") and "reused from campaign c" in job_line(reused)
+    # An iteration stage has no former key: nothing is looked for elsewhere.
+    assert plan_job(config, "prompts", 1, {}).former_key is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli import main
-from metareward.config.campaign import CampaignConfig, DPOConfig
+from metareward.config.campaign import CampaignConfig, DPOConfig, SFTConfig
 from metareward.placement.resources import (
     GB,
     OVERHEAD_BYTES,
@@ -78,6 +78,19 @@ def test_components_by_hand():
     assert lora.parts["LoRA weights, gradients, Adam"] == 32 * 8 * sum(a + b for a, b in arch.linear_shapes) * w * 4
 
 
+def test_sft_holds_one_sequence_per_example_and_no_reference():
+    arch = architecture("x", str(LLAMA), "bfloat16")
+    settings = dict(per_device_batch_size=1, max_length=1024)
+    dpo = training_estimate(arch, DPOConfig(**settings), "dpo")
+    sft = training_estimate(arch, SFTConfig(path="eft.jsonl", **settings).training(), "sft")
+    assert sft.title.startswith("SFT sft: full fine-tuning") and "reference model" not in sft.parts
+    assert sft.parts["activations"] == dpo.parts["activations"] / 2 and sft.parts["logits"] == dpo.parts["logits"] / 2
+    assert {name: sft.parts[name] for name in ("weights", "gradients", "Adam states")} == {
+        name: dpo.parts[name] for name in ("weights", "gradients", "Adam states")}
+    lora = training_estimate(arch, SFTConfig(path="eft.jsonl", lora_rank=64, **settings).training(), "sft")
+    assert lora.parts["weights (frozen)"] == arch.parameters * 2 and "gradients" not in lora.parts
+
+
 def test_tensor_parallel_engines_split_the_weights_and_the_kv_heads():
     arch = architecture("x", str(LLAMA), "bfloat16")  # 8 KV heads of 128, 32 layers
     config = CampaignConfig.from_yaml(REPO / "deployments" / "configs" / "paper-llama3-8b.yaml")
@@ -110,6 +123,10 @@ def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(n
     assert f"needs {needed.group(1)} GPU" in header and f"≥ {needed.group(2)} GB" in header
     assert int(needed.group(1)) == gpus
     config = CampaignConfig.from_yaml(path)
+    # The seed's SFT (stage 0) is estimated too, where the config runs it, and its header says what it needs.
+    sft = re.search(r"SFT stage 0 \(the seed M_1\).*\n    per GPU ≈ ([\d.]+) GB", out)
+    assert (sft is not None) == (config.sft is not None)
+    assert sft is None or f"≈ {float(sft.group(1)):.1f} GB" in header
     assert config.health.action == "warn"
     assert all(it.dpo.num_processes == gpus for it in config.iterations)
 

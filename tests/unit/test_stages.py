@@ -10,6 +10,7 @@ from metareward.inference.roles import generate_responses, judge_responses, meta
 from metareward.paper.elo import elo_scores
 from metareward.paper.preferences import (
     build_dpo_dataset,
+    meta_judged_judgments,
     rank_judgments,
     score_responses,
     select_actor_pairs,
@@ -189,19 +190,22 @@ def q1_elo(out):
     return table["elo"].to_numpy()
 
 
+SECOND_WINS = {("Weak. Score: 2", "Poor. Score: 1"), ("Weak. Score: 2", "Useless. Score: 0"),
+               ("Useless. Score: 0", "Weak. Score: 2")}
+
+
+def positional_script(prompt, n, seed):
+    """A meta-judge under which, among Q1's judged response's judgments P, W, Z ("Poor", "Weak", "Useless"), P beats
+    W in both orders, P and Z win once each in position A (a split), Z and W once each in position B (a split);
+    every other battle goes to position A."""
+    if prompt.startswith("Review the user's question and the corresponding response using"):
+        return JUDGE[judged_response(prompt)][:n]
+    if prompt in ACTOR:
+        return ACTOR[prompt][:n]
+    return ["Winner: Judgement B" if meta_judged_pair(prompt) in SECOND_WINS else "Winner: Judgement A"]
+
+
 def test_positional_weights_off_weighs_every_win_a_half(prompts):
-    # A meta-judge under which P beats W in both orders, P and Z win once each in position A, Z and W once each
-    # in position B; every other battle goes to position A.
-    second_wins = {("Weak. Score: 2", "Poor. Score: 1"), ("Weak. Score: 2", "Useless. Score: 0"),
-                   ("Useless. Score: 0", "Weak. Score: 2")}
-
-    def positional_script(prompt, n, seed):
-        if prompt.startswith("Review the user's question and the corresponding response using"):
-            return JUDGE[judged_response(prompt)][:n]
-        if prompt in ACTOR:
-            return ACTOR[prompt][:n]
-        return ["Winner: Judgement B" if meta_judged_pair(prompt) in second_wins else "Winner: Judgement A"]
-
     out = run_pipeline(prompts, ScriptedBackend(positional_script))
     assert (out["rank_stats"].counts["win_first"], out["rank_stats"].counts["win_second"]) == (9, 3)
     w1, w2 = out["rank_stats"].counts["w1"], out["rank_stats"].counts["w2"]
@@ -221,7 +225,8 @@ def test_both_orders_agree_counts_only_unanimous_battles(prompts):
     out = run_pipeline(prompts, ScriptedBackend(script))
     agreed, stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="both_orders_agree")
     # Q1: Z-P and Z-W agree, P-W splits; Q2 (3 judgments, the meta-judge always says A): 3 split pairs.
-    assert (stats.counts["agreed_battles"], stats.counts["split_battles"]) == (2, 4)
+    assert (stats.counts["agreed_battles"], stats.counts["split_battles"], stats.counts["undecided_battles"]) == (
+        2, 4, 0)
     assert "w1" not in stats.counts and "w2" not in stats.counts  # no positional weight applies
     np.testing.assert_allclose(q1_elo({**out, "elo": agreed}), elo_scores(np.array([[0, 0, 0], [0, 0, 0], [1, 1, 0]])),
                                atol=1e-6)
@@ -229,6 +234,57 @@ def test_both_orders_agree_counts_only_unanimous_battles(prompts):
     np.testing.assert_allclose(q2, 0.0, atol=1e-9)
     with pytest.raises(ValueError, match="battle_rule"):
         rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="majority")
+
+
+def test_nemo_aligners_rule_counts_a_split_as_a_tie(prompts):
+    out = run_pipeline(prompts, ScriptedBackend(positional_script))
+    tied, stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="both_orders_or_tie")
+    strict, strict_stats = rank_judgments(out["meta"], out["judgments"], 1, "m0", battle_rule="both_orders_agree")
+    # Q1: P-W agree, P-Z and Z-W split; Q2: the meta-judge always says A, 3 splits.
+    assert (stats.counts["agreed_battles"], stats.counts["split_battles"]) == (1, 5)
+    assert {key: strict_stats.counts[key] for key in ("agreed_battles", "split_battles", "undecided_battles")} == {
+        key: stats.counts[key] for key in ("agreed_battles", "split_battles", "undecided_battles")}
+    # Rows and columns P, W, Z: a split is a tie, one win each way; the strict rule keeps only P's win over W.
+    np.testing.assert_allclose(q1_elo({**out, "elo": tied}), elo_scores(np.array([[0, 1, 1], [0, 0, 1], [1, 1, 0]])),
+                               atol=1e-6)
+    np.testing.assert_allclose(q1_elo({**out, "elo": strict}),
+                               elo_scores(np.array([[0, 1, 0], [0, 0, 0], [0, 0, 0]])), atol=1e-6)
+    assert np.abs(q1_elo({**out, "elo": tied}) - q1_elo({**out, "elo": strict})).max() > 1
+    q2 = tied.filter(pl.col("prompt_id") == content_id("Q2"))["elo"].to_numpy()
+    np.testing.assert_allclose(q2, 0.0, atol=1e-9)  # three ties: no judgment above another
+
+
+def test_identical_judgments_are_not_meta_judged_and_never_make_a_judge_pair(prompts):
+    repeated = {**JUDGE, "bad": ["Poor. Score: 2", "Poor. Score: 2", "Useless. Score: 0"]}
+
+    def repeating_script(prompt, n, seed):
+        if prompt.startswith("Review the user's question and the corresponding response using"):
+            return repeated[judged_response(prompt)][:n]
+        return script(prompt, n, seed)
+
+    out = run_pipeline(prompts, ScriptedBackend(repeating_script))
+    bad = content_id(content_id("Q1"), "bad")
+    assert set(out["judged"]["response_id"]) >= {bad}
+    texts = dict(zip(out["judgments"]["judgment_id"], out["judgments"]["text"], strict=True))
+    shown = [(texts[first], texts[second]) for first, second in out["meta"].select("first_id", "second_id").iter_rows()]
+    assert ("Poor. Score: 2", "Poor. Score: 2") in shown  # every pair, as the paper words it
+
+    compared, left_out = meta_judged_judgments(out["judgments"], out["judged"])
+    assert left_out == 1
+    assert compared.filter(pl.col("response_id") == bad)["text"].to_list() == ["Poor. Score: 2", "Useless. Score: 0"]
+    meta, _ = meta_judge(out["judged"], compared, out["responses"], prompts, ScriptedBackend(repeating_script),
+                         SAMPLING, 7, "free", 1, "m0")
+    assert all(texts[first] != texts[second] for first, second in meta.select("first_id", "second_id").iter_rows())
+    assert meta.height == out["meta"].height - 4  # Q1's response: one pair, both orders, instead of three pairs
+
+    # Ranked anyway (a table of the pairs above), the two identical judgments first and last by Elo: no judge pair.
+    ids = out["judgments"].filter(pl.col("response_id") == bad).sort("sample_idx")["judgment_id"].to_list()
+    forced = out["elo"].with_columns(pl.when(pl.col("judgment_id") == ids[0]).then(1.0)
+                                     .when(pl.col("judgment_id") == ids[1]).then(-1.0)
+                                     .when(pl.col("judgment_id") == ids[2]).then(0.0)
+                                     .otherwise(pl.col("elo")).alias("elo"))
+    pairs, stats = select_judge_pairs(forced, out["judgments"], out["responses"], prompts, None, 7, 1, "m0")
+    assert stats.counts["identical_texts"] == 1 and bad not in pairs["response_id"].to_list()
 
 
 def test_meta_judge_without_scores_sees_no_score_line(prompts):
