@@ -24,6 +24,7 @@ from metareward.paper.report import HealthCheckError
 from metareward.pipeline.evaluation import EvaluationInputError
 from metareward.pipeline.input_files import InputFileError, load_prompts
 from metareward.pipeline.jobs import code_fingerprint, settings_digest
+from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
 from metareward.pipeline.summary import stored_outcomes
 from metareward.preflight import check_evaluation, preflight
@@ -58,7 +59,10 @@ def _show(arguments: argparse.Namespace) -> int:
     outcomes = stored_outcomes(store, arguments.campaign)
     if not outcomes:
         raise StoreError(f"no campaign {arguments.campaign!r} under {store.root} (stage manifests not found)")
-    print_summary(arguments.campaign, outcomes)
+    if arguments.paper:
+        print(paper_tables(store, arguments.campaign), end="")
+    else:
+        print_summary(arguments.campaign, outcomes)
     return 0
 
 
@@ -94,6 +98,22 @@ def _evaluate_alpaca_eval(arguments: argparse.Namespace) -> int:
     outputs = evaluation.rows.to_dicts()
     print(f"{arguments.output}: {len(outputs)} answers in AlpacaEval's format (generator {outputs[0]['generator']!r})"
           if outputs else f"{arguments.output}: no prompts")
+    return 0
+
+
+def _evaluate_arena_hard(arguments: argparse.Namespace) -> int:
+    from metareward.pipeline.arena_hard import export_arena_hard, load_arena_hard_questions
+
+    config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    check_evaluation(config, arguments.model, arguments.output)
+    questions = load_arena_hard_questions(arguments.questions)
+    evaluation = export_arena_hard(config, arguments.questions, arguments.output, arguments.model, arguments.model_id)
+    log_evaluation(config, evaluation)
+    model_id = evaluation.rows["model_id"][0]
+    print(f"{arguments.output}: answers to {len(questions.questions)} questions in Arena-Hard's {questions.layout!r} "
+          f"format (model {model_id!r}, {evaluation.metrics['export/mean_tokens']:.0f} tokens per answer on average)")
+    if Path(arguments.output).name != f"{model_id}.jsonl":
+        print(f"Arena-Hard names a model by its answer file: put it at data/BENCH/model_answer/{model_id}.jsonl")
     return 0
 
 
@@ -237,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("campaign", help="campaign name")
     show.add_argument("--artifact-root", default=None,
                       help="artifact root (default: $METAREWARD_ARTIFACT_ROOT or ./artifacts)")
+    show.add_argument("--paper", action="store_true",
+                      help="print the paper's Table 1 (win rates, lengths), Table 5 (meta-judge biases) and Fig. 5 "
+                           "(judge score shares) from the stored stages, as markdown")
     show.set_defaults(handler=_show)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a model: judge agreement, AlpacaEval export")
+    evaluate = commands.add_parser("evaluate",
+                                   help="evaluate a model: judge agreement, AlpacaEval 2 and Arena-Hard exports")
     evaluate_commands = evaluate.add_subparsers(dest="evaluate_command", required=True)
     agreement = evaluate_commands.add_parser(
         "agreement", help="judge agreement with labelled rankings (paper sec. 3.4), bootstrap 95%% CIs",
@@ -257,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     alpaca = evaluate_commands.add_parser(
         "alpaca-eval", help="write a model's answers in AlpacaEval's model-outputs format",
         description="Answer every prompt of a file once (the last iteration's actor sampling) and write "
-        "[{instruction, output, generator}] JSON for AlpacaEval 2 or Arena-Hard.")
+        "[{instruction, output, generator}] JSON for AlpacaEval 2 (for Arena-Hard: evaluate arena-hard).")
     alpaca.add_argument("config", help="campaign YAML file (engine, sampling, MLflow)")
     alpaca.add_argument("--prompts", required=True, help="prompt file (JSONL/Parquet/CSV)")
     alpaca.add_argument("--output", required=True, help="JSON file to write")
@@ -265,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     alpaca.add_argument("--generator", default=None, help="generator name (default: CAMPAIGN-DIGEST)")
     alpaca.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
     alpaca.set_defaults(handler=_evaluate_alpaca_eval)
+    arena_hard = evaluate_commands.add_parser(
+        "arena-hard", help="write a model's answers to an Arena-Hard question file in Arena-Hard's answer format",
+        description="Answer every question of an Arena-Hard question file (the last iteration's actor sampling; "
+        "a multi-turn question turn by turn, each with the conversation so far) and write Arena-Hard's answer "
+        "JSONL, one line per question keyed by its id, with the model's token counts. The question file's layout "
+        "picks the format: {uid, prompt} (arena-hard-auto v2.0 and later) gives {uid, model, messages, metadata}, "
+        "{question_id, turns} (its v0.1 release) gives {question_id, model_id, choices[].turns[], conv_metadata}. "
+        "Arena-Hard names a model by its answer file: write to data/BENCH/model_answer/MODEL_ID.jsonl.")
+    arena_hard.add_argument("config", help="campaign YAML file (engine, sampling, MLflow)")
+    arena_hard.add_argument("--questions", required=True,
+                            help="Arena-Hard question file (JSONL, e.g. data/arena-hard-v2.0/question.jsonl)")
+    arena_hard.add_argument("--output", required=True, help="JSONL file to write")
+    arena_hard.add_argument("--model", default=None, help="model or checkpoint URI (default: model.path)")
+    arena_hard.add_argument("--model-id", default=None, help="model name in the answers (default: CAMPAIGN-DIGEST)")
+    arena_hard.set_defaults(handler=_evaluate_arena_hard)
 
     config = commands.add_parser("config", help="campaign configuration files")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from flows.iteration import iteration_flow, seed_flow
+from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.model_roles import starting_model
+from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.summary import campaign_markdown
 from metareward.preflight import check_start_iteration
 from tasks.common import in_this_environment
@@ -22,7 +24,8 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
                   start_model: str = "") -> list[dict]:
     """Run the seed's SFT (when config has an sft section and the campaign starts at iteration 1), then
     iterations start_iteration..end; iteration t+1 generates with the M_{t+1} that iteration t trained.
-    Re-running resumes: finished stages come from the store.
+    Re-running resumes: finished stages come from the store. Ends by logging the paper's tables (Table 1, Table 5,
+    Fig. 5) from the campaign's stages, also as the campaign's `paper-tables` artifact.
 
     Args:
         config: The whole campaign (`metareward config show FILE` prints one with every default): the seed model,
@@ -48,4 +51,8 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
         model = outcome["next_model"]
         create_markdown_artifact(key=artifact_key(config.name, "campaign"), markdown=campaign_markdown(
             config.name, outcomes), description=f"{config.name}: its iterations so far, with their MLflow runs")
+    tables = paper_tables(open_store(config.artifact_root), config.name)
+    get_run_logger().info("The paper's tables from this campaign:\n%s", tables)
+    create_markdown_artifact(key=artifact_key(config.name, "paper-tables"), markdown=tables,
+                             description=f"{config.name}: the paper's Table 1, Table 5 and Fig. 5 from its stages")
     return outcomes

@@ -11,16 +11,19 @@ from metareward.inference.base import ChoiceRequest, Completion, GenerationReque
 class ScriptedBackend:
     """Implements the Backend protocol with canned completions: respond(prompt_text, n, seed) -> texts,
     choose(assistant_prefix, choices) -> index, or choose_request(ChoiceRequest) -> index when the answer depends
-    on the whole request. Records every request it receives."""
+    on the whole request; choice probabilities from probabilities(ChoiceRequest) -> tuple or None (default: all on
+    the chosen answer). Records every request it receives."""
 
     name = "scripted"
     engines = 1
 
     def __init__(self, respond: Callable[[str, int, int], list[str]],
                  choose: Callable[[str, tuple[str, ...]], int] | None = None,
-                 choose_request: Callable[[ChoiceRequest], int] | None = None):
+                 choose_request: Callable[[ChoiceRequest], int] | None = None,
+                 probabilities: Callable[[ChoiceRequest], tuple[float, ...] | None] | None = None):
         self.respond = respond
         self.choose_answer = choose_request or (lambda request: choose(request.assistant_prefix, request.choices))
+        self.probabilities = probabilities or self._all_on_chosen
         self.requests: list[GenerationRequest] = []
         self.choice_requests: list[ChoiceRequest] = []
         self.closed = False
@@ -39,6 +42,14 @@ class ScriptedBackend:
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
         self.choice_requests.extend(requests)
         return [self.choose_answer(request) for request in requests]
+
+    def choice_probabilities(self, requests: Sequence[ChoiceRequest]) -> list[tuple[float, ...] | None]:
+        self.choice_requests.extend(requests)
+        return [self.probabilities(request) for request in requests]
+
+    def _all_on_chosen(self, request: ChoiceRequest) -> tuple[float, ...]:
+        chosen = self.choose_answer(request)
+        return tuple(float(index == chosen) for index in range(len(request.choices)))
 
     def close(self) -> None:
         self.closed = True

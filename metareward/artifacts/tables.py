@@ -114,7 +114,10 @@ EVAL_COMPARISONS = pl.Schema(
 )
 """The win-rate stage's table: one evaluator call per (held-out prompt, order) — the trained model's answer shown
 first ("m") or second ("M") — with the verdict ("m"/"M", null unparsed) and the trained model's share of it
-(`preference`: 1 won, 0 lost, ½ identical answers — no call —, null unparsed); model_id is the trained model's."""
+(`preference` in 0..1: a forced evaluator's probability of the trained answer's identifier, as AlpacaEval 2's
+weighted annotator reads it — AlpacaEval's own preference is 1 + this —; a free evaluator's 1 won, 0 lost; ½
+identical answers — no call —; null unparsed); `text` is the free evaluator's answer or the forced one's
+probabilities; model_id is the trained model's."""
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,8 @@ class EvaluatorConfig(Strict):
     inference: InferenceConfig = Field(
         default_factory=lambda: InferenceConfig(verdict_mode="forced"),
         description="How the evaluator runs: transformers, vllm, or openai (base_url, api_model). verdict_mode "
-        "forced reads the next token restricted to m/M (AlpacaEval's log-prob classifier, binarized); free "
-        "parses the evaluator's text.",
+        "forced reads the next-token probabilities of m and M (AlpacaEval 2's weighted annotator: the preference is "
+        "the trained answer's share); free parses the evaluator's text.",
     )
     max_tokens: int = Field(
         default=16, ge=1, description="Free verdicts: most tokens of the evaluator's answer (one identifier asked)."
@@ -181,7 +181,8 @@ class EvaluatorConfig(Strict):
 
 class EvaluationConfig(Strict):
     """Win rate of M_{t+1} against a reference on held-out prompts, after every iteration's training: both
-    orders, ties ½, a bootstrap 95% CI and a length-controlled win rate (as AlpacaEval 2)."""
+    orders, identical answers ½, AlpacaEval 2's win rate, standard error and length-controlled win rate
+    (paper.win_rate), with our bootstrap 95% CIs."""
 
     prompts: PromptsConfig = Field(
         description="Held-out prompts (JSONL, Parquet or CSV); none may be a training prompt (checked before a run)."

@@ -82,6 +82,12 @@ class Backend(Protocol):
         """For each request, the index of the sampled answer in its `choices`."""
         ...
 
+    def choice_probabilities(self, requests: Sequence[ChoiceRequest]) -> list[tuple[float, ...] | None]:
+        """For each request, the model's next-token probabilities of its `choices` renormalised over them
+        (P(choice) / Σ P(choices), at temperature 1, whatever the request's temperature: what AlpacaEval reads from
+        the evaluator's log-probabilities); None where the engine reported none of the choices."""
+        ...
+
     def alive(self) -> bool:
         """Whether the engine can still serve: False once it died (its server process ended) or was closed. A dead
         engine is never reused: the next stage job gets a new one."""

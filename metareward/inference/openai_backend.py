@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from metareward.inference import progress
 from metareward.inference.base import (
@@ -23,6 +24,8 @@ from metareward.inference.base import (
 from metareward.inference.rendering import ChatRenderer
 
 _RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_TOP_LOGPROBS = 5
+"""How many next-token log-probabilities a server other than vLLM is asked for (AlpacaEval 2's top_logprobs)."""
 _CONTEXT_ERRORS = ("maximum context length", "context length", "too long", "exceeds the max")
 
 
@@ -87,6 +90,18 @@ class OpenAIBackend:
                 "(inference.tokenizer) or use verdict_mode: free"
             )
         return self._map(self._choose_one, requests)
+
+    def choice_probabilities(self, requests: Sequence[ChoiceRequest]) -> list[tuple[float, ...] | None]:
+        """The choices' log-probabilities of the next token as the server reports them, renormalised over the
+        choices. A vLLM server is asked for exactly those tokens (logprob_token_ids); another OpenAI-compatible
+        server for its top 5 log-probabilities, as AlpacaEval asks, a choice absent from them having probability 0
+        (None when none is there). Needs a tokenizer, as choose does."""
+        if self.renderer is None:
+            raise InferenceError(
+                "evaluator probabilities need token-level prompts: give the openai backend a tokenizer "
+                "(inference.tokenizer) or use verdict_mode: free"
+            )
+        return self._map(self._choice_probabilities_one, requests)
 
     def alive(self) -> bool:
         """Whether the client is open: a remote server's outages are the retries' to heal, not a reason for a new
@@ -177,6 +192,30 @@ class OpenAIBackend:
             if token_text.strip() == answer.strip():
                 return index
         raise InferenceError(f"{server} answered {token_text!r}, not one of {list(request.choices)}")
+
+    def _choice_probabilities_one(self, request: ChoiceRequest, server: str) -> tuple[float, ...] | None:
+        prompt_ids, choice_ids = self.renderer.choice_tokens(request.messages, request.assistant_prefix,
+                                                             request.choices)
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": 1, "temperature": 1.0, "seed": request.seed}
+        if self.choice_restriction == "allowed_token_ids":
+            body.update(logprobs=1, logprob_token_ids=choice_ids, allowed_token_ids=choice_ids,
+                        return_tokens_as_token_ids=True)
+            keys = [[f"token_id:{token}"] for token in choice_ids]
+        else:
+            body["logprobs"] = _TOP_LOGPROBS
+            keys = None
+        reply = self._post(server, "/v1/completions", body)
+        if reply is None:
+            raise RequestRejectedError(f"{server}: verdict prompt of {len(prompt_ids)} tokens does not fit the context")
+        top = ((reply["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+        if keys is None:
+            keys = [[token for token in top if token.strip() == answer.strip()] for answer in request.choices]
+        logprobs = np.array([max((top[key] for key in choice_keys if key in top), default=-np.inf)
+                             for choice_keys in keys])
+        if not np.isfinite(logprobs).any():
+            return None
+        weights = np.exp(logprobs - logprobs.max())
+        return tuple(float(weight) for weight in weights / weights.sum())
 
     def _post(self, server: str, path: str, body: dict) -> dict | None:
         """POST with retries; None when the server refuses the prompt as too long for its context."""

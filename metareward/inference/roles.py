@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import polars as pl
 
 from metareward.artifacts.stats import StageStats
@@ -249,6 +250,13 @@ def _choose(backend: Backend, requests: Sequence[ChoiceRequest], stats: StageSta
     return answers
 
 
+def _probabilities_text(share: tuple[float, ...] | None) -> str:
+    """'P(m)=0.731 P(M)=0.269': a forced evaluator's answer as stored in the comparisons' text column."""
+    if share is None:
+        return ""
+    return " ".join(f"P({name})={value:.3f}" for name, value in zip(EVALUATOR_IDENTIFIERS, share, strict=True))
+
+
 def _with_prefix(justification: str, prefix: str) -> str:
     body = justification.rstrip()
     return f"{body}\n{prefix}" if body else prefix
@@ -266,11 +274,14 @@ def compare_answers(
 ) -> tuple[pl.DataFrame, StageStats]:
     """Evaluator (paper A.2, AlpacaEval's prompt): for each row of `pairs` (prompt_id, prompt, trained, reference
     answers) two comparisons, the trained model's answer shown first ("m") and second ("M"). verdict_mode
-    "forced" takes the more likely of the next tokens m/M (AlpacaEval's log-prob classifier, binarized); "free"
-    lets the evaluator answer greedily in up to max_tokens and parses "m"/"M" (parsing.parse_model_identifier;
-    anything else is a parse failure). Identical answers are a tie (½) without a call, as in AlpacaEval.
-    Returns the EVAL_COMPARISONS table (model_id: the trained model's) and the stage's statistics, among them
-    first_position_share: how often a parsed verdict picked the answer shown first (NaN when none parsed)."""
+    "forced" reads the evaluator's next-token probabilities of m and M, as AlpacaEval 2's default annotator
+    (weighted_alpaca_eval_gpt4_turbo) does: the preference is the trained answer's share P(its identifier) /
+    (P(m) + P(M)), the verdict the likelier identifier (no verdict when the engine reports neither). "free" lets the
+    evaluator answer greedily in up to max_tokens and parses "m"/"M" (parsing.parse_model_identifier; anything else
+    is a parse failure): preference 1 or 0. Identical answers are a tie (½) without a call, as in AlpacaEval.
+    Returns the EVAL_COMPARISONS table (model_id: the trained model's), ordered by prompt id with the trained-first
+    comparison first, and the stage's statistics, among them first_position_share: how often a verdict picked the
+    answer shown first (NaN when none parsed)."""
     stats = StageStats("evaluator")
     keys, messages, seeds, ties = [], [], [], []
     selected = pairs.select("prompt_id", "prompt", "trained", "reference")
@@ -285,20 +296,27 @@ def compare_answers(
             messages.append(chat)
             seeds.append(content_seed(seed, "evaluator", prompt_id, trained_first))
     if verdict_mode == "forced":
-        choices = [ChoiceRequest(messages=m, assistant_prefix="", choices=EVALUATOR_IDENTIFIERS, temperature=0.0,
-                                 seed=s) for m, s in zip(messages, seeds, strict=True)]
-        texts = [EVALUATOR_IDENTIFIERS[answer] for answer in _choose(backend, choices, stats)]
+        requests = [ChoiceRequest(messages=m, assistant_prefix="", choices=EVALUATOR_IDENTIFIERS, temperature=0.0,
+                                  seed=s) for m, s in zip(messages, seeds, strict=True)]
+        with _model_calls(backend, requests, stats):
+            shares = backend.choice_probabilities(requests)
+        stats.completion_tokens += len(shares)
+        verdicts = [None if share is None else EVALUATOR_IDENTIFIERS[int(np.argmax(share))] for share in shares]
+        texts = [_probabilities_text(share) for share in shares]
     else:
         results = _generate(backend, [GenerationRequest(messages=m, n=1, temperature=0.0, top_p=1.0,
                                                         max_tokens=max_tokens, seed=s)
                                       for m, s in zip(messages, seeds, strict=True)], stats)
         texts = [result.completions[0].text if result.skipped is None else "" for result in results]
+        verdicts = [parse_model_identifier(text) for text in texts]
+        shares = [None if verdict is None else tuple(float(verdict == name) for name in EVALUATOR_IDENTIFIERS)
+                  for verdict in verdicts]
     rows = [(prompt_id, trained_first, None, "", 0.5, trained_chars, reference_chars, True)
             for prompt_id, trained_first, trained_chars, reference_chars in ties]
-    for (prompt_id, trained_first, trained_chars, reference_chars), text in zip(keys, texts, strict=True):
-        verdict = parse_model_identifier(text)
+    for key, verdict, text, share in zip(keys, verdicts, texts, shares, strict=True):
+        prompt_id, trained_first, trained_chars, reference_chars = key
         stats.parse_failures += verdict is None
-        preference = None if verdict is None else float((verdict == "m") == trained_first)
+        preference = None if share is None else share[EVALUATOR_IDENTIFIERS.index("m" if trained_first else "M")]
         rows.append((prompt_id, trained_first, verdict, text, preference, trained_chars, reference_chars, False))
     table = pl.DataFrame(
         [(*row, evaluator_id, iteration, model_id) for row in rows], schema=EVAL_COMPARISONS, orient="row",

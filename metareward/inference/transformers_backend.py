@@ -178,7 +178,23 @@ class TransformersBackend:
         return Completion(text=text, n_tokens=len(kept), finish_reason=finish_reason)
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[int]:
-        """Sample each answer from the next-token distribution restricted to its choices.
+        """Sample each answer from the next-token distribution restricted to its choices (greedy at temperature
+        0), seeded by the request."""
+        answers = [0] * len(requests)
+        for index, logits in self._choice_logits(requests):
+            answers[index] = _sample_choice(logits, requests[index].temperature, requests[index].seed)
+        return answers
+
+    def choice_probabilities(self, requests: Sequence[ChoiceRequest]) -> list[tuple[float, ...] | None]:
+        """softmax of each request's next-token logits over its choices (temperature 1)."""
+        probabilities: list[tuple[float, ...] | None] = [None] * len(requests)
+        for index, logits in self._choice_logits(requests):
+            scaled = np.exp(logits - logits.max())
+            probabilities[index] = tuple(float(p) for p in scaled / scaled.sum())
+        return probabilities
+
+    def _choice_logits(self, requests: Sequence[ChoiceRequest]):
+        """(request index, next-token logits of its choices) for every request.
 
         Consecutive requests that share a long token prefix (the N judgments of one response share its
         judge prompt; a response's meta-judge prompts share rubric, prompt and response) are run as one
@@ -187,7 +203,6 @@ class TransformersBackend:
         import torch
 
         prepared = [self.renderer.choice_tokens(r.messages, r.assistant_prefix, r.choices) for r in requests]
-        answers: list[int] = []
         for group in _prefix_groups([ids for ids, _ in prepared], self.batch_size):
             ids_group = [prepared[i][0] for i in group]
             common = _common_prefix_length(ids_group)
@@ -209,10 +224,8 @@ class TransformersBackend:
             last = torch.tensor([len(tail) - 1 for tail in tails])
             final = logits[torch.arange(len(group)), last].float().cpu().numpy()
             for row, index in enumerate(group):
-                request, choice_ids = requests[index], prepared[index][1]
-                answers.append(_sample_choice(final[row, choice_ids], request.temperature, request.seed))
+                yield index, final[row, prepared[index][1]]
             progress.finished(len(group))
-        return answers
 
     def alive(self) -> bool:
         """Whether the model is still loaded (an in-process engine dies only with its process, or by close())."""

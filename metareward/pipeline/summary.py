@@ -19,8 +19,10 @@ DROPPED = (
     ("skipped_prompts", "too long for the context"),
     ("dropped_duplicates", "identical responses"),
     ("prompts_without_scored_response", "prompts without a valid score"),
+    ("identical_judgments", "identical judgments not meta-judged"),
     ("no_pair", "without a pair"),
     ("chosen_too_long", "chosen too long"),
+    ("identical_texts", "chosen identical to rejected"),
     ("pairs_too_long", "over max_length"),
 )
 """The counts a stage keeps of rows it dropped or skipped, and how the summary names them."""
@@ -51,10 +53,14 @@ def summary_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def job_line(result: JobResult) -> str:
     """One line on a finished job for the run's log: rows, computed (and in how long, how fast) or found in the
-    store, the stage's key figures, what was dropped, and where the table is."""
+    store — reused, and from where, when another campaign computed it (a shared seed stage) —, the stage's key
+    figures, what was dropped, and where the table is."""
     job, stats = result.job, result.stats
     how = (f"found in the store (computed {stats.get('compute_seconds', 0.0):.1f} s)" if result.cached else
            f"computed in {stats.get('compute_seconds', 0.0):.1f} s")
+    if result.cached and result.computed_by and result.computed_by != job.campaign:
+        how = (f"reused from campaign {result.computed_by}, which computed it from the same inputs, settings and code"
+               + (f" (model {stats['model_uri']})" if "model_uri" in stats else ""))
     figures = [how]
     if stats.get("completion_tokens") and stats.get("seconds"):
         figures.append(f"{stats['completion_tokens'] / stats['seconds']:.1f} tok/s")
@@ -88,9 +94,14 @@ def job_line(result: JobResult) -> str:
 
 
 def win_rate_text(stats: dict[str, Any]) -> str:
-    """'win rate 55.0% [48.0–62.0], LC 52.1% [45.3–58.8]' from a win_rate stage's statistics."""
-    return (f"win rate {stats['win_rate']:.1%} [{stats['win_rate_ci_low']:.1%}–{stats['win_rate_ci_high']:.1%}], "
-            f"LC {stats['lc_win_rate']:.1%} [{stats['lc_win_rate_ci_low']:.1%}–{stats['lc_win_rate_ci_high']:.1%}]")
+    """'win rate 55.0% ± 3.1 [48.0–62.0], LC 52.1% [45.3–58.8]' from a win_rate stage's statistics (± AlpacaEval's
+    standard error, [our bootstrap 95% CI]); the LC's reason instead where AlpacaEval's LC is undefined."""
+    text = (f"win rate {stats['win_rate']:.1%} ± {100 * stats.get('win_rate_standard_error', float('nan')):.1f} "
+            f"[{stats['win_rate_ci_low']:.1%}–{stats['win_rate_ci_high']:.1%}], ")
+    if "lc_win_rate" not in stats:
+        return text + f"LC undefined ({stats.get('lc_win_rate_undefined', 'not computed')})"
+    return text + (f"LC {stats['lc_win_rate']:.1%} [{stats.get('lc_win_rate_ci_low', float('nan')):.1%}–"
+                   f"{stats.get('lc_win_rate_ci_high', float('nan')):.1%}]")
 
 
 def iteration_title(iteration: int) -> str:

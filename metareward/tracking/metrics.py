@@ -20,6 +20,9 @@ STATISTICS: dict[tuple[str, str], str] = {
     ("responses", "skipped_prompts"): "actor/prompts_too_long",
     ("judgments", "skipped_prompts"): "judge/prompts_too_long",
     ("meta_judgments", "skipped_prompts"): "meta_judge/prompts_too_long",
+    ("meta_judgments", "identical_judgments"): "meta_judge/identical_judgments_not_compared",
+    ("judgment_elo", "agreed_battles"): "meta_judge/pairs_agreed_in_both_orders",
+    ("judgment_elo", "split_battles"): "meta_judge/pairs_split_between_orders",
     ("judgment_elo", "rows"): "meta_judge/ranked_judgments",
     ("judgment_elo", "win_first"): "meta_judge/wins_first",
     ("judgment_elo", "win_second"): "meta_judge/wins_second",
@@ -30,6 +33,7 @@ STATISTICS: dict[tuple[str, str], str] = {
     ("actor_pairs", "prompts_without_scored_response"): "pairs/actor_prompts_without_valid_score",
     ("judge_pairs", "no_pair"): "pairs/judge_responses_without_pair",
     ("judge_pairs", "chosen_too_long"): "pairs/judge_chosen_too_long",
+    ("judge_pairs", "identical_texts"): "pairs/judge_chosen_identical_to_rejected",
     ("checkpoint", "pairs_trained"): "train/pairs_trained",
     ("checkpoint", "pairs_too_long"): "train/pairs_too_long",
     ("checkpoint", "epochs_trained"): "train/epochs_trained",
@@ -50,8 +54,9 @@ STATISTICS: dict[tuple[str, str], str] = {
     ("eval_answers", "skipped_prompts"): "eval/prompts_too_long_for_the_trained_model",
     ("reference_answers", "skipped_prompts"): "eval/prompts_too_long_for_the_reference",
     **{("win_rate", name): f"eval/{name}" for name in (
-        "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high",
-        "prompts_compared", "identical_answers", "unanswered_prompts", "trained_mean_chars", "reference_mean_chars",
+        "win_rate", "win_rate_standard_error", "win_rate_ci_low", "win_rate_ci_high", "discrete_win_rate",
+        "lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high", "annotations", "prompts_compared",
+        "identical_answers", "unanswered_prompts", "trained_mean_chars", "reference_mean_chars",
         "first_position_share")},
 }
 """Stage statistics that mean something in the paper's terms, and their metric names."""

@@ -33,6 +33,7 @@ from metareward.artifacts.tables import file_digest
 from metareward.config.campaign import CampaignConfig
 from metareward.config.sections import redact
 from metareward.pipeline.model_roles import evaluator_model
+from metareward.pipeline.paper_tables import paper_tables
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params
 from metareward.tracking.record import IterationRecord, iteration_record
@@ -220,8 +221,9 @@ class Tracker:
     def log_iteration(self, parent_run_id: str, run_id: str, iteration: int, stages: list[str]) -> None:
         """Log what the store holds of iteration t (tracking.record.iteration_record): its metrics on the iteration
         run and the paper's on the campaign run at step t, stage tables as dataset inputs, TRL's curves by step,
-        the figures, and — once trained — M_t and M_{t+1} as logged and registered models, the pair counts and
-        training curves linked to M_{t+1} and the tables it was trained on. Only `stages` are read (those this run
+        the figures, the paper's tables so far (paper_tables.md on the campaign run), and — once trained — M_t and
+        M_{t+1} as logged and registered models, the pair counts and training curves linked to M_{t+1} and the
+        tables it was trained on. Only `stages` are read (those this run
         finished). An iteration whose checkpoint was already logged is skipped; a partial one (e.g. stopped by a
         health check) is logged as far as it got."""
         run_tags = self.client.get_run(run_id).data.tags
@@ -244,6 +246,7 @@ class Tracker:
             self._log_figures(parent_run_id, run_id, record)
         if "eval/win_rate" in record.metrics:
             self._log_win_rate_figure(parent_run_id)
+        self.client.log_text(parent_run_id, paper_tables(self.store, self.config.name), "paper_tables.md")
         if record.logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
 

@@ -16,6 +16,7 @@ import yaml
 
 from metareward.artifacts.store import ArtifactStore
 from metareward.host.ports import free_port
+from metareward.pipeline.jobs import SEED_FOLDER
 from metareward.pipeline.stages import STAGE
 from metareward.training.models import model_digest
 from tests.conftest import REPO
@@ -32,9 +33,10 @@ pytestmark = pytest.mark.slow
 
 
 def markers(root: Path, campaign: str) -> dict[str, dict]:
-    """Every job marker under the campaign, by key, with its finished_at and table digest."""
+    """Every job marker of the campaign — under its folder, and its seed stages' under _seed/ (one campaign per
+    root here) — by key, with its finished_at and table digest."""
     found = {}
-    for path in sorted((root / campaign).glob("iter-*/*/*.json")):
+    for path in sorted((root / campaign).glob("iter-*/*/*.json")) + sorted((root / SEED_FOLDER).glob("*/*.json")):
         if path.name == "manifest.json":
             continue
         data = json.loads(path.read_text())
@@ -47,7 +49,8 @@ def stage_tables(root: Path, campaign: str) -> dict[str, pl.DataFrame]:
     store = ArtifactStore(str(root))
     tables: dict[str, list[pl.DataFrame]] = {}
     for key in markers(root, campaign):
-        iteration, stage = key.split("/")[1:3]
+        parts = key.split("/")
+        iteration, stage = ("iter-0", parts[1]) if parts[0] == SEED_FOLDER else parts[1:3]
         tables.setdefault(f"{iteration}/{stage}", []).append(store.read_table(key.removesuffix(".json") + ".parquet"))
     return {name: pl.concat(parts) for name, parts in sorted(tables.items())}
 
@@ -177,7 +180,7 @@ def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_it
         "sft_data", "sft", "prompts", "responses", "judgments", "actor_pairs", "dpo_dataset", "checkpoint",
         "eval_prompts", "eval_answers", "reference_answers", "win_rate"}
     assert set(tables["iter-1/dpo_dataset"]["kind"]) == set(tables["iter-2/dpo_dataset"]["kind"]) == {"actor"}
-    seed = json.loads(next((root / campaign_name / "iter-0/sft").glob("all-*.json")).read_text())["stats"]
+    seed = json.loads(next((root / SEED_FOLDER / "sft").glob("all-*.json")).read_text())["stats"]
     trained = [json.loads(next((root / campaign_name / f"iter-{t}/checkpoint").glob("all-*.json")).read_text())[
         "stats"]["model_id"] for t in (1, 2)]
     # Stage 0 trained M_1 on the 16 examples, stopped at epoch 1 of 2; iteration 1 generated with it.
@@ -222,7 +225,11 @@ def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_it
     for t, iteration_run in enumerate(iteration_runs, start=1):
         metrics = iteration_run.data.metrics
         assert 0 <= metrics["eval/win_rate_ci_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_ci_high"] <= 1
-        assert 0 <= metrics["eval/lc_win_rate"] <= 1 and metrics["eval/prompts_compared"] == 8
+        assert metrics["eval/prompts_compared"] == 8 and metrics["eval/annotations"] == 16
+        if metrics["eval/identical_answers"] == 8:  # every pair the same length: AlpacaEval's LC is undefined
+            assert "eval/lc_win_rate" not in metrics and "LC undefined (every answer pair" in run.stdout
+        else:
+            assert 0 <= metrics["eval/lc_win_rate"] <= 1
         tags = iteration_run.data.tags
         assert (tags["metareward.evaluator"], tags["metareward.evaluator_digest"]) == (
             str(tiny_model), model_digest(tiny_model))
@@ -234,6 +241,18 @@ def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_it
     assert [m.step for m in client.get_metric_history(campaign_run.info.run_id, "eval/win_rate")] == [1, 2]
     figure = client.download_artifacts(campaign_run.info.run_id, "win_rate.png", str(tmp_path))
     assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # The paper's tables: printed by `show --paper` and on the campaign run, from the same stages.
+    paper = run_cli(["show", campaign_name, "--paper", "--artifact-root", str(root)], env)
+    assert paper.returncode == 0, paper.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in paper.stdout.splitlines() if line.startswith("| ")}
+    assert {"M_2", "M_3"} <= set(rows) and "%" in rows["M_2"]
+    assert "not meta-judged in this iteration" in paper.stdout  # the baseline has no meta-judge
+    assert [line.split(" | ")[1] for line in paper.stdout.split("## Fig. 5")[1].splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 2 ")] == [str(tables[f"iter-{t}/judgments"]["score"]
+                                                                         .fill_nan(None).count()) for t in (1, 2)]
+    logged = client.download_artifacts(campaign_run.info.run_id, "paper_tables.md", str(tmp_path))
+    assert open(logged).read() == paper.stdout
 
     # Against fixed reference outputs (AlpacaEval's JSON) instead: only the win rates are computed again.
     outputs = tmp_path / "reference.json"
@@ -250,6 +269,10 @@ def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_it
     assert [key.split("/")[1:3] for key in added] == [["iter-1", "win_rate"], ["iter-2", "win_rate"]]
     against_outputs = ArtifactStore(str(root)).read_table(added[0].removesuffix(".json") + ".parquet")
     assert set(against_outputs["reference_chars"]) == {len("I do not know.")} and against_outputs.height == 16
+    # Forced verdicts are AlpacaEval's probability-weighted preferences, not 0/1: the trained answer's share of
+    # P(m) + P(M), the two orders of a prompt summing to about 1 for an evaluator with no position bias.
+    assert not against_outputs["identical"].any() and not set(against_outputs["preference"]) <= {0.0, 1.0}
+    assert against_outputs["preference"].is_between(0, 1).all()
 
 
 def test_sigkill_during_judging_then_resume_equals_uninterrupted(tmp_path, tiny_model):

@@ -64,6 +64,17 @@ def test_choose_samples_only_allowed_answers(backend):
     assert greedy[0] == greedy[1]
 
 
+def test_choice_probabilities_are_the_choices_softmax_and_agree_with_greedy_choice(backend):
+    requests = [ChoiceRequest(USER, prefix, ("m", "M"), temperature=0.0)
+                for prefix in ("", "Best: ", "I prefer model ")]
+    probabilities = backend.choice_probabilities(requests)
+    assert all(len(shares) == 2 and sum(shares) == pytest.approx(1.0) and 0 < min(shares) for shares in probabilities)
+    assert [int(shares[1] > shares[0]) for shares in probabilities] == backend.choose(requests)
+    # Temperature does not change them (AlpacaEval reads the distribution at temperature 1).
+    hot = [ChoiceRequest(USER, r.assistant_prefix, r.choices, temperature=1.7, seed=3) for r in requests]
+    assert backend.choice_probabilities(hot) == probabilities
+
+
 def test_stages_on_tiny_model_forced_verdicts(backend):
     prompts = load_prompts(PROMPT_FILE).table.head(3)
     sampling = SamplingConfig(max_tokens=16)

@@ -68,6 +68,23 @@ def test_forced_choice_uses_allowed_tokens(vllm, tiny_model):
         reference.close()
 
 
+def test_choice_probabilities_equal_transformers_and_the_top_logprobs_path(vllm, tiny_model):
+    requests = [ChoiceRequest(USER, prefix, ("m", "M"), temperature=0.0) for prefix in ("", "Best: ")]
+    reference = TransformersBackend(tiny_model, dtype="float32")
+    try:
+        expected = reference.choice_probabilities(requests)
+    finally:
+        reference.close()
+    # vLLM is asked for exactly the choices' log-probabilities (logprob_token_ids).
+    for shares, wanted in zip(vllm.choice_probabilities(requests), expected, strict=True):
+        assert shares == pytest.approx(wanted, abs=1e-4)
+    # Another OpenAI-compatible server is asked for its top 5, as AlpacaEval asks: on a random model m and M are
+    # rarely among them; a choice that is absent has probability 0, and neither present is no verdict.
+    generic = OpenAIBackend(vllm.base_urls, vllm.model, tokenizer_path=tiny_model, max_model_len=2048)
+    for shares in generic.choice_probabilities(requests):
+        assert shares is None or (sum(shares) == pytest.approx(1.0) and len(shares) == 2)
+
+
 def test_judging_stage_and_prefix_cache(vllm):
     prompts = load_prompts(PROMPT_FILE).table.head(2)
     sampling = SamplingConfig(max_tokens=12)
