@@ -4,6 +4,7 @@ store."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
@@ -12,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.arena_hard import export_arena_hard
-from metareward.pipeline.evaluation import evaluate_judge_agreement, export_alpaca_eval
+from metareward.pipeline.evaluation import EvaluationResult, evaluate_judge_agreement, export_alpaca_eval
 from metareward.tracking.tracker import log_evaluation
 from tasks.common import GPU_TAG, RETRIED
 
@@ -31,14 +32,8 @@ def judge_agreement(config: CampaignConfig, rankings: str, model: str | None, nu
 def alpaca_eval_export(config: CampaignConfig, prompts: str, model: str | None) -> str:
     """The model's answers in AlpacaEval's format, stored at {campaign}/evaluations/{digest}/alpaca_eval.json
     in the artifact store; returns that URI."""
-    with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder) / "alpaca_eval.json"
-        export = export_alpaca_eval(config, prompts, local, model)
-        log_evaluation(config, export)
-        store = open_store(config.artifact_root)
-        key = f"{config.name}/evaluations/{export.model_digest}/alpaca_eval.json"
-        store.write_bytes(key, local.read_bytes())
-    return store.uri(key)
+    return _stored_export(config, lambda local: export_alpaca_eval(config, prompts, local, model),
+                          lambda export: "alpaca_eval.json")
 
 
 @task(name="arena-hard-export", **_OPTIONS)
@@ -46,11 +41,19 @@ def arena_hard_export(config: CampaignConfig, questions: str, model: str | None)
     """The model's answers to an Arena-Hard question file in Arena-Hard's answer format, stored at
     {campaign}/evaluations/{digest}/arena-hard/{model id}.jsonl in the artifact store (Arena-Hard names a model
     by its answer file); returns that URI."""
+    return _stored_export(config, lambda local: export_arena_hard(config, questions, local, model),
+                          lambda export: f"arena-hard/{export.rows['model_id'][0]}.jsonl")
+
+
+def _stored_export(config: CampaignConfig, export_to: Callable[[Path], EvaluationResult],
+                   name: Callable[[EvaluationResult], str]) -> str:
+    """Run an export into a temporary file, log it to MLflow, and store the file at
+    {campaign}/evaluations/{digest}/{name(export)}; returns its URI."""
     with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder) / "answers.jsonl"
-        export = export_arena_hard(config, questions, local, model)
+        local = Path(folder) / "export"
+        export = export_to(local)
         log_evaluation(config, export)
         store = open_store(config.artifact_root)
-        key = f"{config.name}/evaluations/{export.model_digest}/arena-hard/{export.rows['model_id'][0]}.jsonl"
+        key = f"{config.name}/evaluations/{export.model_digest}/{name(export)}"
         store.write_bytes(key, local.read_bytes())
     return store.uri(key)
