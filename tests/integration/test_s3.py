@@ -103,25 +103,25 @@ def test_campaign_on_s3_two_iterations(tmp_path, tiny_model, s3):
 
 
 def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, s3):
-    config = write_config(tmp_path, tiny_model, "s3://campaigns/outage")
-    process = start_cli(["run", str(config)], cli_environment(tmp_path / "prefect", **s3["env"]), tmp_path / "run.log")
-    deadline = time.monotonic() + 300
-    while not [k for k in all_keys(s3["client"])
-               if k.startswith("outage/tiny/iter-1/judgments/") and k.endswith(".json")]:
-        assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    # Down for 30 s: longer than s3fs's own retries, so the stage's task fails and Prefect retries it.
+    # The fault is in place when the step that meets it runs: judgments' shard-0001 is held as it starts, the
+    # endpoint is stopped, and only then is the job let go, so its reads meet the outage (no timer decides it).
+    # The endpoint comes back once the run says the job will be retried: 30 s before that retry starts.
+    config = write_config(tmp_path, tiny_model, "s3://campaigns/outage", orchestration={"retry_backoff_s": 30})
+    release = tmp_path / "release"
+    environment = cli_environment(tmp_path / "prefect", **s3["env"],
+                                  METAREWARD_INJECT_FAULT=f"judgments:shard-0001:hold={release}")
+    process = start_cli(["run", str(config)], environment, log := tmp_path / "run.log")
+    wait_for(lambda: release.with_name("release.started").exists(), process, log, "the judging job to be held")
     s3["server"].stop()
-    time.sleep(30)
+    release.touch()
+    wait_for(lambda: held_job_retried(log.read_text()), process, log, "the held job to fail on the outage")
     # moto keeps its buckets in the process: a new server on the same port serves the same objects.
     restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"])
     restarted.start()
     s3["server"] = restarted
-    assert process.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
-    log = (tmp_path / "run.log").read_text()
-    assert "Retry 1/" in log, "no task was retried: the outage never reached a stage"
-    assert "Retries are exhausted" not in log
+    assert process.wait(timeout=600) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert held_job_retried(text) and "Retries are exhausted" not in text
     # Nothing lost or duplicated: one table and one marker per job, every table readable, the manifests whole.
     keys = all_keys(s3["client"])
     for stage in ("responses", "judgments", "meta_judgments"):
@@ -136,7 +136,21 @@ def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, 
         if key.endswith(".parquet"):
             pl.read_parquet(f"s3://campaigns/{key}", storage_options=polars_options(s3))
     assert not any(key.endswith(".tmp") for key in keys)
-    assert "Flow run 'tiny' - Finished in state Completed" in log
+    assert "Flow run 'tiny' - Finished in state Completed" in text
+
+
+def held_job_retried(log: str) -> bool:
+    """Whether the run's log says the held judging job failed and will be retried."""
+    return any("judgments iter-1 shard-0001" in line and "Retry 1/" in line for line in log.splitlines())
+
+
+def wait_for(condition, process, log, what: str, timeout_s: float = 300) -> None:
+    """Return once condition() holds; fail with the run's log if the run ends or timeout_s passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: " + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s: " + log.read_text()[-3000:]
+        time.sleep(0.1)
 
 
 def test_missing_bucket_and_unreachable_endpoint_fail_fast(tmp_path, tiny_model, s3):
