@@ -3,8 +3,14 @@ a campaign whose every table is read back with polars, an outage mid-stage, a mi
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import httpx
@@ -181,3 +187,120 @@ def test_store_writes_are_atomic_on_s3(s3):
         store.write_table("half.parquet", pl.DataFrame({"a": failing_frames()}))
     assert not store.exists("half.parquet")
     assert store.list("") == ["t.parquet"]
+
+
+THROTTLES = ((503, "SlowDown"), (429, "TooManyRequestsException"))
+"""What the proxy answers to each object's first PUTs: S3's throttling answer, then a 429 with a code botocore's
+standard and adaptive modes know as throttling (they retry a 429 by its code, not its status)."""
+
+
+class ThrottlingProxy:
+    """A real HTTP endpoint in front of moto's server that answers the first PUTs of every object as a throttling
+    store does — `throttles` in turn, (status, error code) — and forwards everything else; it counts the throttled
+    answers and, per object key, the PUTs it let through to moto."""
+
+    def __init__(self, upstream: str, throttles: tuple[tuple[int, str], ...] = THROTTLES):
+        self.upstream, self.throttles = upstream, throttles
+        self.throttled = 0
+        self.attempts: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._client = httpx.Client(timeout=30)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" before it sends a body
+
+            def log_message(self, *_):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.path.split("?")[0]
+                if self.command == "PUT":
+                    with proxy._lock:
+                        attempt = proxy.attempts[key]
+                        proxy.attempts[key] += 1
+                        throttle = attempt < len(proxy.throttles)
+                        proxy.throttled += throttle
+                    if throttle:
+                        status, code = proxy.throttles[attempt]
+                        # A message s3fs does not recognise: its own retry loop must not be what heals the write.
+                        self._answer(status, {"Content-Type": "application/xml"},
+                                     f"<Error><Code>{code}</Code><Message>Throttled.</Message></Error>".encode())
+                        return
+                headers = {name: value for name, value in self.headers.items()
+                           if name.lower() not in ("host", "expect")}
+                reply = proxy._client.request(self.command, proxy.upstream + self.path, headers=headers, content=body)
+                if self.command == "PUT" and reply.status_code == 200:
+                    with proxy._lock:
+                        proxy.stored[key] += 1
+                self._answer(reply.status_code, {name: value for name, value in reply.headers.items() if name.lower()
+                                                 not in ("content-length", "transfer-encoding", "connection",
+                                                         "content-encoding")}, reply.content)
+
+            def _answer(self, status: int, headers: dict[str, str], payload: bytes):
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        # Bound and listening before the constructor returns: a client can connect from then on.
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> ThrottlingProxy:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+
+BURST_SECONDS = 20
+"""How long a burst of 8 shard writes, each throttled twice, may take with the store's default retry mode (standard:
+at most 1 + 2 s of backoff per write; measured 2.2–3.0 s on a loaded 2-core machine, ~20 s in adaptive mode)."""
+
+
+def test_a_burst_of_throttled_shard_writes_is_retried_by_botocore_and_nothing_is_written_twice(s3, monkeypatch,
+                                                                                               caplog):
+    tables = {f"iter-1/judgments/shard-{shard:04d}.parquet": pl.DataFrame({"shard": [shard] * 100, "row": range(100)})
+              for shard in range(8)}
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)  # the store's defaults
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    with ThrottlingProxy(s3["endpoint"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        store = ArtifactStore("s3://campaigns/throttled")
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(tables)) as pool:  # one burst, as a stage's shard jobs write
+            refs = dict(zip(tables, pool.map(store.write_table, tables, tables.values()), strict=True))
+        elapsed = time.monotonic() - started
+    assert proxy.throttled == len(THROTTLES) * len(tables)  # every shard's PUT met a 503 SlowDown, then a 429
+    assert elapsed < BURST_SECONDS
+    # Each shard stored exactly once, with the bytes its reference records (read from moto, not through the store).
+    assert proxy.stored == Counter({f"/campaigns/throttled/{key}": 1 for key in tables})
+    assert sorted(all_keys(s3["client"])) == sorted(f"throttled/{key}" for key in tables)
+    for key, table in tables.items():
+        body = s3["client"].get_object(Bucket="campaigns", Key=f"throttled/{key}")["Body"].read()
+        assert (hashlib.blake2b(body, digest_size=8).hexdigest(), len(body)) == (refs[key].digest, refs[key].size)
+        assert pl.read_parquet(io.BytesIO(body)).equals(table)
+    # botocore healed each write within one call (its RetryAttempts), and the run's log says which were throttled.
+    retried = sorted(r.getMessage() for r in caplog.records if r.name == "metareward.artifacts.store")
+    assert [line.split(" answered ")[0] for line in retried] == [f"S3 PutObject {proxy.endpoint}/campaigns/throttled/"
+                                                                  f"{key}" for key in sorted(tables)]
+    assert all(f" answered 200 after {len(THROTTLES)} retries " in line for line in retried)
+
+    # It is the configured botocore that heals a 429 (s3fs's loop retries SlowDown only): one attempt, and it fails.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with ThrottlingProxy(s3["endpoint"], throttles=THROTTLES[1:]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        with pytest.raises(OSError, match="TooManyRequestsException"):
+            ArtifactStore("s3://campaigns/one-attempt").write_table("t.parquet", tables[next(iter(tables))])
+    assert proxy.throttled == 1 and proxy.stored == Counter()
