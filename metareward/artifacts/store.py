@@ -186,10 +186,7 @@ class ArtifactStore:
         have the reference's digest. Raises CorruptArtifactError naming the URI when they do not or when they are
         not readable Parquet, FileNotFoundError when the table is missing."""
         uri = table.uri if isinstance(table, TableRef) else self.uri(self.key_of(table))
-        data = self.read_bytes(self.key_of(uri))
-        if isinstance(table, TableRef) and _digest(data) != table.digest:
-            raise CorruptArtifactError(f"artifact {uri} is not the table its marker recorded: digest {_digest(data)}, "
-                                       f"{len(data)} bytes; recorded {table.digest}, {table.size} bytes")
+        data = self._checked_bytes(table) if isinstance(table, TableRef) else self.read_bytes(self.key_of(uri))
         try:
             return pl.read_parquet(io.BytesIO(data), columns=columns)
         except Exception as error:  # polars raises several types for a damaged file
@@ -199,6 +196,30 @@ class ArtifactStore:
         """The concatenation of the referenced tables, in order (only `columns`, when given), each checked
         against its digest (see read_table)."""
         return pl.concat([self.read_table(table, columns) for table in tables], how="vertical")
+
+    def read_tables_where(self, tables: list[TableRef], predicate: pl.Expr,
+                          columns: list[str] | None = None) -> pl.DataFrame:
+        """The rows of the referenced tables that satisfy `predicate` (only `columns`, when given; the predicate may
+        read others), in order, each table's bytes checked against its digest first (CorruptArtifactError and
+        FileNotFoundError as read_table). The predicate is pushed down to the Parquet reader, which decodes the other
+        columns of the kept rows alone: memory holds those and one table's bytes, never a whole table."""
+        kept = []
+        for table in tables:
+            scan = pl.scan_parquet(io.BytesIO(self._checked_bytes(table)))
+            try:
+                kept.append(scan.filter(predicate).select(columns or pl.all()).collect())
+            except Exception as error:  # polars raises several types for a damaged file
+                raise CorruptArtifactError(f"artifact {table.uri} is not a readable Parquet table ({error})") from None
+        return pl.concat(kept, how="vertical")
+
+    def _checked_bytes(self, table: TableRef) -> bytes:
+        """The bytes of a referenced table; CorruptArtifactError naming its URI when they are not its digest's."""
+        data = self.read_bytes(self.key_of(table.uri))
+        if _digest(data) != table.digest:
+            raise CorruptArtifactError(f"artifact {table.uri} is not the table its marker recorded: digest "
+                                       f"{_digest(data)}, {len(data)} bytes; recorded {table.digest}, "
+                                       f"{table.size} bytes")
+        return data
 
     def delete(self, key: str) -> None:
         """Remove the object at key (nothing when there is none)."""

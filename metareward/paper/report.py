@@ -30,12 +30,13 @@ def meta_judge_bias(meta_judgments: pl.DataFrame, judgments: pl.DataFrame) -> di
     are in [0, 1]; NaN where a category has no battle. `battles` counts the battles used. A NaN score is
     missing, as null is: its battles count for position only.
     """
-    scores = judgments.select("judgment_id", pl.col("score").fill_nan(None))
+    scores = judgments.lazy().select("judgment_id", pl.col("score").fill_nan(None))
     battles = (
-        meta_judgments.filter(pl.col("winner").is_not_null())
+        meta_judgments.lazy().filter(pl.col("winner").is_not_null())
+        .select("first_id", "second_id", "winner")
         .join(scores.rename({"judgment_id": "first_id", "score": "first_score"}), on="first_id", how="left")
         .join(scores.rename({"judgment_id": "second_id", "score": "second_score"}), on="second_id", how="left")
-        .with_columns(
+        .select(
             (pl.col("winner") == "A").alias("a_won"),
             (pl.col("first_score") == pl.col("second_score")).alias("same_score"),
             pl.when(pl.col("winner") == "A").then(pl.col("first_score")).otherwise(pl.col("second_score"))
@@ -44,20 +45,18 @@ def meta_judge_bias(meta_judgments: pl.DataFrame, judgments: pl.DataFrame) -> di
             .alias("loser_score"),
         )
     )
-    different = battles.filter(~pl.col("same_score"))
-    same = battles.filter(pl.col("same_score"))
-
-    def share(frame: pl.DataFrame, expression: pl.Expr) -> float:
-        return float(frame.select(expression.mean()).item()) if frame.height else float("nan")
-
-    return {
-        "battles": float(battles.height),
-        "higher_win": share(different, pl.col("winner_score") > pl.col("loser_score")),
-        "lower_win": share(different, pl.col("winner_score") < pl.col("loser_score")),
-        "position_a_same_score": share(same, pl.col("a_won")),
-        "position_a_diff_score": share(different, pl.col("a_won")),
-        "position_a_all": share(battles, pl.col("a_won")),
-    }
+    # One pass over the battles (an iteration has millions): each share is a mean of booleans over the battles of
+    # its category — a missing score (same_score null) leaves a battle out of both — null where there is none.
+    different, same = ~pl.col("same_score"), pl.col("same_score")
+    shares = battles.select(
+        pl.len().cast(pl.Float64).alias("battles"),
+        (pl.col("winner_score") > pl.col("loser_score")).filter(different).mean().alias("higher_win"),
+        (pl.col("winner_score") < pl.col("loser_score")).filter(different).mean().alias("lower_win"),
+        pl.col("a_won").filter(same).mean().alias("position_a_same_score"),
+        pl.col("a_won").filter(different).mean().alias("position_a_diff_score"),
+        pl.col("a_won").mean().alias("position_a_all"),
+    ).collect().row(0, named=True)
+    return {name: float("nan") if value is None else float(value) for name, value in shares.items()}
 
 
 def iteration_report(tables: dict[str, pl.DataFrame]) -> dict[str, float]:

@@ -78,9 +78,11 @@ def judgments(context: StageContext, *, num_judgments: int, sampling: SamplingCo
 
 def actor_pairs(context: StageContext, *, rho: float, max_chosen_chars: int | None) -> Result:
     """Actor preference pairs of the whole iteration."""
-    scores = score_responses(context.table("judgments"))
-    return select_actor_pairs(context.table("responses"), scores, context.table("prompts"), rho, max_chosen_chars,
-                              context.iteration, context.model_id or "")
+    # Only the columns the arithmetic reads: a judgment's text alone is most of an iteration's bytes.
+    scores = score_responses(context.table("judgments", ["prompt_id", "response_id", "score"]))
+    response_table = context.table("responses", ["prompt_id", "response_id", "sample_idx", "text", "n_chars"])
+    return select_actor_pairs(response_table, scores, context.table("prompts", ["prompt_id", "prompt"]), rho,
+                              max_chosen_chars, context.iteration, context.model_id or "")
 
 
 def meta_judgments(context: StageContext, *, sampling: SamplingConfig, seed: int, verdict_mode: str,
@@ -101,21 +103,59 @@ def meta_judgments(context: StageContext, *, sampling: SamplingConfig, seed: int
 def judgment_elo(context: StageContext, *, battle_rule: str, positional_weights: bool | None) -> Result:
     """Elo of every meta-judged judgment: the paper's weighted wins (positional weights counted over the whole
     iteration, or ½ each) or NeMo-Aligner's wins in both orders."""
-    return rank_judgments(context.table("meta_judgments"), context.table("judgments"), context.iteration,
-                          context.model_id or "", positional=bool(positional_weights), battle_rule=battle_rule)
+    columns = ["prompt_id", "response_id", "first_id", "second_id", "winner"]
+    meta_shards = [context.store.read_table(table, columns) for table in context.inputs["meta_judgments"]]
+    # Only the meta-judged responses' judgments are read (rank_judgments joins on them), each shard's in its shard.
+    judgment_table = _rows_by_shard(context, "judgments", "response_id",
+                                    [shard["response_id"].unique() for shard in meta_shards],
+                                    ["judgment_id", "sample_idx", "score"])
+    return rank_judgments(pl.concat(meta_shards), judgment_table, context.iteration, context.model_id or "",
+                          positional=bool(positional_weights), battle_rule=battle_rule)
 
 
 def judge_pairs(context: StageContext, *, max_chosen_chars: int | None, seed: int) -> Result:
     """Judge preference pairs of the whole iteration."""
-    return select_judge_pairs(context.table("judgment_elo"), context.table("judgments"), context.table("responses"),
-                              context.table("prompts"), max_chosen_chars, seed, context.iteration,
-                              context.model_id or "")
+    elo = context.table("judgment_elo", ["prompt_id", "response_id", "judgment_id", "elo"])
+    # Of the other tables only the rows of the judged responses and their prompts are read: the pairs join them and
+    # nothing else.
+    judged = _keys_by_shard(context, "responses", "response_id", elo["response_id"].unique())
+    judgment_table = _rows_by_shard(context, "judgments", "response_id", judged, ["judgment_id", "text", "n_chars"])
+    response_table = _rows_by_shard(context, "responses", "response_id", judged, ["response_id", "text"])
+    prompt_table = _rows_by_shard(context, "prompts", "prompt_id", [elo["prompt_id"].unique()], ["prompt_id", "prompt"])
+    return select_judge_pairs(elo, judgment_table, response_table, prompt_table, max_chosen_chars, seed,
+                              context.iteration, context.model_id or "")
 
 
 def dpo_dataset(context: StageContext, *, train_judge: bool) -> Result:
     """The DPO training set of the iteration."""
-    judge = context.table("judge_pairs") if context.has("judge_pairs") else None
-    return build_dpo_dataset(context.table("actor_pairs"), judge, train_judge)
+    columns = ["prompt_id", "prompt", "chosen", "rejected", "iteration", "model_id"]
+    judge = context.table("judge_pairs", columns) if context.has("judge_pairs") else None
+    return build_dpo_dataset(context.table("actor_pairs", columns), judge, train_judge)
+
+
+def _rows_by_shard(context: StageContext, input_stage: str, key: str, shard_keys: list[pl.Series],
+                   columns: list[str]) -> pl.DataFrame:
+    """The rows of each shard of the job's input table of input_stage whose `key` is one of that shard's
+    `shard_keys` (one list per shard, in shard order), only `columns`: each shard checked and filtered as it is read
+    (ArtifactStore.read_tables_where). The sharded stages of an iteration shard the same prompts in the same order,
+    so shard i of one holds the rows of shard i of another; looking a shard's keys up in that shard alone keeps the
+    cost linear in the iteration (all keys against every shard would grow with its square). ValueError when the
+    shard counts differ."""
+    tables = context.inputs[input_stage]
+    if len(tables) != len(shard_keys):
+        raise ValueError(f"{context.stage}: {input_stage} has {len(tables)} shards, its keys come in {len(shard_keys)}")
+    return pl.concat([context.store.read_tables_where([table], pl.col(key).is_in(keys.implode()), columns)
+                      for table, keys in zip(tables, shard_keys, strict=True)], how="vertical")
+
+
+def _keys_by_shard(context: StageContext, input_stage: str, key: str, wanted: pl.Series) -> list[pl.Series]:
+    """Of the `wanted` values of column `key`, those in each shard of the job's input table of input_stage, in shard
+    order (only the key column is read), for _rows_by_shard."""
+    located = pl.concat([context.store.read_table(table, [key]).with_columns(pl.lit(index).alias("shard"))
+                         for index, table in enumerate(context.inputs[input_stage])])
+    found = located.join(wanted.to_frame(key), on=key, how="semi").partition_by("shard", as_dict=True)
+    return [found[(index,)][key] if (index,) in found else wanted.clear()
+            for index in range(len(context.inputs[input_stage]))]
 
 
 def sft_data(context: StageContext, *, sft_file: ContentFile) -> Result:
