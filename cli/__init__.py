@@ -28,7 +28,8 @@ from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
 from metareward.pipeline.summary import stored_outcomes
 from metareward.preflight import check_evaluation, preflight
-from metareward.tracking.tracker import TrackingError, log_evaluation
+from metareward.tracking.campaign_log import catch_up
+from metareward.tracking.tracker import TrackingError, check_tracking, log_evaluation
 from metareward.training.models import ModelNotFoundError
 from metareward.training.trainer import EmptyTrainingSetError
 
@@ -63,6 +64,16 @@ def _show(arguments: argparse.Namespace) -> int:
         print(paper_tables(store, arguments.campaign), end="")
     else:
         print_summary(arguments.campaign, outcomes)
+    return 0
+
+
+def _track(arguments: argparse.Namespace) -> int:
+    config = CampaignConfig.from_yaml(arguments.config).with_environment()
+    if not config.tracking.enabled:
+        raise ConfigError(f"{arguments.config}: tracking.enabled is false, there is no MLflow record to complete")
+    check_tracking(config)
+    for line in catch_up(config):
+        print(line)
     return 0
 
 
@@ -261,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the paper's Table 1 (win rates, lengths), Table 5 (meta-judge biases) and Fig. 5 "
                            "(judge score shares) from the stored stages, as markdown")
     show.set_defaults(handler=_show)
+
+    track = commands.add_parser(
+        "track", help="log to MLflow what a campaign's finished iterations lack (after an MLflow outage)",
+        description="Log each finished iteration of the campaign from the artifact store to MLflow as `run` would "
+        "have: its one run (found again by its tags, or created), metrics, datasets, figures and models. Iterations "
+        "already logged are left as they are, so running it twice changes nothing; an iteration the store holds only "
+        "part of is not logged. For when a campaign said \"tracking degraded\" (running the campaign again does the "
+        "same, its stages found in the store).")
+    track.add_argument("config", help="campaign YAML file (where its artifacts and MLflow runs are)")
+    track.set_defaults(handler=_track)
 
     evaluate = commands.add_parser("evaluate",
                                    help="evaluate a model: judge agreement, AlpacaEval 2 and Arena-Hard exports")

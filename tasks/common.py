@@ -43,7 +43,7 @@ def worth_retrying(task, task_run, state) -> bool:
 
 RETRIED = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
            "retry_condition_fn": worth_retrying}
-"""Task options of everything that touches an engine, the store or MLflow: 3 retries after 5, 10, 20 s, only
+"""Task options of everything that touches an engine or the store: 3 retries after 5, 10, 20 s, only
 for failures that can heal."""
 
 

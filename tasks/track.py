@@ -1,5 +1,6 @@
 """An iteration's bookkeeping around its stages: its MLflow runs opened before and logged from the store after
-(also when it fails), and its summary as a Prefect artifact."""
+(also when it fails) — never failing or holding up its model work: an MLflow outage is said in the run's log
+("tracking degraded: …") and left for `metareward track` — and its summary as a Prefect artifact."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.summary import iteration_title, summary_markdown
 from metareward.placement.replicas import close_shared_pools
-from metareward.tracking import tracker as tracking
+from metareward.tracking import campaign_log
+from metareward.tracking.campaign_log import TrackingDegraded
 from metareward.training.models import check_model, model_id_of
-from tasks.common import RETRIED
 from tasks.stages import IterationStages
 
 
@@ -26,18 +27,29 @@ def artifact_key(campaign: str, name: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"{campaign}-{name}".lower())
 
 
-@task(name="start-tracking", cache_policy=NO_CACHE, **RETRIED)
+# No retries on the tracking tasks: a retry would hold the next model work up for its back-off, and what an
+# outage kept from MLflow is logged later from the store (`metareward track`, or the next run of the campaign).
+@task(name="start-tracking", cache_policy=NO_CACHE)
 def start_tracking(config: CampaignConfig, iteration: int, model_digest: str, model_uri: str) -> dict | None:
-    """The campaign run and iteration t's run ids in MLflow (reopened on a re-run); None with tracking off."""
-    return tracking.start_iteration(config, iteration, model_digest, model_uri)
+    """The campaign run and iteration t's run ids in MLflow (reopened on a re-run); None with tracking off, or
+    when MLflow cannot be used (campaign_log.start_iteration: "tracking degraded: …" logged as a warning)."""
+    try:
+        return campaign_log.start_iteration(config, iteration, model_digest, model_uri)
+    except TrackingDegraded as degraded:
+        get_run_logger().warning("%s", degraded)
+        return None
 
 
-@task(name="track-iteration", cache_policy=NO_CACHE, **RETRIED)
+@task(name="track-iteration", cache_policy=NO_CACHE)
 def track_iteration(config: CampaignConfig, iteration: int, runs: dict, stages: list[str],
                     error: str | None = None) -> None:
     """Log the stages this flow run finished of iteration t (metrics, datasets, curves, figures, models) to
-    MLflow and end its run (idempotent: safe to retry)."""
-    tracking.finish_iteration(config, iteration, runs, stages, error)
+    MLflow and end its run (idempotent). Never raises for MLflow: when it cannot be used, "tracking degraded: …"
+    (campaign_log.finish_iteration) is logged as a warning and the rest of the iteration's logging skipped."""
+    try:
+        campaign_log.finish_iteration(config, iteration, runs, stages, error)
+    except TrackingDegraded as degraded:
+        get_run_logger().warning("%s", degraded)
 
 
 @contextmanager
@@ -60,11 +72,7 @@ def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> It
         yield stages
     except Exception as error:
         if runs:
-            try:
-                track_iteration(config, iteration, runs, list(stages.finished),
-                                error=f"{type(error).__name__}: {error}")
-            except Exception as tracking_error:  # the stage's error is the one to report
-                logger.warning("MLflow logging of the failed iteration failed too: %s", tracking_error)
+            track_iteration(config, iteration, runs, list(stages.finished), error=f"{type(error).__name__}: {error}")
         raise
     finally:
         close_shared_pools()  # the engine replicas' GPUs are free once an iteration ends, however it ends

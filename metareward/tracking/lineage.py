@@ -95,7 +95,10 @@ class ModelLineage:
                 f"**M_{iteration + 1}** of the Meta-Rewarding campaign {self.campaign}, trained {how}"
                 f"(#/experiments/{self.experiment_id}/runs/{run_id}) from {parent_link} on {trained_on}. "
                 f"Weights: `{redact(stats['model_uri'])}`."))
-        self.client.log_outputs(run_id, [LoggedModelOutput(child.model_id, step=iteration)])
+        # An attempt an outage cut short may have linked it already, and MLflow refuses the same link twice.
+        outputs = self.client.get_run(run_id).outputs
+        if child.model_id not in {output.model_id for output in (outputs.model_outputs if outputs else [])}:
+            self.client.log_outputs(run_id, [LoggedModelOutput(child.model_id, step=iteration)])
         self.register(child, iteration + 1, run_id=run_id, parent_version=parent_version)
         return child
 
@@ -103,14 +106,15 @@ class ModelLineage:
                      params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
                      description: str | None = None):
         """The experiment's logged model of the checkpoint with this content digest, created (with its
-        description and a `checkpoint.json` artifact pointing at the artifact store) when there is none yet."""
+        description and a `checkpoint.json` artifact pointing at the artifact store) when there is none yet, and
+        completed when an earlier attempt created it but did not finish it (READY once returned)."""
         from mlflow.entities import LoggedModelStatus
 
         found = self.client.search_logged_models(
             [self.experiment_id], filter_string=f"tags.`{TAG}.model_digest` = '{digest}'", max_results=1)
-        if found:
+        if found and found[0].status == LoggedModelStatus.READY:
             return found[0]
-        model = self.client.create_logged_model(
+        model = found[0] if found else self.client.create_logged_model(
             self.experiment_id, name=name, source_run_id=source_run_id, params=params, model_type="causal-lm",
             tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": redact(uri), **(tags or {}),
                   **({NOTE: description} if description else {})})
@@ -125,14 +129,24 @@ class ModelLineage:
     def register(self, model, index: int, run_id: str | None, parent_version: str | None = None) -> str:
         """The registered version of a logged model M_index, created when there is none (alias m{index}, tags
         naming its parent version, the logged model's mlflow.modelVersions tag pointing back as
-        mlflow.register_model sets it). Returns its version."""
-        from mlflow.exceptions import MlflowException
-
+        mlflow.register_model sets it; both set again when found, as an earlier attempt may have stopped before).
+        Returns its version."""
         name = self.registered_model
         digest = model.tags[f"{TAG}.model_digest"]
         existing = self.client.search_model_versions(f"name = '{name}' AND tags.`{TAG}.model_digest` = '{digest}'")
-        if existing:
-            return str(existing[0].version)
+        version = str(existing[0].version) if existing else self._new_version(model, index, run_id, parent_version)
+        self.client.set_registered_model_alias(name, f"m{index}", version)
+        linked = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
+        if {"name": name, "version": version} not in linked:
+            self.client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
+                linked + [{"name": name, "version": version}])})
+        return version
+
+    def _new_version(self, model, index: int, run_id: str | None, parent_version: str | None) -> str:
+        """A new version of the registered model (created first when there is none) for logged model M_index."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.registered_model
         try:
             self.client.create_registered_model(name, description=(
                 f"Checkpoints of the Meta-Rewarding campaign {self.campaign}: version t is M_t (alias m{{t}}), "
@@ -146,12 +160,9 @@ class ModelLineage:
         version = self.client.create_model_version(
             name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id,
             description=f"M_{index} of {self.campaign}, {origin}.",
-            tags={f"{TAG}.model_digest": digest, f"{TAG}.model_uri": model.tags[f"{TAG}.model_uri"],
-                  f"{TAG}.iteration_model": f"M_{index}", f"{TAG}.parent_model_version": parent_version or "",
+            tags={f"{TAG}.model_digest": model.tags[f"{TAG}.model_digest"],
+                  f"{TAG}.model_uri": model.tags[f"{TAG}.model_uri"], f"{TAG}.iteration_model": f"M_{index}",
+                  f"{TAG}.parent_model_version": parent_version or "",
                   **({f"{TAG}.training_datasets": model.tags[f"{TAG}.training_datasets"]}
                      if f"{TAG}.training_datasets" in model.tags else {})})
-        self.client.set_registered_model_alias(name, f"m{index}", version.version)
-        linked = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
-        self.client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
-            linked + [{"name": name, "version": str(version.version)}])})
         return str(version.version)

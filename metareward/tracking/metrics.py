@@ -68,11 +68,17 @@ BOOKKEEPING = {"compute_seconds": "seconds", "shards": "shards", "requests": "re
 
 _MODEL_CALLS = {"requests", "prompt_tokens", "completion_tokens", "tokens_per_second"}
 
+SIGNIFICANT_DIGITS = 12
+"""Digits a metric keeps. Means over polars groups sum in whatever order the groups come, so the same tables can
+give values that differ in the last bits; MLflow keeps a point that is logged again (after an outage cut an
+attempt short) as one only when its value is equal."""
+
 
 def iteration_metrics(stages: dict[str, dict[str, Any]], tables: dict[str, pl.DataFrame],
                       uses_model: dict[str, bool]) -> dict[str, float]:
     """Every metric of an iteration from its stages' combined statistics and its report tables (see
-    report.iteration_report): the paper's quantities under their groups, then stage/{stage}/… bookkeeping.
+    report.iteration_report): the paper's quantities under their groups, then stage/{stage}/… bookkeeping; each to
+    SIGNIFICANT_DIGITS, so that the same tables give the same values.
     `uses_model` says which stages call the model (the others have no requests or tokens)."""
     metrics = dict(iteration_report(tables))
     for (name, statistic), metric in STATISTICS.items():
@@ -85,7 +91,7 @@ def iteration_metrics(stages: dict[str, dict[str, Any]], tables: dict[str, pl.Da
                 continue
             if isinstance(stats.get(statistic), (int, float)):
                 metrics[f"stage/{name}/{label}"] = float(stats[statistic])
-    return metrics
+    return {name: float(f"{value:.{SIGNIFICANT_DIGITS}g}") for name, value in metrics.items()}
 
 
 def paper_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -36,12 +36,20 @@ from metareward.pipeline.model_roles import evaluator_model
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params
-from metareward.tracking.record import IterationRecord, iteration_record
+from metareward.tracking.record import IterationRecord, iteration_record, logged_key
 from metareward.tracking.tracked_datasets import log_datasets
 
 
 class TrackingError(RuntimeError):
     """The MLflow tracking server or store cannot be used; the message names the URI and the setting."""
+
+
+REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+"""MLflow's HTTP settings for every Tracker unless the environment sets them: 15 s a request, 2 retries after
+about 1 and 2 s. MLflow's own defaults (120 s, 7 retries, backoff factor 2) retry a server that is down for
+about 4 minutes per call, which a campaign would wait out before its next model work; the pointers, metrics and
+figures a campaign logs are small, so a healthy server answers well within these."""
 
 
 def tracking_target(config: CampaignConfig) -> tuple[str, str | None]:
@@ -86,6 +94,9 @@ class Tracker:
         # MLflow prints "View run … at: URL" with the tracking URI, credentials included; runs are linked
         # from the iteration's log and summary instead, redacted.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        # MLflow reads its HTTP settings from the environment at every request; it takes no per-client ones.
+        for name, value in REQUEST_LIMITS.items():
+            os.environ.setdefault(name, value)
         # Registering a version from "models:/<id>" resolves the logged model through the fluent URIs. Setting
         # them also exports MLFLOW_TRACKING_URI to this process's environment, where engines and training
         # subprocesses would inherit it (credentials included) and later configs would read it: put it back.
@@ -141,7 +152,7 @@ class Tracker:
         """The campaign's run: the one a previous run of the same config created (set running again), or a
         new one with the flattened config as params and the config as `config.yaml`."""
         digest = config_digest(self.config)
-        found = self._existing_campaign_run()
+        found = self.existing_campaign_run()
         if found:
             self.client.update_run(found, status="RUNNING")
             return found
@@ -159,11 +170,10 @@ class Tracker:
     def iteration_run(self, parent_run_id: str, iteration: int, model_digest: str, model_uri: str) -> str:
         """Iteration t's run, nested under the campaign run: found again by (parent, iteration, M_t's
         digest) and set running, or created with the iteration's settings as params."""
-        found = self._find_run(f"tags.`mlflow.parentRunId` = '{parent_run_id}' AND tags.`{TAG}.iteration` = "
-                               f"'{iteration}' AND tags.`{TAG}.model_digest` = '{model_digest}'")
+        found = self.existing_iteration_run(parent_run_id, iteration, model_digest)
         if found:
-            self.client.update_run(found, status="RUNNING")
-            return found
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name="seed-sft" if iteration == 0 else f"iter-{iteration}",
                                      tags={
             "mlflow.parentRunId": parent_run_id, f"{TAG}.kind": "seed" if iteration == 0 else "iteration",
@@ -196,14 +206,22 @@ class Tracker:
             self.client.set_tag(run_id, f"{TAG}.error", f"{type(error).__name__}: {error}"[:5000])
         self.client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
 
-    def _existing_campaign_run(self) -> str | None:
-        return self._find_run(f"tags.`{TAG}.kind` = 'campaign' AND tags.`{TAG}.config_digest` = "
-                              f"'{config_digest(self.config)}'")
+    def existing_campaign_run(self) -> str | None:
+        """The id of the run a campaign of this config created, or None (nothing is changed)."""
+        found = self._find_run(f"tags.`{TAG}.kind` = 'campaign' AND tags.`{TAG}.config_digest` = "
+                               f"'{config_digest(self.config)}'")
+        return found.info.run_id if found else None
 
-    def _find_run(self, filter_string: str) -> str | None:
+    def existing_iteration_run(self, parent_run_id: str, iteration: int, model_digest: str):
+        """Iteration t's run (an mlflow Run: status, tags) under the campaign run, on M_t with this digest, or
+        None (nothing is changed)."""
+        return self._find_run(f"tags.`mlflow.parentRunId` = '{parent_run_id}' AND tags.`{TAG}.iteration` = "
+                              f"'{iteration}' AND tags.`{TAG}.model_digest` = '{model_digest}'")
+
+    def _find_run(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1,
                                        order_by=["attributes.start_time DESC"])
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -225,23 +243,25 @@ class Tracker:
         M_{t+1} as logged and registered models, the pair counts and training curves linked to M_{t+1} and the
         tables it was trained on. Only `stages` are read (those this run
         finished). An iteration whose checkpoint was already logged is skipped; a partial one (e.g. stopped by a
-        health check) is logged as far as it got."""
+        health check) is logged as far as it got; an attempt an outage cut short can be made again, adding no second
+        point, link, model or version."""
         run_tags = self.client.get_run(run_id).data.tags
         record = iteration_record(self.store, self.config.name, iteration, stages, run_tags.get(f"{TAG}.logged"))
         if record is None:
             return
+        at = self._logging_time(run_id, run_tags, logged_key(record.manifests))
         log_datasets(self.client, run_id, record.datasets)
         model = None
         if record.checkpoint:
             model = self.lineage.log_models(run_id, iteration, record.checkpoint, record.datasets,
                                             run_tags.get(f"{TAG}.model_uri", ""), self._training_settings(iteration))
-        items = [self._metric(name, value, iteration, model, record.linked_dataset(name))
+        items = [self._metric(name, value, iteration, at, model, record.linked_dataset(name))
                  for name, value in record.metrics.items()]
         training_set = record.datasets.get(record.training_set)
-        items += [self._metric(point.name, point.value, point.step, model if point.last else None, training_set)
+        items += [self._metric(point.name, point.value, point.step, at, model if point.last else None, training_set)
                   for point in record.training_curve]
         self._log_metric_items(run_id, items)
-        self._log_metrics(parent_run_id, record.paper_metrics, step=iteration)
+        self._log_metrics(parent_run_id, record.paper_metrics, iteration, at)
         if record.judgments is not None:
             self._log_figures(parent_run_id, run_id, record)
         if "eval/win_rate" in record.metrics:
@@ -250,19 +270,30 @@ class Tracker:
         if record.logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
 
-    def _metric(self, name: str, value: float, step: int, model, dataset: dict | None):
+    def _logging_time(self, run_id: str, run_tags: dict[str, str], content: str) -> int:
+        """The time (ms) an iteration's points are logged at: that of the first attempt to log this content (the
+        digest of its stages' keys), kept in the run's `metareward.logging` tag, so that an attempt an outage cut
+        short, made again, adds no second point (MLflow stores a point equal in key, step, value and time once);
+        new content gets the time now, so that its points are the latest."""
+        first, _, at = run_tags.get(f"{TAG}.logging", "").partition("@")
+        if first == content and at.isdigit():
+            return int(at)
+        now = _millis()
+        self.client.set_tag(run_id, f"{TAG}.logging", f"{content}@{now}")
+        return now
+
+    def _metric(self, name: str, value: float, step: int, at: int, model, dataset: dict | None):
         from mlflow.entities import Metric
 
         linked = model is not None and dataset is not None
-        return Metric(name, value, _millis(), step, model_id=model.model_id if linked else None,
+        return Metric(name, value, at, step, model_id=model.model_id if linked else None,
                       dataset_name=dataset["name"] if linked else None,
                       dataset_digest=dataset["digest"] if linked else None)
 
-    def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int, at: int) -> None:
         from mlflow.entities import Metric
 
-        now = _millis()
-        self._log_metric_items(run_id, [Metric(key, value, now, step) for key, value in metrics.items()])
+        self._log_metric_items(run_id, [Metric(key, value, at, step) for key, value in metrics.items()])
 
     def _log_figures(self, parent_run_id: str, run_id: str, record: IterationRecord) -> None:
         """score_shares.png on the iteration run (iteration t) and on the campaign run (iterations 1..t), and
@@ -301,14 +332,14 @@ class Tracker:
         (the campaign's logged model of that checkpoint), and the per-row results as `results.parquet`."""
         from mlflow.entities import LoggedModelInput
 
-        parent = self._existing_campaign_run()
+        parent = self.existing_campaign_run()
         tags = {f"{TAG}.kind": "evaluation", f"{TAG}.evaluation": kind, f"{TAG}.campaign": self.config.name,
                 f"{TAG}.model_digest": model_digest, f"{TAG}.model_uri": redact(model_uri)}
         if parent:
             tags["mlflow.parentRunId"] = parent
         run_name = f"{kind} {model_digest[:8]}"
         run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-        self._log_metrics(run_id, metrics, step=0)
+        self._log_metrics(run_id, metrics, 0, _millis())
         path = Path(input_path).resolve()
         log_datasets(self.client, run_id, {"evaluation": {
             "name": f"{self.config.name}/evaluation/{path.name}", "digest": file_digest(path), "source": str(path),
@@ -327,17 +358,25 @@ def check_tracking(config: CampaignConfig) -> None:
     within 10 s, and the experiment must exist or be creatable. Raises TrackingError naming the URI."""
     if not config.tracking.enabled:
         return
-    uri, _ = tracking_target(config)
-    if uri.startswith(("http://", "https://")):
-        import httpx
-
-        try:
-            httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
-        except httpx.HTTPError as error:
-            raise TrackingError(f"MLflow tracking server {redact(uri)} does not answer /health ({error}): start "
-                                "it, or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
-                                ) from None
+    problem = server_problem(tracking_target(config)[0], timeout=10)
+    if problem:
+        raise TrackingError(f"{problem}: start it, or fix tracking.uri / MLFLOW_TRACKING_URI, or set "
+                            "tracking.enabled: false")
     Tracker(config)
+
+
+def server_problem(uri: str, timeout: float) -> str | None:
+    """Why the tracking server at an http(s) URI cannot be used — it does not answer /health with 200 within
+    `timeout` seconds — in words without credentials; None when it answers, or for a local store (no server)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as error:
+        return f"MLflow tracking server {redact(uri)} does not answer /health ({redact(str(error))})"
+    return None
 
 
 def log_evaluation(config: CampaignConfig, evaluation) -> str | None:
@@ -347,31 +386,6 @@ def log_evaluation(config: CampaignConfig, evaluation) -> str | None:
         return None
     return Tracker(config).log_evaluation(evaluation.kind, evaluation.model_uri, evaluation.model_digest,
                                           evaluation.metrics, evaluation.input_path, evaluation.rows)
-
-
-def start_iteration(config: CampaignConfig, iteration: int, model_digest: str, model_uri: str) -> dict[str, str] | None:
-    """Open (or reopen, on a re-run) the campaign run and iteration t's nested run; their ids and where to see
-    them (run_link), or None when tracking is off."""
-    if not config.tracking.enabled:
-        return None
-    tracker = Tracker(config)
-    parent = tracker.campaign_run()
-    run = tracker.iteration_run(parent, iteration, model_digest, model_uri)
-    return {"campaign": parent, "iteration": run, "campaign_link": tracker.run_link(parent),
-            "iteration_link": tracker.run_link(run)}
-
-
-def finish_iteration(config: CampaignConfig, iteration: int, runs: dict[str, str], stages: list[str],
-                     error: str | None = None) -> None:
-    """Log the given finished stages of iteration t from the store (Tracker.log_iteration) and end its run:
-    FAILED with the error's text, or FINISHED. The campaign run ends too when t failed (FAILED) or was the
-    config's last (FINISHED)."""
-    tracker = Tracker(config)
-    tracker.log_iteration(runs["campaign"], runs["iteration"], iteration, stages)
-    failure = RuntimeError(error) if error else None
-    tracker.end_run(runs["iteration"], failure)
-    if failure is not None or iteration == len(config.iterations):
-        tracker.end_run(runs["campaign"], failure)
 
 
 REFERENCE_LABELS = {"previous": "M_t", "seed": "M_1", "outputs": "the reference outputs"}
