@@ -1,4 +1,4 @@
-"""The `metareward` command line: run a campaign, show it, evaluate models, check configs and prompt files.
+"""The `metareward` command line: run a campaign, show it, list and tidy its tables, evaluate models, check files.
 
 It sits above the flows (cli → flows → tasks → metareward): `run` starts the campaign flow; the other
 commands use the library alone.
@@ -16,8 +16,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cli.artifacts import add_artifact_commands, add_artifact_root, campaign_store
 from cli.progress import StageProgress, print_summary
-from metareward.artifacts.store import StoreError, open_store
+from metareward.artifacts.store import StoreError
 from metareward.config.campaign import CampaignConfig, ConfigError
 from metareward.inference.base import InferenceError
 from metareward.paper.report import HealthCheckError
@@ -55,8 +56,7 @@ def _run(arguments: argparse.Namespace) -> int:
 
 
 def _show(arguments: argparse.Namespace) -> int:
-    root = arguments.artifact_root or os.environ.get("METAREWARD_ARTIFACT_ROOT", "./artifacts")
-    store = open_store(root)
+    store = campaign_store(arguments)
     outcomes = stored_outcomes(store, arguments.campaign)
     if not outcomes:
         raise StoreError(f"no campaign {arguments.campaign!r} under {store.root} (stage manifests not found)")
@@ -266,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="a campaign's iterations, from the artifact store")
     show.add_argument("campaign", help="campaign name")
-    show.add_argument("--artifact-root", default=None,
-                      help="artifact root (default: $METAREWARD_ARTIFACT_ROOT or ./artifacts)")
+    add_artifact_root(show)
     show.add_argument("--paper", action="store_true",
                       help="print the paper's Table 1 (win rates, lengths), Table 5 (meta-judge biases) and Fig. 5 "
                            "(judge score shares) from the stored stages, as markdown")
@@ -345,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_check.add_argument("--gpus-per-node", type=int, default=8,
                               help="GPUs per node, to say how many nodes a training needs (default 8)")
     config_check.set_defaults(handler=_config_check)
+
+    add_artifact_commands(commands)
 
     stages = commands.add_parser(
         "stages", help="the stages of an iteration: inputs, code fingerprints, and a config's settings",

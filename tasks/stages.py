@@ -31,10 +31,11 @@ from metareward.pipeline.jobs import (
     shard_inputs,
     sharding,
 )
-from metareward.pipeline.manifests import manifest_key, write_manifest
+from metareward.pipeline.manifests import lists, manifest_key, write_manifest
 from metareward.pipeline.model_roles import IterationModels
 from metareward.pipeline.stages import stage, why_not_run
 from metareward.pipeline.summary import job_line
+from metareward.pipeline.superseded import superseded_key
 from metareward.placement.replicas import close_shared_pools, ray_address
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
 from tasks.shards import run_shards_on_workers
@@ -45,9 +46,11 @@ Upstream = dict[str, list[JobResult]]
 @dataclass
 class ArtifactCache(CachePolicy):
     """Cache key = the job's key (input digests, model digest, the stage's settings and code fingerprint), so
-    a finished job shows as Cached in Prefect and is never recomputed. If the job's artifacts (or, for a stage
-    that is not sharded, its manifest) were deleted while Prefect still holds a result for the key, the key is
-    replaced by a one-off key: the task runs again instead of returning a reference to a table that is gone."""
+    a finished job shows as Cached in Prefect and is never recomputed. If the job's artifacts were deleted while
+    Prefect still holds a result for the key (or, for a stage that is not sharded, its manifest is gone or lists the
+    job of other settings), the key is replaced by a one-off key: the task runs again — reading its table from the
+    store when it is there, and writing the stage's manifest — instead of returning a reference to a table that is
+    gone or leaving the manifest of other settings in place."""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
@@ -57,8 +60,7 @@ class ArtifactCache(CachePolicy):
         key = f"{config.name}-{job.stage}-{job.iteration}-{job.shard}-{job.cache_key}"
         store = open_store(config.artifact_root)
         result = finished(store, job)
-        missing = result is None or (
-            not stage(job.stage).sharded and not store.exists(manifest_key(config.name, job.iteration, job.stage)))
+        missing = result is None or (not stage(job.stage).sharded and not lists(store, config.name, job))
         recorded = task_ctx.result_store is not None and task_ctx.result_store.exists(key)
         if missing and recorded:
             return f"{key}-rerun-{uuid.uuid4().hex}"
@@ -87,8 +89,16 @@ def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | N
     (logger.warning if result.recomputed else logger.info)(job_line(result) + (f"; ran on {replica}" if replica
                                                                                  else ""))
     if shard is None:
-        write_manifest(open_store(config.artifact_root), config.name, [job], [result])
+        _log_superseded(write_manifest(open_store(config.artifact_root), config.name, [job], [result]))
     return result
+
+
+def _log_superseded(moved: list[str]) -> None:
+    """Say which tables of other settings left the stage's folder, and where they wait for `metareward gc`."""
+    if moved:
+        get_run_logger().info("%d superseded file(s) moved out of the stage's folder (to %s/…, until `metareward gc` "
+                              "removes them): %s", len(moved), superseded_key(moved[0]).rsplit("/", 1)[0],
+                              ", ".join(key.rsplit("/", 1)[1] for key in moved))
 
 
 @task(name="manifest", task_run_name="{stage} iter-{iteration} manifest", cache_policy=NO_CACHE, **RETRIED)
@@ -97,7 +107,7 @@ def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, sha
     # Returns nothing: Prefect links a task's returned values (and their parts) to it by identity, and the
     # stage's statistics share strings with other tasks' inputs, which would draw edges that are not there.
     store = open_store(config.artifact_root)
-    write_manifest(store, config.name, [r.job for r in shards], shards)
+    _log_superseded(write_manifest(store, config.name, [r.job for r in shards], shards))
     cached = sum(result.cached for result in shards)
     get_run_logger().info("%s iter-%d: manifest of %d shard(s) (%d computed now, %d found in the store), %d rows: %s",
                           stage, iteration, len(shards), len(shards) - cached, cached,

@@ -197,6 +197,15 @@ class ArtifactStore:
         against its digest (see read_table)."""
         return pl.concat([self.read_table(table, columns) for table in tables], how="vertical")
 
+    def move(self, key: str, new_key: str) -> None:
+        """Move the object at key to new_key, replacing what is there (local: one rename; S3: a server-side copy,
+        then the original is deleted)."""
+        if self.protocol == "file":
+            Path(self.uri(new_key)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.uri(key), self.uri(new_key))
+        else:
+            self.fs.mv(self.uri(key), self.uri(new_key))
+
     def read_tables_where(self, tables: list[TableRef], predicate: pl.Expr,
                           columns: list[str] | None = None) -> pl.DataFrame:
         """The rows of the referenced tables that satisfy `predicate` (only `columns`, when given; the predicate may

@@ -32,6 +32,7 @@ from metareward.inference import progress
 from metareward.pipeline.context import ModelRef, StageContext
 from metareward.pipeline.fingerprints import installed_index
 from metareward.pipeline.stages import SEED_STAGES, stage
+from metareward.pipeline.superseded import restore
 from metareward.placement.replicas import Replica, ray_address, shared_pool
 from metareward.training.checkpoints import CheckpointStore
 from metareward.training.models import MODEL_DIGEST_FILE
@@ -297,8 +298,10 @@ def stored(store: ArtifactStore, job: Job) -> tuple[JobResult | None, str | None
     model_id.txt is there; else None and why a stored result is not trusted (None when there is none): a
     deleted, truncated or replaced artifact means the job runs again, never a silently missing or damaged one.
     A seed stage's job with nothing at its key is looked for at its former_key (the result's job then has that
-    key)."""
+    key); a campaign's job with nothing at its key, among the superseded tables (moved back: superseded.restore)."""
     result, distrust = _stored_at(store, job)
+    if result is None and distrust is None and not job.key.startswith(SEED_FOLDER + "/") and restore(store, job.key):
+        result, distrust = _stored_at(store, job)
     if result is None and distrust is None and job.former_key:
         former, _ = _stored_at(store, dataclasses.replace(job, key=job.former_key, former_key=None))
         if former is not None:

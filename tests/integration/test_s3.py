@@ -1,5 +1,7 @@
 """The pipeline against a real S3 endpoint over HTTP (moto's server on 127.0.0.1, as s3fs tests itself):
-a campaign whose every table is read back with polars, an outage mid-stage, a missing bucket, no endpoint."""
+a campaign whose every table is read back with polars (a glob of each stage finding its manifest's tables alone
+after a recompute), an outage mid-stage, a burst of throttled writes, a missing
+bucket, no endpoint."""
 
 from __future__ import annotations
 
@@ -106,6 +108,28 @@ def test_campaign_on_s3_two_iterations(tmp_path, tiny_model, s3):
     assert not (cache / "checkpoints").exists()
     after = parquet_versions(s3["client"])
     assert {key for key in after if after[key] != written[key]} == {replaced}
+
+    # A changed setting (ρ) recomputes the actor pairs of both iterations: the superseded tables leave the stage's
+    # prefix, so that a glob of every stage reads exactly what its manifest lists.
+    lengthier = write_config(tmp_path, tiny_model, "s3://campaigns/runs", iterations=2,
+                             iteration_overrides={"rho": 0.01})
+    third = run_cli(["run", str(lengthier)], cli_environment(tmp_path / "prefect", **s3["env"]))
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "superseded file(s) moved out of the stage's folder" in third.stdout + third.stderr
+    keys = all_keys(s3["client"])
+    manifests = [key for key in keys if key.endswith("/manifest.json") and "/iter-" in key]
+    assert len(manifests) >= 2 * 9
+    for key in manifests:
+        manifest = json.loads(s3["client"].get_object(Bucket="campaigns", Key=key)["Body"].read())
+        folder = key.rsplit("/", 1)[0]
+        in_folder = sorted(f"s3://campaigns/{other}" for other in keys if other.rsplit("/", 1)[0] == folder
+                           and other.endswith(".parquet"))
+        assert in_folder == sorted(shard["uri"] for shard in manifest["shards"].values()), folder
+        glob = pl.read_parquet(f"s3://campaigns/{folder}/*.parquet", storage_options=polars_options(s3))
+        assert glob.height == manifest["rows"], folder
+    for iteration in (1, 2):
+        assert any(key.startswith(f"runs/tiny/_superseded/iter-{iteration}/actor_pairs/") and key.endswith(".parquet")
+                   for key in keys)
 
 
 def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, s3):
