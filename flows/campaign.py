@@ -15,11 +15,12 @@ from metareward.pipeline.model_roles import starting_model
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.summary import campaign_markdown
 from metareward.preflight import check_start_iteration
-from tasks.common import in_this_environment
+from tasks.common import in_this_environment, stop_work
 from tasks.track import artifact_key
 
 
-@flow(name="metareward-campaign", flow_run_name="{config.name}", persist_result=True)
+@flow(name="metareward-campaign", flow_run_name="{config.name}", persist_result=True,
+      on_cancellation=[stop_work], on_crashed=[stop_work])
 def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(ge=1)] = 1,
                   start_model: str = "") -> list[dict]:
     """Run the seed's SFT (when config has an sft section and the campaign starts at iteration 1), then

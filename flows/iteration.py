@@ -10,12 +10,13 @@ from metareward.config.campaign import CampaignConfig
 from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
-from tasks.common import in_this_environment, result_storage, retried
+from tasks.common import in_this_environment, result_storage, retried, stop_work
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run
 
 
-@flow(name="metareward-iteration", flow_run_name="{config.name} iter-{iteration}", persist_result=True)
+@flow(name="metareward-iteration", flow_run_name="{config.name} iter-{iteration}", persist_result=True,
+      on_cancellation=[stop_work], on_crashed=[stop_work])
 def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> dict:
     """M_t (model_path) → tables → DPO → M_{t+1}. Every stage is a cached task: re-running the flow recomputes
     only what is missing or changed. Returns the stage summaries and M_{t+1}'s URI and model_id.
@@ -54,7 +55,8 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
     return stages.outcome()
 
 
-@flow(name="metareward-seed", flow_run_name="{config.name} seed-sft", persist_result=True)
+@flow(name="metareward-seed", flow_run_name="{config.name} seed-sft", persist_result=True,
+      on_cancellation=[stop_work], on_crashed=[stop_work])
 def seed_flow(config: CampaignConfig) -> dict:
     """Stage 0 (paper sec. 3.1, "SFT on EFT"): the base model (model.path) fine-tuned on the judge examples of
     config.sft into M_1, cached like every stage. Returns the stage summaries, and M_1's URI and model_id.
@@ -70,7 +72,7 @@ def seed_flow(config: CampaignConfig) -> dict:
 
 
 @flow(name="metareward-shard", flow_run_name="{config.name} {stage} iter-{iteration} shard-{shard:04d}",
-      persist_result=True)
+      persist_result=True, on_cancellation=[stop_work], on_crashed=[stop_work])
 def shard_flow(config: CampaignConfig, stage: str, iteration: int, shard: int, model: ModelRef,
                upstream: dict[str, list[JobResult]]) -> dict:
     """One shard of a model stage on a (GPU) worker: the same cached, retried task the iteration flow runs

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from metareward.host.stopping import raise_if_stopped, wait_unless_stopped
+
 FAULT_ENVIRONMENT = "METAREWARD_INJECT_FAULT"
 """"STAGE:SHARD" (e.g. "judgments:shard-0001") makes that job's first attempt in this process fail, to exercise
 retries; "STAGE:SHARD:while=PATH" makes every attempt fail while the file PATH exists, to exercise a job that fails
@@ -68,7 +70,8 @@ def training_step_hold(stage: str) -> tuple[int, int, Path] | None:
 
 
 def hold(release: Path, timeout_s: float = 600.0) -> None:
-    """Hold here the first time (PATH.started is written with the Ray node and pid) until `release` exists."""
+    """Hold here the first time (PATH.started is written with the Ray node and pid) until `release` exists; a stop
+    requested meanwhile (metareward.host.stopping) raises RunStopped."""
     started = release.with_name(release.name + ".started")
     if started.exists():  # only the first attempt is held
         return
@@ -77,4 +80,5 @@ def hold(release: Path, timeout_s: float = 600.0) -> None:
     started.write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
     deadline = time.monotonic() + timeout_s
     while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        if wait_unless_stopped(0.1):
+            raise_if_stopped(f"the hold at {release}")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from metareward.config.campaign import InferenceConfig, ModelConfig
+from metareward.host.stopping import raise_if_stopped
 from metareward.inference.base import Backend
 
 
@@ -51,7 +52,9 @@ def shared_backend(model: ModelConfig, inference: InferenceConfig, model_path: s
                    log_dir: str | Path | None = None) -> Backend:
     """The process's engine for (model_path, inference settings), created on first use and kept for every
     later shard and role of the same model (a vLLM server starts once per worker, not per shard). An engine that
-    died since (its server killed, out of memory) is closed and replaced, never reused."""
+    died since (its server killed, out of memory) is closed and replaced, never reused. Once the run was asked to
+    stop (metareward.host.stopping), no engine is started: RunStopped is raised."""
+    raise_if_stopped(f"starting an engine for {model_path}")
     key = (model_path, inference.model_dump_json() + model.model_dump_json())
     if key in _SHARED and not _SHARED[key].alive():
         _SHARED.pop(key).close()

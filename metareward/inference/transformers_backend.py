@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metareward.host.stopping import raise_if_stopped
 from metareward.inference import progress
 from metareward.inference.base import (
     ChoiceRequest,
@@ -77,6 +78,7 @@ class TransformersBackend:
         # long prefix (see _generate_batch).
         progress.finished(len(requests) - len(runnable))
         for batch in self._batches(runnable, requests):
+            raise_if_stopped("generation")
             batch_results = self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])
             for index, result in zip(batch, batch_results, strict=True):
                 results[index] = result
@@ -204,6 +206,7 @@ class TransformersBackend:
 
         prepared = [self.renderer.choice_tokens(r.messages, r.assistant_prefix, r.choices) for r in requests]
         for group in _prefix_groups([ids for ids, _ in prepared], self.batch_size):
+            raise_if_stopped("forced verdicts")
             ids_group = [prepared[i][0] for i in group]
             common = _common_prefix_length(ids_group)
             with torch.inference_mode():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 
+from metareward.host.stopping import stop_requested
+
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                      errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
 _TRANSIENT_NAMES = {
@@ -25,7 +27,9 @@ def transient(error: BaseException) -> bool:
     """Whether `error`, or any error it was raised from, is one a later attempt can get past: a connection
     refused or reset, a timeout, an HTTP 429 or 5xx, S3 throttling, an inference engine that died. Everything
     else — a missing file, a bad config or input, a corrupt artifact, CUDA out of memory — fails the same way
-    every time and is not retried."""
+    every time and is not retried. Nothing is, once the run was asked to stop (cancelled, terminated)."""
+    if stop_requested():
+        return False
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

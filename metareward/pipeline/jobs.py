@@ -28,6 +28,7 @@ from metareward.artifacts.store import ArtifactStore, CorruptArtifactError, Tabl
 from metareward.artifacts.tables import validate_table
 from metareward.config.campaign import CampaignConfig
 from metareward.host.faults import inject_job_fault
+from metareward.host.stopping import raise_if_stopped
 from metareward.inference import progress
 from metareward.pipeline.context import ModelRef, StageContext
 from metareward.pipeline.fingerprints import installed_index
@@ -235,6 +236,7 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
     store = store or open_store(config.artifact_root)
     result, distrust = stored(store, job)
     if result is None:
+        raise_if_stopped(job.run_name)
         inject_job_fault(job.stage, job.shard, job.run_name)
         entry = stage(job.stage)
         settings = entry.settings(config, job.iteration)

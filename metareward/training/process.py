@@ -13,6 +13,7 @@ from pathlib import Path
 
 from metareward.config.training import DPOConfig, TrainingConfig
 from metareward.host.faults import hold, training_step_hold
+from metareward.host.stopping import raise_if_stopped
 from metareward.training.checkpoints import CheckpointStore, uploading_callback
 from metareward.training.export import save_gathered
 from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
@@ -152,7 +153,9 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
     trainer_type, arguments = (_dpo_trainer(), dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
     keep = checkpoints is not None and settings.save_steps is not None
-    callbacks = [stop_after_epoch(settings.kept_epoch)] if settings.kept_epoch < settings.num_epochs else []
+    callbacks = [_stop_when_asked(kind)]
+    if settings.kept_epoch < settings.num_epochs:
+        callbacks.append(stop_after_epoch(settings.kept_epoch))
     fault = training_step_hold(STAGE_OF[kind])
     if fault is not None:
         callbacks.append(_hold_at_step(*fault))
@@ -166,7 +169,7 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
                                                            on_gpu, keep),
                                train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
-                               callbacks=callbacks or None)
+                               callbacks=callbacks)
         # Every logged step is kept in the log history (the stage's table, MLflow's curves), not printed.
         trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=resume)
@@ -207,6 +210,19 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
 
 STAGE_OF = {"dpo": "checkpoint", "sft": "sft"}
 """The stage that runs each kind of training."""
+
+
+def _stop_when_asked(kind: str):
+    """A TrainerCallback that ends an in-process training after the step under way when the run is cancelled or
+    terminated (metareward.host.stopping): the last checkpoint in the store stays for the re-run to resume from."""
+    from transformers import TrainerCallback
+
+    class StopWhenAsked(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise_if_stopped(f"{kind} training at step {state.global_step}")
+            return control
+
+    return StopWhenAsked()
 
 
 def _hold_at_step(step: int, rank: int, release: Path):

@@ -16,6 +16,7 @@ import polars as pl
 
 from metareward.config.training import DPOConfig, TrainingConfig
 from metareward.host.ports import free_port
+from metareward.host.stopping import raise_if_stopped, stop_requested
 from metareward.training.checkpoints import CheckpointStore
 from metareward.training.logs import TrainingResult
 from metareward.training.process import PAIRS_FILE, load_tokenizer, train_here
@@ -138,13 +139,26 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
         "-m", "metareward.training.trainer", "--model", str(model_path), "--output", str(output_dir),
         "--seed", str(seed), "--dtype", dtype,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launch:
+        while True:
+            try:
+                output, _ = launch.communicate(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_requested():
+                    # accelerate's launcher passes SIGTERM on to every rank; the last checkpoint stays in the store.
+                    launch.terminate()
+                    try:
+                        launch.communicate(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        launch.kill()
+                    raise_if_stopped(f"{kind} training under accelerate launch")
+    if launch.returncode != 0:
         # The tail of the output, not only its "Error" lines: the failing rank's own traceback precedes torch's
         # ChildFailedError summary, which alone does not say what went wrong.
-        output = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()][-40:]
+        tail = [line for line in output.splitlines() if line.strip()][-40:]
         raise RuntimeError(f"accelerate launch ({settings.num_processes} processes) failed (exit "
-                           f"{completed.returncode}):\n" + "\n".join(output))
+                           f"{launch.returncode}):\n" + "\n".join(tail))
     report = json.loads((output_dir / "result.json").read_text())
     return TrainingResult(**{**report, "checkpoint": Path(report["checkpoint"])})
 
