@@ -25,6 +25,7 @@ from metareward.paper.report import HealthCheckError
 from metareward.pipeline.evaluation import EvaluationInputError
 from metareward.pipeline.input_files import InputFileError, load_prompts
 from metareward.pipeline.jobs import code_fingerprint, settings_digest
+from metareward.pipeline.lease import LeaseError, lease_status
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.stages import MODEL_ROLES, SEED_STAGES, STAGES, why_not_run
 from metareward.pipeline.summary import stored_outcomes
@@ -64,6 +65,9 @@ def _show(arguments: argparse.Namespace) -> int:
         print(paper_tables(store, arguments.campaign), end="")
     else:
         print_summary(arguments.campaign, outcomes)
+    status = lease_status(store, arguments.campaign)
+    if status:
+        print(status, file=sys.stderr)
     return 0
 
 
@@ -264,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "previous iteration's checkpoint in the artifact store for a later one)")
     run.set_defaults(handler=_run)
 
-    show = commands.add_parser("show", help="a campaign's iterations, from the artifact store")
+    show = commands.add_parser("show", help="a campaign's iterations, from the artifact store, and which run holds "
+                                            "it now")
     show.add_argument("campaign", help="campaign name")
     add_artifact_root(show)
     show.add_argument("--paper", action="store_true",
@@ -372,6 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return arguments.handler(arguments)
     except (ConfigError, InputFileError, StoreError, InferenceError, EmptyTrainingSetError,
-            HealthCheckError, TrackingError, EvaluationInputError, ModelNotFoundError) as error:
+            HealthCheckError, TrackingError, EvaluationInputError, ModelNotFoundError, LeaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

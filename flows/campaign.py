@@ -16,6 +16,7 @@ from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.summary import campaign_markdown
 from metareward.preflight import check_start_iteration
 from tasks.common import in_this_environment, stop_work
+from tasks.lease import campaign_lease
 from tasks.track import artifact_key
 
 
@@ -25,8 +26,10 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
                   start_model: str = "") -> list[dict]:
     """Run the seed's SFT (when config has an sft section and the campaign starts at iteration 1), then
     iterations start_iteration..end; iteration t+1 generates with the M_{t+1} that iteration t trained.
-    Re-running resumes: finished stages come from the store. Ends by logging the paper's tables (Table 1, Table 5,
-    Fig. 5) from the campaign's stages, also as the campaign's `paper-tables` artifact.
+    Re-running resumes: finished stages come from the store. Holds the campaign's lease while it runs: another run of
+    the campaign on the same artifact root stops before its first stage with CampaignHeldError naming this one.
+    Ends by logging the paper's tables (Table 1, Table 5, Fig. 5) from the campaign's stages, also as the campaign's
+    `paper-tables` artifact.
 
     Args:
         config: The whole campaign (`metareward config show FILE` prints one with every default): the seed model,
@@ -39,19 +42,21 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
     """
     config = in_this_environment(config)
     check_start_iteration(config, start_iteration)
-    outcomes = []
-    if not start_model and config.sft and start_iteration == 1:
-        # Stage 0: the base model fine-tuned on judge data is M_1.
-        outcomes.append(seed_flow(config))
-        model = outcomes[0]["next_model"]
-    else:
-        model = start_model or starting_model(config, start_iteration)
-    for iteration in range(start_iteration, len(config.iterations) + 1):
-        outcome = iteration_flow(config, iteration, model)
-        outcomes.append(outcome)
-        model = outcome["next_model"]
-        create_markdown_artifact(key=artifact_key(config.name, "campaign"), markdown=campaign_markdown(
-            config.name, outcomes), description=f"{config.name}: its iterations so far, with their MLflow runs")
+    # One run at a time writes the campaign's tables: another run of it stops here, naming the run that holds it.
+    with campaign_lease(config):
+        outcomes = []
+        if not start_model and config.sft and start_iteration == 1:
+            # Stage 0: the base model fine-tuned on judge data is M_1.
+            outcomes.append(seed_flow(config))
+            model = outcomes[0]["next_model"]
+        else:
+            model = start_model or starting_model(config, start_iteration)
+        for iteration in range(start_iteration, len(config.iterations) + 1):
+            outcome = iteration_flow(config, iteration, model)
+            outcomes.append(outcome)
+            model = outcome["next_model"]
+            create_markdown_artifact(key=artifact_key(config.name, "campaign"), markdown=campaign_markdown(
+                config.name, outcomes), description=f"{config.name}: its iterations so far, with their MLflow runs")
     tables = paper_tables(open_store(config.artifact_root), config.name)
     get_run_logger().info("The paper's tables from this campaign:\n%s", tables)
     create_markdown_artifact(key=artifact_key(config.name, "paper-tables"), markdown=tables,

@@ -11,6 +11,7 @@ from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
 from tasks.common import in_this_environment, result_storage, retried, stop_work
+from tasks.lease import campaign_lease
 from tasks.stages import check_health, run_stage
 from tasks.track import iteration_run
 
@@ -19,7 +20,8 @@ from tasks.track import iteration_run
       on_cancellation=[stop_work], on_crashed=[stop_work])
 def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> dict:
     """M_t (model_path) → tables → DPO → M_{t+1}. Every stage is a cached task: re-running the flow recomputes
-    only what is missing or changed. Returns the stage summaries and M_{t+1}'s URI and model_id.
+    only what is missing or changed. Holds the campaign's lease, unless it runs inside the campaign flow that holds
+    it. Returns the stage summaries and M_{t+1}'s URI and model_id.
 
     Args:
         config: The whole campaign (see the campaign flow).
@@ -28,7 +30,7 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
             builtin:smollm2-135m-instruct.
     """
     config = in_this_environment(config)
-    with iteration_run(config, iteration, model_path) as stages:
+    with campaign_lease(config), iteration_run(config, iteration, model_path) as stages:
         prompts = stages.run("prompts")
         # Actor (sec. 2.1): K responses per prompt. Judge: N judgments per response; their mean is its reward.
         responses = stages.run("responses", prompts=prompts)
@@ -59,13 +61,14 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
       on_cancellation=[stop_work], on_crashed=[stop_work])
 def seed_flow(config: CampaignConfig) -> dict:
     """Stage 0 (paper sec. 3.1, "SFT on EFT"): the base model (model.path) fine-tuned on the judge examples of
-    config.sft into M_1, cached like every stage. Returns the stage summaries, and M_1's URI and model_id.
+    config.sft into M_1, cached like every stage. Holds the campaign's lease as the iteration flow does. Returns the
+    stage summaries, and M_1's URI and model_id.
 
     Args:
         config: The campaign; its sft section names the judge examples and the training settings.
     """
     config = in_this_environment(config)
-    with iteration_run(config, 0, config.model.path) as stages:
+    with campaign_lease(config), iteration_run(config, 0, config.model.path) as stages:
         examples = stages.run("sft_data")
         stages.run("sft", sft_data=examples)
     return stages.outcome()
@@ -77,7 +80,8 @@ def shard_flow(config: CampaignConfig, stage: str, iteration: int, shard: int, m
                upstream: dict[str, list[JobResult]]) -> dict:
     """One shard of a model stage on a (GPU) worker: the same cached, retried task the iteration flow runs
     in-process, its table written to the artifact store; returns the shard's statistics. Started by iteration
-    flows whose config sets orchestration.shard_deployment, not by hand.
+    flows whose config sets orchestration.shard_deployment, not by hand; it runs under its iteration flow's lease
+    and takes none.
 
     Args:
         config: The campaign.

@@ -15,6 +15,7 @@ from metareward.host.devices import DeviceError, replica_devices, visible_gpus
 from metareward.inference.base import InferenceError
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.input_files import held_out_prompts, load_prompts, load_reference_outputs, load_sft_examples
+from metareward.pipeline.lease import check_campaign_free
 from metareward.pipeline.model_roles import check_evaluator, evaluator_model, starting_model
 from metareward.placement.gang import sharing_environment
 from metareward.placement.replicas import PlacementError, check_ray_address, ray_address
@@ -24,16 +25,19 @@ from metareward.training.models import check_model, model_id_of
 
 def preflight(config: CampaignConfig, start_iteration: int = 1, start_model: str | None = None) -> str:
     """Check the start iteration, the prompt file, the artifact root (bucket exists, endpoint reachable,
-    writable), MLflow when tracking is on, the model the campaign starts from (the base model when the seed's
+    writable), that no other run holds the campaign (unless orchestration.lease_wait_s lets this one wait for it),
+    MLflow when tracking is on, the model the campaign starts from (the base model when the seed's
     SFT runs first), on Ray the cluster and how its training gangs share the model (check_training_gangs), the
     engine (vLLM's interpreter, or an OpenAI-compatible server that answers), the SFT file
     and the evaluation's inputs (check_evaluation_inputs). Returns that model (see starting_model). Raises
-    ConfigError, InputFileError, StoreError, TrackingError, ModelNotFoundError or InferenceError naming what
-    to fix."""
+    ConfigError, InputFileError, StoreError, CampaignHeldError, TrackingError, ModelNotFoundError or InferenceError
+    naming what to fix."""
     check_start_iteration(config, start_iteration)
     load_prompts(config.prompts.path, config.prompts.column)
     store = open_store(config.artifact_root)
     store.check()
+    if not config.orchestration.lease_wait_s:  # a run that may wait for the lease looks when its flow starts
+        check_campaign_free(store, config.name)
     check_tracking(config)
     runs_sft = config.sft is not None and start_iteration == 1 and not start_model
     model = start_model or (config.model.path if runs_sft else starting_model(config, start_iteration, store))

@@ -38,6 +38,7 @@ from metareward.pipeline.summary import job_line
 from metareward.pipeline.superseded import superseded_key
 from metareward.placement.replicas import close_shared_pools, ray_address
 from tasks.common import GPU_TAG, RETRIED, result_storage, retried
+from tasks.lease import check_lease
 from tasks.shards import run_shards_on_workers
 
 Upstream = dict[str, list[JobResult]]
@@ -79,6 +80,7 @@ def run_stage(config: CampaignConfig, stage: str, iteration: int, shard: int | N
     """One job of a stage: its table from the store when finished, else computed and stored. A stage that is
     not sharded has one job, which also writes the stage's manifest."""
     job = plan_job(config, stage, iteration, upstream, model, shard)
+    check_lease(config)  # a run that lost the campaign's lease to another starts no job
     logger = get_run_logger()
     replica = None
     if runs_on_replicas(config, job):
@@ -153,12 +155,14 @@ class IterationStages:
         shard (in this process one after another; with a Ray address all at once, each task run handing its job to
         a free engine replica; or as flow runs of orchestration.shard_deployment); returns its results in shard
         order. A training stage first releases the engine replicas' GPUs. Returns None, and logs why, when the
-        registry says the stage does not run in this iteration."""
+        registry says the stage does not run in this iteration. Raises LeaseLostError when this run lost the
+        campaign's lease."""
         entry = stage(name)
         reason = why_not_run(self.config, name, self.iteration)
         if reason:
             get_run_logger().info("%s not run: %s", name, reason)
             return None
+        check_lease(self.config)
         model = self.models.of(entry.model)
         if entry.writes_model:
             close_shared_pools()  # training gets the GPUs the engine replicas held

@@ -228,6 +228,17 @@ class OrchestrationConfig(Strict):
     retry_backoff_s: float = Field(
         default=5.0, ge=0, description="Seconds before the first retry; each next one waits twice as long."
     )
+    lease_ttl_s: float = Field(
+        default=120.0, gt=0,
+        description="Seconds the campaign's lease ({artifact_root}/{campaign}/_lease.json) outlives its last renewal: "
+        "the run that holds it renews it every third of this; another run of the campaign is refused until it "
+        "expires, and takes it over then (its holder died). Hosts' clocks must agree well within it.",
+    )
+    lease_wait_s: float = Field(
+        default=0.0, ge=0,
+        description="Seconds a run waits for the campaign's lease while another run holds it, before it stops "
+        "naming that run; 0 stops at once.",
+    )
 
     @model_validator(mode="after")
     def _one_placement(self) -> OrchestrationConfig:

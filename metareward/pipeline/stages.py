@@ -359,6 +359,8 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "orchestration.training_max_failures": "how often a Ray Train gang restarts from its last checkpoint",
     "orchestration.retries": "how often a failed job is tried again",
     "orchestration.retry_backoff_s": "how long before a failed job is tried again",
+    "orchestration.lease_ttl_s": "how long a dead run's lease keeps others out, not what a job computes",
+    "orchestration.lease_wait_s": "how long a run waits for another run of the campaign",
     "health.max_top_score_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.max_position_a_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.min_parse_rate": "decides whether the checkpoint stage runs, not what any stage computes",

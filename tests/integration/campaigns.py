@@ -73,6 +73,14 @@ def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_for(condition, process, log, what: str, timeout_s: float = 300) -> None:
+    """Return once condition() holds; fail with the run's log if the run ends or timeout_s passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: " + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s: " + log.read_text()[-3000:]
+        time.sleep(0.1)
+
 
 def wait_until_healthy(health_url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
     """Return once health_url answers 200; fail the test with the server's log if it exits or times out."""

@@ -22,7 +22,7 @@ from moto.server import ThreadedMotoServer
 
 from metareward.artifacts.store import ArtifactStore
 from metareward.host.ports import free_port
-from tests.integration.campaigns import cli_environment, run_cli, start_cli, write_config
+from tests.integration.campaigns import cli_environment, run_cli, start_cli, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -172,15 +172,6 @@ def test_s3_outage_mid_stage_is_retried_with_nothing_lost(tmp_path, tiny_model, 
 def held_job_retried(log: str) -> bool:
     """Whether the run's log says the held judging job failed and will be retried."""
     return any("judgments iter-1 shard-0001" in line and "Retry 1/" in line for line in log.splitlines())
-
-
-def wait_for(condition, process, log, what: str, timeout_s: float = 300) -> None:
-    """Return once condition() holds; fail with the run's log if the run ends or timeout_s passes first."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert process.poll() is None, f"the run ended before {what}: " + log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s: " + log.read_text()[-3000:]
-        time.sleep(0.1)
 
 
 def test_missing_bucket_and_unreachable_endpoint_fail_fast(tmp_path, tiny_model, s3):
