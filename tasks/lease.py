@@ -3,11 +3,13 @@ the lease logs goes to that run's log."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
+from prefect.exceptions import MissingContextError
 
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
@@ -27,8 +29,12 @@ def campaign_lease(config: CampaignConfig) -> Iterator[HeldLease]:
     orchestration.lease_ttl_s and lease_wait_s; a flow run inside one that holds it runs under that lease. Raises
     CampaignHeldError, before the block runs, when another run holds it."""
     orchestration = config.orchestration
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # a flow's function called outside a flow run
+        logger = logging.getLogger(__name__)
     with hold_campaign(open_store(config.artifact_root), config.name, this_flow_run(), orchestration.lease_ttl_s,
-                       orchestration.lease_wait_s, get_run_logger()) as held:
+                       orchestration.lease_wait_s, logger) as held:
         yield held
 
 
