@@ -46,12 +46,22 @@ def _run(arguments: argparse.Namespace) -> int:
     _prefect_defaults()
     # Prefect reads its settings when it is first imported: after the defaults above.
     from flows.campaign import campaign_flow
+    from tasks.stopping import mark_cancelled, watch_for_cancel
 
     # Iteration 1 without --start-model starts from the flow's own choice: the seed model, or the seed SFT's
     # output when config has an sft section (preflight returned the base model it checked).
     from_model = model if arguments.start_model or arguments.start_iteration > 1 else ""
-    with StageProgress():
-        outcomes = campaign_flow(config, start_iteration=arguments.start_iteration, start_model=from_model)
+    # No worker watches this process: the UI's Cancel button is acted on by the flow run's own watcher.
+    watched = campaign_flow.with_options(on_running=[watch_for_cancel])
+    try:
+        with StageProgress():
+            outcomes = watched(config, start_iteration=arguments.start_iteration, start_model=from_model)
+    except Exception:
+        if not mark_cancelled():
+            raise
+        print(f"error: campaign {config.name!r} was cancelled from the Prefect UI; finished shards and checkpoints "
+              "are kept: run it again to resume", file=sys.stderr)
+        return 130
     print_summary(config.name, outcomes)
     return 0
 

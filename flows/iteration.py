@@ -10,9 +10,10 @@ from metareward.config.campaign import CampaignConfig
 from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
-from tasks.common import in_this_environment, result_storage, retried, stop_work
+from tasks.common import in_this_environment, result_storage, retried
 from tasks.lease import campaign_lease
 from tasks.stages import check_health, run_stage
+from tasks.stopping import stop_work
 from tasks.track import iteration_run
 
 

@@ -12,10 +12,7 @@ from prefect.tasks import exponential_backoff
 
 from metareward.artifacts.store import open_store, s3_storage_options
 from metareward.config.campaign import CampaignConfig
-from metareward.host.stopping import request_stop
-from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.faults import transient
-from metareward.placement.replicas import close_shared_pools
 
 GPU_TAG = "gpu"
 """Tag of every task that holds a model, to find them in the UI. It governs nothing: GPUs are governed by the GPU
@@ -70,13 +67,3 @@ def result_storage(config: CampaignConfig):
                      settings=s3_storage_options()).save(name, overwrite=True)
     return f"remote-file-system/{name}"
 
-
-def stop_work(flow, flow_run, state) -> None:
-    """Flow hook for Cancelled and Crashed (a cancel from the Prefect UI of a run a worker started, SIGTERM from a
-    scheduler: a Kubernetes eviction, a spot notice): the jobs, holds and trainings still running in this process's
-    threads stop at their next check, none is retried, and the engines (vLLM servers with their process groups,
-    Ray engine replicas) are stopped now, so the process ends in seconds and leaves no server holding a GPU.
-    Finished shards and training checkpoints stay in the store; a re-run resumes from them."""
-    request_stop(f"flow run {flow_run.name!r} is {state.name}")
-    close_shared_backends()
-    close_shared_pools()

@@ -18,7 +18,7 @@ import yaml
 from metareward.artifacts.store import ArtifactStore
 from metareward.host.ports import free_port
 from metareward.pipeline.manifests import stage_manifests
-from tests.integration.campaigns import wait_until_healthy, write_config
+from tests.integration.campaigns import run_cli, start_cli, wait_until_healthy, write_config
 
 # Each test starts a Prefect server, workers, campaigns or a browser.
 pytestmark = pytest.mark.slow
@@ -387,6 +387,99 @@ def screenshot(page, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / name), full_page=True)
     print(f"screenshot: {folder / name}")
+
+
+def test_cancel_from_the_ui_mid_stage_ends_the_run_cancelled_in_seconds_and_a_retry_resumes(
+        prefect_stack, tmp_path, tiny_model):
+    # The fault is in place when the cancel comes: judgments' shard-0001 is held as it starts (never let go) on the
+    # worker's flow run process, another judging shard has finished, and only then is the run cancelled as the
+    # UI's Cancel button does (state Cancelling); the worker stops the process.
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    url, _ = prefect_stack
+    root = tmp_path / "artifacts"
+    release = tmp_path / "never-released"
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(root), name="cancelled").read_text())
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        flow_run = run_deployment("metareward-campaign/demo", parameters={"config": config}, timeout=0,
+                                  as_subflow=False, _sync=True, job_variables={"env": {
+                                      "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}})
+        started, judgments = release.with_name("never-released.started"), root / "cancelled/iter-1/judgments"
+        deadline = time.monotonic() + 600
+        while not (started.exists() and list(judgments.glob("shard-*.json"))):
+            assert not client.read_flow_run(flow_run.id).state.is_final(), client.read_flow_run(flow_run.id).state
+            assert time.monotonic() < deadline, "judging never started"
+            time.sleep(0.2)
+        kept = {path.name: path.read_text() for path in (root / "cancelled").glob("iter-1/*/*.json")
+                if path.name != "manifest.json"}
+        held_pid = json.loads(started.read_text())["pid"]
+        client.set_flow_run_state(flow_run.id, Cancelling())
+        cancelled_at = time.monotonic()
+        while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+            assert time.monotonic() - cancelled_at < 120, flow_run.state
+            time.sleep(0.5)
+        seconds = time.monotonic() - cancelled_at
+    assert flow_run.state.is_cancelled() and seconds < 30, (flow_run.state, seconds)
+    assert not Path(f"/proc/{held_pid}").exists() or "Z" in Path(f"/proc/{held_pid}/stat").read_text().split()[2]
+    [iteration] = _children(url, flow_run.id)
+    assert iteration.state.is_final() and not iteration.state.is_completed(), iteration.state
+    assert not list(judgments.glob("shard-0001-*"))  # nothing half-written of the held job
+
+    # Retried as the UI does: the finished shards are found in the store, the rest is computed, the run completes.
+    flow_run = _retry_as_the_ui_does(url, flow_run.id)
+    assert flow_run.state.is_completed(), flow_run.state
+    for name, marker in kept.items():
+        assert next((root / "cancelled").glob(f"iter-1/*/{name}")).read_text() == marker, f"{name} was recomputed"
+    assert "checkpoint" in stage_manifests(ArtifactStore(str(root)), "cancelled")[1]
+
+
+def test_cancel_from_the_ui_of_a_metareward_run_from_a_shell_ends_it_cancelled_in_seconds(
+        prefect_stack, tmp_path, tiny_model):
+    # No worker watches a `metareward run` started from a shell: its own watcher acts on the UI's Cancel.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    url, env = prefect_stack
+    root = tmp_path / "artifacts"
+    release = tmp_path / "never-released"
+    config = write_config(tmp_path, tiny_model, str(root), name="shell")
+    log = tmp_path / "run.log"
+    held = {**env, "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}
+    process = start_cli(["run", str(config)], held, log)
+    started, judgments = release.with_name("never-released.started"), root / "shell/iter-1/judgments"
+    deadline = time.monotonic() + 600
+    while not (started.exists() and list(judgments.glob("shard-*.json"))):
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "judging never started"
+        time.sleep(0.2)
+    kept = {path.name: path.read_text() for path in (root / "shell").glob("iter-1/*/*.json")
+            if path.name != "manifest.json"}
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["shell"])))
+        client.set_flow_run_state(flow_run.id, Cancelling())
+        cancelled_at = time.monotonic()
+        try:
+            assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+        finally:
+            process.kill()
+        seconds = time.monotonic() - cancelled_at
+        flow_run = client.read_flow_run(flow_run.id)
+    text = log.read_text()
+    assert seconds < 30 and flow_run.state.is_cancelled(), (seconds, flow_run.state, text[-3000:])
+    assert "was cancelled from the Prefect UI" in text
+    [iteration] = _children(url, flow_run.id)
+    assert iteration.state.is_cancelled(), iteration.state
+    assert not list(judgments.glob("shard-0001-*"))
+
+    resumed = run_cli(["run", str(config)], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, marker in kept.items():
+        assert next((root / "shell").glob(f"iter-1/*/{name}")).read_text() == marker, f"{name} was recomputed"
 
 
 def test_shard_flow_runs_that_never_start_are_cancelled_at_the_deadline_and_a_retry_adopts_one_still_scheduled(

@@ -96,10 +96,12 @@ def test_a_training_stopped_at_its_kept_epoch_keeps_no_checkpoint_past_it(tmp_pa
     assert again.model_id == first.model_id and again.summary["epochs_trained"] == 2
 
 
-def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, tiny_model):
-    """`metareward run` is SIGKILLed (its whole process group) while DPO holds at step 3; the next run resumes
-    from the checkpoint of step 2, logs so, trains the model an uninterrupted DPO on the same pairs trains, and
-    removes the checkpoints once the job is recorded."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, tiny_model, how):
+    """`metareward run` is SIGKILLed (its whole process group), or SIGTERMed (its main process alone, as a
+    scheduler's eviction does: it must end within 30 s), while DPO holds at step 3; the next run resumes from the
+    checkpoint of step 2, logs so, trains the model an uninterrupted DPO on the same pairs trains, and removes the
+    checkpoints once the job is recorded."""
     overrides = {"dpo": {"num_epochs": 2, "global_batch_size": 2, "per_device_batch_size": 2, "max_length": 2048,
                          "learning_rate": 1e-4, "save_steps": 2}}
     config = write_config(tmp_path, tiny_model, str(tmp_path / "artifacts"), iteration_overrides=overrides)
@@ -107,8 +109,18 @@ def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, 
     env = cli_environment(tmp_path / "prefect", METAREWARD_INJECT_FAULT=f"checkpoint:all:step=3:hold={release}")
     process = start_cli(["run", str(config)], env, log)
     wait_for(release.with_name("release.started"), process, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    if how == "SIGKILL":
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    else:
+        process.send_signal(signal.SIGTERM)
+        signalled_at = time.monotonic()
+        try:
+            assert process.wait(timeout=120) != 0, log.read_text()[-3000:]
+        finally:
+            process.kill()
+        assert time.monotonic() - signalled_at < 30, log.read_text()[-3000:]
+        assert "aborted by a termination signal" in log.read_text(), log.read_text()[-3000:]
     stored = sorted((tmp_path / "artifacts").rglob(f"checkpoints/checkpoint-*/{COMPLETE_FILE}"))
     assert [path.parent.name for path in stored] == ["checkpoint-2"]
 
