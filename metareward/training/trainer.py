@@ -16,7 +16,7 @@ import polars as pl
 
 from metareward.config.training import DPOConfig, TrainingConfig
 from metareward.host.ports import free_port
-from metareward.host.stopping import raise_if_stopped, stop_requested
+from metareward.host.stopping import raise_if_stopped
 from metareward.training.checkpoints import CheckpointStore
 from metareward.training.logs import TrainingResult
 from metareward.training.process import PAIRS_FILE, load_tokenizer, train_here
@@ -139,20 +139,24 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
         "-m", "metareward.training.trainer", "--model", str(model_path), "--output", str(output_dir),
         "--seed", str(seed), "--dtype", dtype,
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launch:
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         while True:
             try:
                 output, _ = launch.communicate(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                if stop_requested():
-                    # accelerate's launcher passes SIGTERM on to every rank; the last checkpoint stays in the store.
-                    launch.terminate()
-                    try:
-                        launch.communicate(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        launch.kill()
-                    raise_if_stopped(f"{kind} training under accelerate launch")
+                raise_if_stopped(f"{kind} training under accelerate launch")
+    except BaseException:
+        # Stopped, or this thread interrupted (SIGTERM, Ctrl-C): accelerate's launcher passes SIGTERM on to every
+        # rank, and the last checkpoint stays in the store for the re-run.
+        launch.terminate()
+        try:
+            launch.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            launch.kill()
+            launch.communicate()
+        raise
     if launch.returncode != 0:
         # The tail of the output, not only its "Error" lines: the failing rank's own traceback precedes torch's
         # ChildFailedError summary, which alone does not say what went wrong.

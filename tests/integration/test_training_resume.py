@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,3 +137,44 @@ def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, 
     pairs = pl.read_parquet(next((tmp_path / "artifacts").rglob("dpo_dataset/all-*.parquet")))
     whole = train_dpo(tiny_model, pairs, DPOConfig(**overrides["dpo"]), tmp_path / "whole", seed=5, dtype="float32")
     assert marker["stats"]["model_id"] == whole.model_id
+
+
+def test_a_stop_during_dpo_under_accelerate_launch_ends_every_rank_and_keeps_the_checkpoint(
+        tmp_path, tiny_model, monkeypatch):
+    """A stop (what a cancel or SIGTERM requests) while 2 ranks under `accelerate launch` train, rank 0 held after
+    step 3: the launch is terminated, every rank has ended within 30 s, RunStopped is raised, and the checkpoint of
+    step 2 stays in the store for the re-run."""
+    from metareward.host import stopping
+
+    monkeypatch.setattr(stopping, "_stop", threading.Event())  # this process's stop, for this test alone
+    monkeypatch.setattr(stopping, "_reason", [])
+    release = tmp_path / "release"
+    monkeypatch.setenv("METAREWARD_INJECT_FAULT", f"checkpoint:all:step=3:hold={release}")
+    settings = DPOConfig(num_epochs=2, num_processes=2, accelerate_config="deployments/accelerate/ddp.yaml",
+                         global_batch_size=2, per_device_batch_size=1, learning_rate=1e-3, max_length=256,
+                         save_steps=2)
+    checkpoints = CheckpointStore(str(tmp_path / "store"), "job/checkpoints")
+    outcome: dict[str, BaseException] = {}
+
+    def train() -> None:
+        try:
+            train_dpo(tiny_model, dataset(8), settings, tmp_path / "out", dtype="float32", checkpoints=checkpoints)
+        except BaseException as error:  # noqa: BLE001 (the test reads what ended the training)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    started, deadline = release.with_name("release.started"), time.monotonic() + 400
+    while not started.exists():
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "rank 0 never reached step 3"
+        time.sleep(0.1)
+    rank_0 = json.loads(started.read_text())["pid"]
+    stopping.request_stop("the test stops the run")
+    stopped_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and time.monotonic() - stopped_at < 30
+    assert isinstance(outcome.get("error"), stopping.RunStopped), outcome
+    stat = Path(f"/proc/{rank_0}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "rank 0 outlived the stop"
+    assert stored_steps(checkpoints) == {2: True}
