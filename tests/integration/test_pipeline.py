@@ -18,6 +18,7 @@ from metareward.artifacts.store import ArtifactStore
 from metareward.host.ports import free_port
 from metareward.pipeline.jobs import SEED_FOLDER
 from metareward.pipeline.stages import STAGE
+from metareward.pipeline.superseded import superseded_key
 from metareward.training.models import model_digest
 from tests.conftest import REPO
 from tests.integration.campaigns import (
@@ -264,9 +265,16 @@ def test_shipped_baseline_with_seed_sft_logs_its_lineage_and_a_win_rate_every_it
     again = run_cli(["run", str(config)], env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     after = markers(root, campaign_name)
-    assert {key: after[key] for key in before} == before
     added = sorted(set(after) - set(before))
     assert [key.split("/")[1:3] for key in added] == [["iter-1", "win_rate"], ["iter-2", "win_rate"]]
+    # Nothing else ran again; the former win-rate jobs left the stage's folder for _superseded/, unchanged.
+    superseded = {key: marker for key, marker in before.items() if key not in after}
+    assert [key.split("/")[1:3] for key in sorted(superseded)] == [["iter-1", "win_rate"], ["iter-2", "win_rate"]]
+    assert {key: after[key] for key in before if key not in superseded} == {
+        key: marker for key, marker in before.items() if key not in superseded}
+    for key, marker in superseded.items():
+        moved = json.loads((root / superseded_key(key)).read_text())
+        assert {"finished_at": moved["finished_at"], "digest": moved["table"]["digest"]} == marker
     against_outputs = ArtifactStore(str(root)).read_table(added[0].removesuffix(".json") + ".parquet")
     assert set(against_outputs["reference_chars"]) == {len("I do not know.")} and against_outputs.height == 16
     # Forced verdicts are AlpacaEval's probability-weighted preferences, not 0/1: the trained answer's share of
