@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fsspec.asyn import sync
 
-from metareward.artifacts.store import ArtifactStore
+from metareward.artifacts.store import ArtifactStore, write_synced
 
 _CONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 _CONDITION_STATUSES = {409, 412}
@@ -148,10 +148,7 @@ def _local_version(data: bytes) -> str:
 def _write_temporary(target: Path, data: bytes) -> Path:
     """A complete, synced file beside target, to be linked or renamed into place."""
     temporary = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_synced(temporary, data)
     return temporary
 
 

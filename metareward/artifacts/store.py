@@ -161,7 +161,7 @@ class ArtifactStore:
         """Write bytes atomically (see class docstring). A local disk that fills up raises StoreFullError."""
         target = self.uri(key)
         if self.protocol == "file":
-            _replace_atomically(target, len(data), lambda temporary: _write_synced(temporary, data))
+            _replace_atomically(target, len(data), lambda temporary: write_synced(temporary, data))
         else:
             self.fs.pipe(target, data)
 
@@ -354,7 +354,8 @@ def _replace_atomically(target: str, needed: int, write: Callable[[str], object]
         raise
 
 
-def _write_synced(path: str, data: bytes) -> None:
+def write_synced(path: str | Path, data: bytes) -> None:
+    """Write `data` to the local file `path` and fsync it: on disk, whole, before the caller renames or links it."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
