@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.campaigns import cli_environment, start_cli, write_config
+from tests.integration.campaigns import cli_environment, start_cli, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +50,8 @@ def terminate_while_judging(tmp_path: Path, config: Path, env: dict[str, str], r
     log = tmp_path / "terminated.log"
     process = start_cli(["run", str(config)], held, log)
     judgments = root / "tiny/iter-1/judgments"
-    deadline = time.monotonic() + 600
-    while not (release.with_name("never-released.started").exists() and list(judgments.glob("shard-*.json"))):
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "judging never started"
-        time.sleep(0.05)
+    wait_for(lambda: release.with_name("never-released.started").exists() and list(judgments.glob("shard-*.json")),
+             process, log, "judgments' shard-0001 held and another judging shard finished", timeout_s=600)
     before_signal()
     signalled_at = time.monotonic()
     process.send_signal(signal.SIGTERM)

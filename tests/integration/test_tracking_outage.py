@@ -30,6 +30,7 @@ from tests.integration.campaigns import (
     mlflow_state,
     run_cli,
     start_cli,
+    wait_for,
     wait_until_healthy,
     write_config,
 )
@@ -56,14 +57,6 @@ def start_mlflow(folder: Path, port: int) -> subprocess.Popen:
 def stop(server: subprocess.Popen) -> None:
     server.terminate()
     server.wait(timeout=30)
-
-
-def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 420) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the campaign ended before {what}:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
-        time.sleep(0.1)
 
 
 def record(client, experiment_id: str) -> dict:
@@ -142,7 +135,8 @@ def test_mlflow_down_mid_campaign_then_track_completes_the_record(tmp_path, tiny
     held = {**env, "METAREWARD_INJECT_FAULT": f"responses:shard-0003:hold={release}"}
     process = start_cli(["run", str(config)], held, log := tmp_path / "run.log")
     try:
-        wait_for(lambda: release.with_name("release.started").exists(), process, log, "held job of iteration 2")
+        wait_for(lambda: release.with_name("release.started").exists(), process, log, "held job of iteration 2",
+                 timeout_s=420)
         client = MlflowClient(url)
         experiment_id = client.get_experiment_by_name("tiny").experiment_id
         before = mlflow_state(client, experiment_id)
