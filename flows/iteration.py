@@ -9,10 +9,13 @@ from prefect import flow
 from metareward.config.campaign import CampaignConfig
 from metareward.inference.engines import close_shared_backends
 from metareward.pipeline.context import ModelRef
+from metareward.pipeline.health_gate import gated_data
 from metareward.pipeline.jobs import JobResult
+from tasks.audit import publish_audit
 from tasks.common import in_this_environment, result_storage, retried
+from tasks.health_gate import check_health, health_gate
 from tasks.lease import campaign_lease
-from tasks.stages import check_health, run_stage
+from tasks.stages import run_stage
 from tasks.stopping import stop_work
 from tasks.track import iteration_run
 
@@ -44,11 +47,17 @@ def iteration_flow(config: CampaignConfig, iteration: int, model_path: str) -> d
         elo = stages.run("judgment_elo", meta_judgments=meta_judgments, judgments=judgments)
         judge_pairs = stages.run("judge_pairs", prompts=prompts, responses=responses, judgments=judgments,
                                  judgment_elo=elo)
-        dataset = stages.run("dpo_dataset", actor_pairs=actor_pairs, judge_pairs=judge_pairs)
-        # Health (sec. 3.5): stop, or warn, before training on collapsed data (score saturation, position bias).
-        health = check_health(config, iteration, stages.finished, wait_for=dataset)
-        # DPO (A.3): M_t → M_{t+1}.
-        checkpoint = stages.run("checkpoint", dpo_dataset=dataset, wait_for=[health])
+        # Health (sec. 3.5), before training on collapsed data (score saturation, position bias), with the judge's
+        # audit beside it: stop, warn, or ask a person — continue, drop the judge pairs, keep M_t, or stop.
+        audit = publish_audit(config, iteration, stages.models.policy, prompts=prompts, responses=responses,
+                              judgments=judgments, meta_judgments=meta_judgments, judgment_elo=elo)
+        checks = check_health(config, iteration, stages.finished, wait_for=(actor_pairs or []) + (judge_pairs or []))
+        decision = stages.decide(health_gate(config, iteration, checks, gated_data(
+            actor_pairs=actor_pairs, judge_pairs=judge_pairs), audit))
+        dataset = stages.run("dpo_dataset", actor_pairs=actor_pairs,
+                             judge_pairs=None if decision.drops_judge_pairs else judge_pairs, wait_for=[checks])
+        # DPO (A.3): M_t → M_{t+1} (M_t itself when the decision is keep_model).
+        checkpoint = stages.run("checkpoint", dpo_dataset=dataset)
         # With an evaluation section: M_{t+1}'s answers to held-out prompts against the reference's, by a fixed
         # evaluator.
         held_out = stages.run("eval_prompts")

@@ -18,8 +18,8 @@ from prefect.settings import get_current_settings
 from metareward.artifacts.stats import combine
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
-from metareward.paper.report import HealthCheckError, health_checks
 from metareward.pipeline.context import ModelRef
+from metareward.pipeline.health_gate import Decision
 from metareward.pipeline.jobs import (
     JobResult,
     finished,
@@ -117,23 +117,6 @@ def write_stage_manifest(config: CampaignConfig, stage: str, iteration: int, sha
                           store.uri(manifest_key(config.name, iteration, stage)))
 
 
-@task(name="health", task_run_name="health iter-{iteration}", cache_policy=NO_CACHE)
-def check_health(config: CampaignConfig, iteration: int, stages: dict[str, dict]) -> list[str]:
-    """The health checks of config.health on the iteration's stage statistics before it trains, each value
-    logged with its threshold: raises HealthCheckError when one fails and health.action is stop; otherwise
-    returns (and logs) the problems."""
-    checks = health_checks(config.health, stages)
-    logger = get_run_logger()
-    logger.info("health before training iteration %d: %s", iteration,
-                "; ".join(map(str, checks)) or "no check applies (no judgments or verdicts)")
-    problems = [check.problem for check in checks if check.failed]
-    if problems and config.health.action == "stop":
-        raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: " + "; ".join(problems))
-    for problem in problems:
-        logger.warning("health check: %s", problem)
-    return problems
-
-
 class IterationStages:
     """Runs the stages of one iteration flow run as Prefect tasks — those the registry says run in this iteration
     (stages.why_not_run), each on the model of its role (model_roles.IterationModels) — and remembers what each
@@ -147,6 +130,8 @@ class IterationStages:
         """Where the iteration's MLflow run is seen (None with tracking off), once its run is open."""
         self.finished: dict[str, dict] = {}
         """Combined statistics of each stage this flow run finished, in the order they ran."""
+        self.decision: Decision | None = None
+        """What the iteration does after its health checks (see decide), once they ran."""
         self._storage = result_storage(config)
 
     def run(self, name: str, wait_for: list | None = None,
@@ -159,6 +144,9 @@ class IterationStages:
         campaign's lease."""
         entry = stage(name)
         reason = why_not_run(self.config, name, self.iteration)
+        if not reason and entry.writes_model and self.decision is not None and self.decision.keeps_model:
+            reason = f"the health decision is keep_model ({self.decision.decided_by}): M_{{t+1}} = M_t"
+            self.models.trained = self.models.policy
         if reason:
             get_run_logger().info("%s not run: %s", name, reason)
             return None
@@ -193,6 +181,12 @@ class IterationStages:
             self.models.trained_by(results[0].stats)
         return results
 
+    def decide(self, decision: Decision) -> Decision:
+        """Take the iteration's health decision (tasks/health_gate.py): with keep_model its training stage does not
+        run and M_{t+1} is M_t. Returns it."""
+        self.decision = decision
+        return decision
+
     def _tags(self, name: str, inputs: Upstream, model: ModelRef | None, shard: int | None) -> list[str]:
         """The job's tags on a Prefect server: the `gpu` tag of model stages (for concurrency limits) and its
         artifact key, so that the task run that wrote a table is found by its key (Prefect 3 shows no cache key
@@ -208,4 +202,11 @@ class IterationStages:
         """What the iteration flow returns: the stage summaries, and M_{t+1}'s URI and model_id."""
         trained = self.models.of("trained")
         return {"iteration": self.iteration, "model_id": self.models.policy.model_id, "stages": self.finished,
-                "next_model": trained.uri, "next_model_id": trained.model_id, "mlflow": self.mlflow_link}
+                "next_model": trained.uri, "next_model_id": trained.model_id, "mlflow": self.mlflow_link,
+                "health_decision": self.decision_summary()}
+
+    def decision_summary(self) -> dict | None:
+        """The health decision's choice, who took it and the note (None before the checks ran)."""
+        decision = self.decision
+        return {"choice": decision.choice, "decided_by": decision.decided_by, "note": decision.note} if decision \
+            else None

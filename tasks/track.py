@@ -78,7 +78,8 @@ def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> It
         close_shared_pools()  # the engine replicas' GPUs are free once an iteration ends, however it ends
         create_markdown_artifact(
             key=artifact_key(config.name, "seed-sft" if iteration == 0 else f"iter-{iteration}"),
-            markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link),
+            markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link,
+                                      stages.decision_summary()),
             description=f"{config.name}: {iteration_title(iteration)} stage summary",
         )
     if runs:

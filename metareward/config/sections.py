@@ -144,7 +144,8 @@ class InferenceConfig(Strict):
 
 class HealthConfig(Strict):
     """Checks on an iteration's data before it trains (paper sec. 3.5, 5: score saturation, positional
-    bias). A threshold of None disables its check. An empty preference set is on_empty_preferences' case."""
+    bias), what happens when one fails, and the judge audit every iteration publishes. A threshold of None disables
+    its check. An empty preference set is on_empty_preferences' case."""
 
     max_top_score_share: float | None = Field(
         default=0.9, ge=0, le=1, description="Problem when at least this share of valid judge scores is 5."
@@ -155,8 +156,26 @@ class HealthConfig(Strict):
     min_parse_rate: float | None = Field(
         default=0.2, ge=0, le=1, description="Problem when fewer judgments than this share have a valid score."
     )
-    action: Literal["stop", "warn"] = Field(
-        default="stop", description="stop: end the campaign before training; warn: log and go on."
+    action: Literal["stop", "warn", "ask"] = Field(
+        default="stop",
+        description="stop: end the campaign before training; warn: log and go on; ask: pause the iteration (its "
+        "engines released) until a person decides in the Prefect UI's form, or on the terminal of a `metareward "
+        "run` attached to one (decisions: continue, drop_judge_pairs, keep_model, stop).",
+    )
+    ask_timeout_s: float | None = Field(
+        default=86400.0, gt=0,
+        description="With action ask: how long to wait for a decision before on_timeout applies; None waits for "
+        "ever, and a top-level run of a deployment then suspends (its process exits until resumed).",
+    )
+    on_timeout: Literal["continue", "drop_judge_pairs", "keep_model", "stop"] = Field(
+        default="stop",
+        description="With action ask: the decision when nobody answers within ask_timeout_s, or at once when "
+        "nobody can be asked (no Prefect server and no terminal).",
+    )
+    audit_samples: int = Field(
+        default=8, ge=0,
+        description="Prompts (a seeded sample) in each iteration's judge audit: responses, judge scores and "
+        "reasoning, the meta-judged response's verdicts and Elo; 0: no audit.",
     )
 
 

@@ -8,6 +8,7 @@ from metareward.artifacts.store import ArtifactStore, open_store
 from metareward.artifacts.tables import content_id
 from metareward.config.campaign import CampaignConfig, ConfigError
 from metareward.pipeline.context import ModelRef
+from metareward.pipeline.health_gate import recorded_decision
 from metareward.pipeline.manifests import stage_manifests
 from metareward.training.models import MODEL_DIGEST_FILE, model_id_of
 
@@ -16,12 +17,18 @@ def starting_model(config: CampaignConfig, start_iteration: int, store: Artifact
     """The model iteration `start_iteration` generates with when no start model is given: M_1 for iteration 1 —
     model.path, or with an sft section the seed SFT stage's model —; for a later one, M_t as the previous
     iteration of this campaign left it in the artifact store (its checkpoint stage's model, complete with
-    model_id.txt). Raises ConfigError saying how to get it when the store holds none."""
+    model_id.txt; the model it generated with when its health decision was keep_model). Raises ConfigError
+    saying how to get it when the store holds none."""
     if start_iteration == 1 and config.sft is None:
         return config.model.path
     store = store or open_store(config.artifact_root)
     previous = start_iteration - 1
     stage_name = "sft" if previous == 0 else "checkpoint"
+    decision = recorded_decision(store, config.name, previous) if previous else None
+    if decision is not None and decision.keeps_model:  # M_{t+1} = M_t: the model t generated with
+        kept = generated_with(store, config.name, previous)
+        if kept is not None:
+            return kept.uri
     stats = stage_manifests(store, config.name).get(previous, {}).get(stage_name, {}).get("stats", {})
     model = stats.get("model_uri")
     trained = model and not stats.get("kept_previous_model")
@@ -43,13 +50,22 @@ def reference_model(config: CampaignConfig, policy: ModelRef, iteration: int,
     if config.evaluation.reference == "previous" or iteration == 1:
         return policy
     store = store or open_store(config.artifact_root)
-    shards = stage_manifests(store, config.name).get(1, {}).get("responses", {}).get("shards", {})
-    if shards:
-        first = next(iter(shards.values()))["uri"]
-        model = store.read_json(store.key_of(first).removesuffix(".parquet") + ".json")["job"]["model"]
-        return ModelRef(model["uri"], model["model_id"])
+    generated = generated_with(store, config.name, 1)
+    if generated is not None:
+        return generated
     seed = starting_model(config, 1, store)
     return ModelRef(seed, model_id_of(seed))
+
+
+def generated_with(store: ArtifactStore, campaign: str, iteration: int) -> ModelRef | None:
+    """The model iteration t of the campaign generated its responses with, as its first shard's marker recorded it;
+    None when the store has no responses of iteration t."""
+    shards = stage_manifests(store, campaign).get(iteration, {}).get("responses", {}).get("shards", {})
+    if not shards:
+        return None
+    first = next(iter(shards.values()))["uri"]
+    model = store.read_json(store.key_of(first).removesuffix(".parquet") + ".json")["job"]["model"]
+    return ModelRef(model["uri"], model["model_id"])
 
 
 def evaluator_model(config: CampaignConfig) -> ModelRef:

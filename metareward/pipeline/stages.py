@@ -365,6 +365,9 @@ NOT_IN_ANY_TABLE: dict[str, str] = {
     "health.max_position_a_share": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.min_parse_rate": "decides whether the checkpoint stage runs, not what any stage computes",
     "health.action": "decides whether the checkpoint stage runs, not what any stage computes",
+    "health.ask_timeout_s": "how long a person has to decide; the decision itself reaches the DPO set's inputs",
+    "health.on_timeout": "a decision, which reaches the DPO set's inputs (judge pairs dropped) or skips training",
+    "health.audit_samples": "how many prompts the judge audit shows; the audit is no stage's table",
     **{f"{section}.{field}": reason for section in ("iterations[].dpo", "sft") for field, reason in {
         "save_steps": "how often a training keeps a checkpoint to resume from (a resumed training ends with the "
                       "weights of an uninterrupted one)",

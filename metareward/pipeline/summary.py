@@ -110,23 +110,32 @@ def iteration_title(iteration: int) -> str:
 
 
 def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[str, dict[str, Any]],
-                     mlflow_link: str | None = None) -> str:
-    """A markdown table of an iteration's stages, for the Prefect artifact of the iteration."""
+                     mlflow_link: str | None = None, decision: dict | None = None) -> str:
+    """A markdown table of an iteration's stages, for the Prefect artifact of the iteration, with its health
+    decision (outcome["health_decision"]) under it once taken."""
     model = "Base model" if iteration == 0 else f"Model M_{iteration}"
     lines = [f"# {campaign} — {iteration_title(iteration)}", "", f"{model}: `{model_id}`", ""]
     if mlflow_link:
         lines += [f"MLflow: {_markdown_link(mlflow_link)}", ""]
     lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(stages)]
+    if decision:
+        lines += ["", f"Health decision: {decision_text(decision)}"]
     return "\n".join(lines) + "\n"
+
+
+def decision_text(decision: dict) -> str:
+    """'**keep_model** (the Prefect UI): "judge saturated"' from a decision's choice, decided_by and note."""
+    note = f': "{decision["note"]}"' if decision.get("note") else ""
+    return f"**{decision['choice']}** ({decision['decided_by']}){note}"
 
 
 def campaign_markdown(campaign: str, outcomes: list[dict]) -> str:
     """A markdown table of a campaign's iterations so far (the seed's SFT first when it ran): M_t → M_{t+1}, the
     judge's mean score, pairs, the training loss, the win rate of M_{t+1}, and the MLflow run, for the
     campaign's Prefect artifact."""
-    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | loss | "
-             "win rate of M_t+1 | MLflow |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | health | "
+             "loss | win rate of M_t+1 | MLflow |", "|---|---|---|---|---|---|---|---|"]
     for outcome in outcomes:
         stages = outcome["stages"]
         judgments = stages.get("judgments", {})
@@ -138,8 +147,9 @@ def campaign_markdown(campaign: str, outcomes: list[dict]) -> str:
                 else "kept M_t" if trainer.get("kept_previous_model") else "")
         wins = win_rate_text(stages["win_rate"]) if "win_rate" in stages.get("win_rate", {}) else ""
         link = _markdown_link(outcome["mlflow"]) if outcome.get("mlflow") else ""
+        health = decision_text(outcome["health_decision"]) if outcome.get("health_decision") else ""
         lines.append(f"| {iteration_title(outcome['iteration'])} | `{outcome['model_id']}` → "
-                     f"`{outcome['next_model_id']}` | {score} | {pairs} | {loss} | {wins} | {link} |")
+                     f"`{outcome['next_model_id']}` | {score} | {pairs} | {health} | {loss} | {wins} | {link} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,8 @@ from metareward.artifacts.store import open_store
 from metareward.artifacts.tables import file_digest
 from metareward.config.campaign import CampaignConfig
 from metareward.config.sections import redact
+from metareward.pipeline.audit import audit_keys
+from metareward.pipeline.health_gate import decision_json, decisions_markdown, recorded_decision
 from metareward.pipeline.model_roles import evaluator_model
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
@@ -267,8 +269,26 @@ class Tracker:
         if "eval/win_rate" in record.metrics:
             self._log_win_rate_figure(parent_run_id)
         self.client.log_text(parent_run_id, paper_tables(self.store, self.config.name), "paper_tables.md")
+        self._log_audit_and_decision(parent_run_id, run_id, iteration)
         if record.logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
+
+    def _log_audit_and_decision(self, parent_run_id: str, run_id: str, iteration: int) -> None:
+        """The judge audit of iteration t (audit/audit.html, audit.md and the label template) on its run, and its
+        health decision, when one was taken: tags metareward.health.decision, .decided_by and .note on the iteration
+        run, health_decision.json beside them, and health_decisions.md (every iteration's) on the campaign run."""
+        for name, key in audit_keys(self.config.name, iteration).items():
+            if name != "labels" and self.store.exists(key):
+                self.client.log_text(run_id, self.store.read_bytes(key).decode(), f"audit/{key.rsplit('/', 1)[1]}")
+        decision = recorded_decision(self.store, self.config.name, iteration)
+        if decision is None:
+            return
+        for field_name in ("choice", "decided_by", "note"):
+            self.client.set_tag(run_id, f"{TAG}.health.{'decision' if field_name == 'choice' else field_name}",
+                                getattr(decision, field_name))
+        self.client.log_text(run_id, decision_json(decision), "health_decision.json")
+        self.client.log_text(parent_run_id, decisions_markdown(self.store, self.config.name,
+                                                               len(self.config.iterations)), "health_decisions.md")
 
     def _logging_time(self, run_id: str, run_tags: dict[str, str], content: str) -> int:
         """The time (ms) an iteration's points are logged at: that of the first attempt to log this content (the

@@ -62,15 +62,15 @@ def cli_environment(prefect_home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`metareward ARGS` in a subprocess; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True,
+    """`metareward ARGS` in a subprocess, as a script runs it (no terminal); output captured as text."""
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, stdin=subprocess.DEVNULL,
                           text=True, timeout=timeout)
 
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """`metareward ARGS` started in its own process group (so a test can SIGKILL all of it)."""
     return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_for(condition, process, log, what: str, timeout_s: float = 300) -> None:

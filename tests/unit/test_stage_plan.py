@@ -18,6 +18,7 @@ import tasks.stages as stage_tasks
 from cli import main
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
+from metareward.pipeline.health_gate import decided
 from metareward.pipeline.stages import SEED_STAGES, STAGE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +82,11 @@ def recorded(monkeypatch, tmp_path):
     monkeypatch.setattr(stage_tasks, "sharding", lambda config, given: 1)
     monkeypatch.setattr(stage_tasks, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.setattr(stage_tasks, "IterationModels", RoleModels)
-    monkeypatch.setattr(iteration_module, "check_health", lambda *args, **kwargs: None)
+    monkeypatch.setattr(iteration_module, "check_health", lambda *args, **kwargs: [])
+    monkeypatch.setattr(iteration_module, "publish_audit", lambda *args, **kwargs: None)
+    monkeypatch.setattr(iteration_module, "gated_data", lambda **tables: {})
+    monkeypatch.setattr(iteration_module, "health_gate", lambda config, iteration, *args: decided(
+        "continue", iteration, "the health checks (all passed)", {}, []))
 
     @contextmanager
     def iteration_run(config, iteration, model_path):
