@@ -42,7 +42,7 @@ class StageProgress:
             self._shards[label] = [0, 0]
         return self._bars[label]
 
-    def requests(self, label: str, expected: int, done: int) -> None:
+    def requests(self, label: str, expected: int, done: int, tokens: int = 0) -> None:
         """Grow and advance the bar of the stage whose requests these are (a request listener); the first
         request turns a bar of jobs into one of requests."""
         bar = self._bar(label)

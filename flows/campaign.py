@@ -15,10 +15,9 @@ from metareward.pipeline.model_roles import starting_model
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.pipeline.summary import campaign_markdown
 from metareward.preflight import check_start_iteration
-from tasks.common import in_this_environment
+from tasks.common import artifact_key, in_this_environment
 from tasks.lease import campaign_lease
 from tasks.stopping import stop_work
-from tasks.track import artifact_key
 
 
 @flow(name="metareward-campaign", flow_run_name="{config.name}", persist_result=True,

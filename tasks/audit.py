@@ -17,7 +17,7 @@ from metareward.pipeline.audit import audit_html, audit_keys, audit_markdown, ju
 from metareward.pipeline.context import ModelRef
 from metareward.pipeline.jobs import JobResult
 from metareward.tracking.figures import score_figure
-from tasks.track import artifact_key
+from tasks.common import artifact_key
 
 
 @task(name="judge-audit", task_run_name="judge audit iter-{iteration}", cache_policy=NO_CACHE)

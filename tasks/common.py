@@ -4,6 +4,7 @@ cannot heal, the GPU tag, result storage."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -67,3 +68,13 @@ def result_storage(config: CampaignConfig):
                      settings=s3_storage_options()).save(name, overwrite=True)
     return f"remote-file-system/{name}"
 
+
+
+def artifact_key(campaign: str, name: str) -> str:
+    """A Prefect artifact key for the campaign (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]", "-", f"{campaign}-{name}".lower())
+
+
+def iteration_artifact_key(campaign: str, iteration: int) -> str:
+    """The key of iteration t's summary artifact (`…-seed-sft` for stage 0)."""
+    return artifact_key(campaign, "seed-sft" if iteration == 0 else f"iter-{iteration}")

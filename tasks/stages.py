@@ -6,10 +6,12 @@ as flow runs on a work pool) and writes its manifest."""
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.futures import wait
@@ -34,11 +36,12 @@ from metareward.pipeline.jobs import (
 from metareward.pipeline.manifests import lists, manifest_key, write_manifest
 from metareward.pipeline.model_roles import IterationModels
 from metareward.pipeline.stages import stage, why_not_run
-from metareward.pipeline.summary import job_line
+from metareward.pipeline.summary import iteration_title, job_line, summary_markdown
 from metareward.pipeline.superseded import superseded_key
 from metareward.placement.replicas import close_shared_pools, ray_address
-from tasks.common import GPU_TAG, RETRIED, result_storage, retried
+from tasks.common import GPU_TAG, RETRIED, artifact_key, iteration_artifact_key, result_storage, retried
 from tasks.lease import check_lease
+from tasks.progress import StageProgressArtifact
 from tasks.shards import run_shards_on_workers
 
 Upstream = dict[str, list[JobResult]]
@@ -155,31 +158,51 @@ class IterationStages:
         if entry.writes_model:
             close_shared_pools()  # training gets the GPUs the engine replicas held
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
-        options = {"name": name, "result_storage": self._storage, **retried(self.config)}
-        if not entry.sharded:
-            result = run_stage.with_options(**options, tags=self._tags(name, given, model, None))(
-                self.config, name, self.iteration, None, model, given, wait_for=wait_for)
-            results = [result]
-        else:
-            per_shard = [shard_inputs(given, index) for index in range(sharding(self.config, given))]
-            if self.config.orchestration.shard_deployment:
-                results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
-            elif ray_address(self.config.orchestration) and entry.uses_model:
-                # Every shard in flight at once: each task run waits for a free engine replica (work stealing).
-                futures = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index)).submit(
-                    self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
-                    for index, inputs in enumerate(per_shard)]
-                wait(futures)  # every shard ends (or fails) before the first failure is raised: none left running
-                results = [future.result() for future in futures]
-            else:
-                results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
-                    self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
-                    for index, inputs in enumerate(per_shard)]
-            write_stage_manifest(self.config, name, self.iteration, results)
+        shards = sharding(self.config, given) if entry.sharded else 1
+        self._show_running(name, shards)
+        with StageProgressArtifact(artifact_key(self.config.name, f"iter-{self.iteration}-{name}-progress"), name,
+                                   self.iteration, shards) if entry.uses_model else nullcontext():
+            results = self._run_jobs(name, model, given, shards, wait_for)
         self.finished[name] = combine(name, [result.stats for result in results])
         if entry.writes_model:
             self.models.trained_by(results[0].stats)
         return results
+
+    def _run_jobs(self, name: str, model: ModelRef | None, given: Upstream, shards: int,
+                  wait_for: list | None) -> list[JobResult]:
+        """The stage's task runs, as run() says, and its manifest (a sharded stage's, once every shard is done)."""
+        entry = stage(name)
+        options = {"name": name, "result_storage": self._storage, **retried(self.config)}
+        if not entry.sharded:
+            return [run_stage.with_options(**options, tags=self._tags(name, given, model, None))(
+                self.config, name, self.iteration, None, model, given, wait_for=wait_for)]
+        per_shard = [shard_inputs(given, index) for index in range(shards)]
+        if self.config.orchestration.shard_deployment:
+            results = run_shards_on_workers(self.config, name, self.iteration, model, per_shard)
+        elif ray_address(self.config.orchestration) and entry.uses_model:
+            # Every shard in flight at once: each task run waits for a free engine replica (work stealing).
+            futures = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index)).submit(
+                self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
+                for index, inputs in enumerate(per_shard)]
+            wait(futures)  # every shard ends (or fails) before the first failure is raised: none left running
+            results = [future.result() for future in futures]
+        else:
+            results = [run_stage.with_options(**options, tags=self._tags(name, inputs, model, index))(
+                self.config, name, self.iteration, index, model, inputs, wait_for=wait_for)
+                for index, inputs in enumerate(per_shard)]
+        write_stage_manifest(self.config, name, self.iteration, results)
+        return results
+
+    def _show_running(self, name: str, shards: int) -> None:
+        """The iteration's summary artifact with the stages finished so far and the one starting now."""
+        create_markdown_artifact(
+            key=iteration_artifact_key(self.config.name, self.iteration),
+            markdown=summary_markdown(self.config.name, self.iteration, self.models.policy.model_id, self.finished,
+                                      self.mlflow_link, self.decision_summary())
+            + f"\n**Running now: {name}** ({shards} shard(s))"
+            + (f"; its progress: the `{artifact_key(self.config.name, f'iter-{self.iteration}-{name}-progress')}` "
+               "artifact" if stage(name).uses_model else "") + "\n",
+            description=f"{self.config.name}: {iteration_title(self.iteration)} (running {name})")
 
     def decide(self, decision: Decision) -> Decision:
         """Take the iteration's health decision (tasks/health_gate.py): with keep_model its training stage does not

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,12 +18,8 @@ from metareward.placement.replicas import close_shared_pools
 from metareward.tracking import campaign_log
 from metareward.tracking.campaign_log import TrackingDegraded
 from metareward.training.models import check_model, model_id_of
+from tasks.common import iteration_artifact_key
 from tasks.stages import IterationStages
-
-
-def artifact_key(campaign: str, name: str) -> str:
-    """A Prefect artifact key for the campaign (lowercase letters, digits and dashes only)."""
-    return re.sub(r"[^a-z0-9-]", "-", f"{campaign}-{name}".lower())
 
 
 # No retries on the tracking tasks: a retry would hold the next model work up for its back-off, and what an
@@ -77,7 +72,7 @@ def iteration_run(config: CampaignConfig, iteration: int, model_path: str) -> It
     finally:
         close_shared_pools()  # the engine replicas' GPUs are free once an iteration ends, however it ends
         create_markdown_artifact(
-            key=artifact_key(config.name, "seed-sft" if iteration == 0 else f"iter-{iteration}"),
+            key=iteration_artifact_key(config.name, iteration),
             markdown=summary_markdown(config.name, iteration, model.model_id, stages.finished, stages.mlflow_link,
                                       stages.decision_summary()),
             description=f"{config.name}: {iteration_title(iteration)} stage summary",

@@ -125,8 +125,8 @@ class OpenAIBackend:
             futures = {index: pool.submit(function, requests[index], self.base_urls[block_of[index]])
                        for index in order}
             for future in as_completed(futures.values()):
-                future.result()
-                progress.finished()
+                result = future.result()
+                progress.finished(1, progress.generated_tokens([result]) if isinstance(result, GenerationResult) else 0)
             return [futures[index].result() for index in range(len(requests))]
 
     def _generate_one(self, request: GenerationRequest, server: str) -> GenerationResult:

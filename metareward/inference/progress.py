@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-RequestListener = Callable[[str, int, int], None]
-"""listener(label, newly expected requests, newly finished requests)."""
+RequestListener = Callable[[str, int, int, int], None]
+"""listener(label, newly expected requests, newly finished requests, tokens those finished requests generated)."""
 
 _listeners: list[RequestListener] = []
 _label: ContextVar[str | None] = ContextVar("metareward_progress_label", default=None)
 
 
 def add_request_listener(listener: RequestListener) -> None:
-    """Call listener(label, expected, finished) as requests are announced and finish in this process."""
+    """Call listener(label, expected, finished, tokens) as requests are announced and finish in this process."""
     _listeners.append(listener)
 
 
@@ -39,14 +39,20 @@ def expect(count: int) -> None:
     _notify(count, 0)
 
 
-def finished(count: int = 1) -> None:
-    """`count` requests have finished (call from the thread that made the request batch)."""
-    _notify(0, count)
+def finished(count: int = 1, tokens: int = 0) -> None:
+    """`count` requests have finished, having generated `tokens` completion tokens (call from the thread that made
+    the request batch)."""
+    _notify(0, count, tokens)
 
 
-def _notify(expected: int, done: int) -> None:
+def generated_tokens(results) -> int:
+    """The completion tokens of GenerationResults (what finished() counts for a batch of generations)."""
+    return sum(completion.n_tokens for result in results for completion in result.completions)
+
+
+def _notify(expected: int, done: int, tokens: int = 0) -> None:
     label = _label.get()
     if label is None or not (expected or done):
         return
     for listener in list(_listeners):
-        listener(label, expected, done)
+        listener(label, expected, done, tokens)

@@ -82,7 +82,7 @@ class TransformersBackend:
             batch_results = self._generate_batch([requests[i] for i in batch], [rendered[i] for i in batch])
             for index, result in zip(batch, batch_results, strict=True):
                 results[index] = result
-            progress.finished(len(batch))
+            progress.finished(len(batch), progress.generated_tokens(batch_results))
         return results  # type: ignore[return-value]
 
     def _batches(self, indices: list[int], requests: Sequence[GenerationRequest]):

@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from metareward.artifacts.store import ArtifactStore
 from metareward.host.ports import free_port
 from metareward.pipeline.manifests import stage_manifests
-from tests.integration.campaigns import run_cli, start_cli, wait_until_healthy, write_config
+from tests.integration.campaigns import run_cli, start_cli, wait_for, wait_until_healthy, write_config
 
 # Each test starts a Prefect server, workers, campaigns or a browser.
 pytestmark = pytest.mark.slow
@@ -520,3 +521,140 @@ def test_shard_flow_runs_that_never_start_are_cancelled_at_the_deadline_and_a_re
     # The adopted run was waited for and cancelled at the deadline like the runs the retry started.
     [adopted] = [run for run in runs_of(names[0]) if run.id == left.id]
     assert adopted.state.name in ("Cancelling", "Cancelled"), adopted.state
+
+
+ASK = {"max_top_score_share": 0.0, "action": "ask", "audit_samples": 2}
+"""Health settings whose judge-score check every iteration fails (a share of 5s is always >= 0), asking a person."""
+
+
+def _paused_run(url: str, flow_run_filter, process, log: Path | None, timeout: float = 600):
+    """The flow run `flow_run_filter` finds once it is Paused (a health gate waits for a decision); fails if the run
+    (or the `metareward run` process that runs it) ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read(url, "read_flow_runs", flow_run_filter=flow_run_filter)
+        if runs and runs[0].state.is_paused():
+            return runs[0]
+        assert not runs or not runs[0].state.is_final(), runs[0].state
+        assert process is None or process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{flow_run_filter} never paused"
+        time.sleep(1)
+
+
+def test_a_failed_health_check_pauses_a_shell_run_with_a_form_the_ui_shows_and_its_answer_is_kept(
+        prefect_stack, tmp_path, tiny_model):
+    url, env = prefect_stack
+    root = tmp_path / "artifacts"
+    config = write_config(tmp_path, tiny_model, str(root), name="asked",
+                          health={**ASK, "ask_timeout_s": 600, "on_timeout": "stop"})
+    log = tmp_path / "run.log"
+    process = start_cli(["run", str(config)], env, log)
+    try:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        paused = _paused_run(url, FlowRunFilter(name=FlowRunFilterName(any_=["asked iter-1"])), process, log)
+        keyset = paused.state.state_details.run_input_keyset
+        schema = json.loads(_read(url, "read_flow_run_input", flow_run_id=paused.id, key=keyset["schema"]))
+        description = _read(url, "read_flow_run_input", flow_run_id=paused.id, key=keyset["description"])
+        with browser_page() as page:
+            page.goto(url.removesuffix("/api") + f"/runs/flow-run/{paused.id}")
+            page.get_by_role("button", name="Resume").click()
+            page.get_by_text("Look at the judge first").wait_for()
+            screenshot(page, "health-gate-form.png")
+        # Answered as the form's Submit does: the run input, validated by the server against the form's schema.
+        answer = httpx.post(f"{url}/flow_runs/{paused.id}/resume",
+                            json={"run_input": {"decision": "keep_model", "note": "the judge gives 5s only"}})
+        assert answer.status_code == 201 and answer.json()["status"] == "ACCEPT", answer.text
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    assert schema["properties"]["decision"]["enum"] == ["continue", "drop_judge_pairs", "keep_model", "stop"]
+    assert "judge top-score share" in description and "health.max_top_score_share" in description
+    decision = json.loads((root / "asked/iter-1/health/decision.json").read_text())
+    assert (decision["choice"], decision["decided_by"], decision["note"]) == (
+        "keep_model", "the Prefect UI", "the judge gives 5s only")
+    text = log.read_text()
+    assert "waiting up to 600 s for a decision in the Prefect UI" in text
+    assert "checkpoint not run: the health decision is keep_model" in text
+
+
+def test_nobody_answering_takes_on_timeout_and_says_so(prefect_stack, tmp_path, tiny_model):
+    url, env = prefect_stack
+    root = tmp_path / "artifacts"
+    config = write_config(tmp_path, tiny_model, str(root), name="unanswered",
+                          health={**ASK, "ask_timeout_s": 3, "on_timeout": "drop_judge_pairs"})
+    result = run_cli(["run", str(config)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    decision = json.loads((root / "unanswered/iter-1/health/decision.json").read_text())
+    assert decision["choice"] == "drop_judge_pairs"
+    assert decision["decided_by"] == "health.on_timeout after 3 s without an answer"
+    assert stage_manifests(ArtifactStore(str(root)), "unanswered")[1]["dpo_dataset"]["stats"]["judge_pairs"] == 0
+
+
+def test_a_deployed_iteration_suspends_on_a_failed_health_check_and_the_answer_reschedules_it(
+        prefect_stack, tmp_path, tiny_model):
+    # With no timeout, a top-level run of a deployment suspends: its process exits (the worker's infrastructure is
+    # released) and the answer reschedules it; its finished stages come from the cache.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, _ = prefect_stack
+    root = tmp_path / "artifacts"
+    config = yaml.safe_load(write_config(tmp_path, tiny_model, str(root), name="suspended",
+                                         health={**ASK, "ask_timeout_s": None}).read_text())
+    with temporary_settings({PREFECT_API_URL: url}):
+        flow_run = run_deployment("metareward-iteration/demo-iteration", parameters={
+            "config": config, "iteration": 1, "model_path": str(tiny_model)}, timeout=0, as_subflow=False, _sync=True)
+    paused = _paused_run(url, FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), None, None)
+    assert paused.state.name == "Suspended"
+    markers = {path.name: path.read_text() for path in (root / "suspended").glob("iter-1/*/*.json")
+               if path.name != "manifest.json"}
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        assert client.resume_flow_run(paused.id, run_input={"decision": "continue"}).status.value == "ACCEPT"
+        deadline = time.monotonic() + 600
+        while not (flow_run := client.read_flow_run(paused.id)).state.is_final():
+            assert time.monotonic() < deadline, flow_run.state
+            time.sleep(2)
+    assert flow_run.state.is_completed(), flow_run.state
+    decision = json.loads((root / "suspended/iter-1/health/decision.json").read_text())
+    assert (decision["choice"], decision["decided_by"]) == ("continue", "the Prefect UI")
+    assert "checkpoint" in stage_manifests(ArtifactStore(str(root)), "suspended")[1]
+    for name, marker in markers.items():  # nothing computed before the suspension was computed again
+        assert next((root / "suspended").glob(f"iter-1/*/{name}")).read_text() == marker, f"{name} was recomputed"
+
+
+def test_a_model_stage_shows_its_progress_and_the_iteration_its_running_stage_while_it_runs(
+        prefect_stack, tmp_path, tiny_model):
+    # Judging's second shard (of three) is held as it starts: the first is done, and that is what the UI must show
+    # then — a third of the stage, and judgments as the running stage; released, the stage ends at 100 %.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    url, env = prefect_stack
+    root = tmp_path / "artifacts"
+    release = tmp_path / "release"
+    config = write_config(tmp_path, tiny_model, str(root), name="watched")
+    log = tmp_path / "run.log"
+    held_env = {**env, "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}
+    process = start_cli(["run", str(config)], held_env, log)
+
+    def latest(key: str):
+        [artifact] = _read(url, "read_latest_artifacts", artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])))
+        return artifact
+
+    try:
+        wait_for(lambda: release.with_name("release.started").exists(), process, log, "judging's second shard")
+        held = latest("watched-iter-1-judgments-progress")
+        running = latest("watched-iter-1")
+        release.touch()
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    assert held.type == "progress" and 100 / 3 - 0.1 < held.data < 100, held.data
+    assert "judgments iter-1: 1/3 shard(s) done" in held.description and "requests" in held.description
+    assert "**Running now: judgments** (3 shard(s))" in running.data and "| responses |" in running.data
+    done = latest("watched-iter-1-judgments-progress")
+    assert done.data == 100 and "3/3 shard(s) done" in done.description
+    assert "Running now" not in latest("watched-iter-1").data  # the summary once the iteration ended

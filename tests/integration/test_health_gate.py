@@ -89,4 +89,5 @@ def test_stop_ends_before_training_and_a_rerun_stops_again_without_asking(tmp_pa
     assert "the decision is stop" in result.stderr and "to be asked again" in result.stderr
     assert "checkpoint" not in stage_manifests(ArtifactStore(str(root)), "stopped")[1]
     again = run_cli(["run", str(config)], env)
-    assert again.returncode != 0 and "health decision taken earlier on these tables: stop" in again.stdout + again.stderr
+    assert again.returncode != 0
+    assert "health decision taken earlier on these tables: stop" in again.stdout + again.stderr

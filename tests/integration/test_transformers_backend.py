@@ -111,7 +111,7 @@ def test_every_request_is_counted_as_it_finishes(backend):
     from metareward.inference import progress
 
     events = []
-    listener = lambda label, expected, done: events.append((label, expected, done))  # noqa: E731
+    listener = lambda label, expected, done, tokens: events.append((label, expected, done, tokens))  # noqa: E731
     progress.add_request_listener(listener)
     try:
         prompts = load_prompts(PROMPT_FILE).table.head(5)
@@ -120,7 +120,9 @@ def test_every_request_is_counted_as_it_finishes(backend):
         generate_responses(prompts, backend, 2, SamplingConfig(max_tokens=4), 0, 1, "m")  # outside a job: silent
     finally:
         progress.remove_request_listener(listener)
-    assert {label for label, _, _ in events} == {"iter-1 responses"}
-    assert sum(expected for _, expected, _ in events) == sum(done for _, _, done in events) == 5
+    assert {label for label, _, _, _ in events} == {"iter-1 responses"}
+    assert sum(expected for _, expected, _, _ in events) == sum(done for _, _, done, _ in events) == 5
     # Batches of 8 sequences hold 4 requests of n = 2: the bar moves per batch, before the stage ends.
-    assert [done for _, _, done in events if done] == [4, 1]
+    assert [done for _, _, done, _ in events if done] == [4, 1]
+    # Each finished batch counts the tokens its completions generated: 5 prompts x 2 samples x at most 4 tokens.
+    assert 0 < sum(tokens for *_, tokens in events) <= 5 * 2 * 4
