@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.artifacts import add_artifact_commands, add_artifact_root, campaign_store
+from cli.audit import add_audit_commands
 from cli.progress import StageProgress, print_summary
 from metareward.artifacts.store import StoreError
 from metareward.config.campaign import CampaignConfig, ConfigError
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_check.set_defaults(handler=_config_check)
 
     add_artifact_commands(commands)
+    add_audit_commands(commands)
 
     stages = commands.add_parser(
         "stages", help="the stages of an iteration: inputs, code fingerprints, and a config's settings",

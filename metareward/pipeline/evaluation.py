@@ -4,7 +4,8 @@ with bootstrap confidence intervals, and answers in AlpacaEval's format."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,25 +83,35 @@ def judge_agreement(table: pl.DataFrame, bootstrap: int = 1000, seed: int = 0) -
     if not per_prompt:
         raise EvaluationInputError("no prompt with a scored response: nothing to compare with the reference ranking")
 
-    def statistics(indices: Sequence[int]) -> tuple[float, float, float]:
-        credits = np.concatenate([per_prompt[k][0] for k in indices])
-        decided = np.concatenate([per_prompt[k][1] for k in indices])
-        rhos = np.array([per_prompt[k][2] for k in indices])
+    def statistics(prompts: list) -> tuple[float, float, float]:
+        credits = np.concatenate([credit for credit, _, _ in prompts])
+        decided = np.concatenate([decided for _, decided, _ in prompts])
+        rhos = np.array([rho for _, _, rho in prompts])
         return (
             float(credits.mean()) if credits.size else np.nan,
             float(credits[decided].mean()) if decided.any() else np.nan,
             float(np.nanmean(rhos)) if np.isfinite(rhos).any() else np.nan,
         )
 
-    point = statistics(list(range(len(per_prompt))))
+    return bootstrap_estimates(per_prompt, statistics, ("agreement", "agreement_without_ties", "spearman"),
+                               bootstrap, seed)
+
+
+def bootstrap_estimates(groups: Sequence, statistics: Callable[[list], Sequence[float]], names: Sequence[str],
+                        bootstrap: int, seed: int) -> dict[str, Estimate]:
+    """Each of the statistics (`statistics(groups)` returns one value per name) with its bootstrap 95% CI: the
+    groups (prompts) resampled with replacement `bootstrap` times (numpy's generator seeded with `seed`), the
+    percentiles 2.5 and 97.5 of the resamples' values, NaN ones left out. ValueError for bootstrap < 1."""
+    check_bootstrap(bootstrap)
+    groups = list(groups)
+    point = statistics(groups)
     rng = np.random.default_rng(seed)
-    samples = np.array([statistics(rng.integers(0, len(per_prompt), len(per_prompt))) for _ in range(bootstrap)])
-    names = ("agreement", "agreement_without_ties", "spearman")
-    return {
-        name: Estimate(point[k], float(np.nanpercentile(samples[:, k], 2.5)),
-                       float(np.nanpercentile(samples[:, k], 97.5)))
-        for k, name in enumerate(names)
-    }
+    samples = np.array([statistics([groups[k] for k in rng.integers(0, len(groups), len(groups))])
+                        for _ in range(bootstrap)], dtype=float)
+    with warnings.catch_warnings():  # a statistic NaN in every resample has a NaN interval, said by its value
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {name: Estimate(float(point[k]), float(np.nanpercentile(samples[:, k], 2.5)),
+                               float(np.nanpercentile(samples[:, k], 97.5))) for k, name in enumerate(names)}
 
 
 def judge_labelled_responses(rankings: pl.DataFrame, backend, num_judgments: int, sampling, seed: int,

@@ -106,6 +106,32 @@ def catch_up(config: CampaignConfig) -> list[str]:
     return lines
 
 
+def log_label_agreement(config: CampaignConfig, iteration: int, agreement: dict[str, dict], labels_csv: str) -> str:
+    """Log a person's labels on iteration t's audit and the judge's agreement with them (audit/… metrics with their
+    95% CIs, and the count `audit/labels`) on the iteration's run and, at step t, on the campaign run, where the
+    charts show the judge drift over iterations; the labels as audit/labels.csv. Returns the iteration run's link.
+    Raises TrackingError when MLflow cannot be used or the iteration has no run."""
+    tracker = _answering_tracker(config)
+    parent = tracker.existing_campaign_run()
+    found = parent and tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' AND tags.`{TAG}.iteration` = '{iteration}'",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    if not found:
+        raise TrackingError(f"{iteration_title(iteration)} of {config.name} has no MLflow run to log the labels to "
+                            "(run the iteration, or `metareward track` it, first)")
+    run_id = found[0].info.run_id
+    metrics = {"audit/labels": float(agreement["labels"])}
+    for name, estimate in agreement.items():
+        if name != "labels":
+            metrics |= {f"audit/{name}": estimate["value"], f"audit/{name}_ci_low": estimate["ci_low"],
+                        f"audit/{name}_ci_high": estimate["ci_high"]}
+    for run in (run_id, parent):
+        for key, value in metrics.items():
+            tracker.client.log_metric(run, key, value, step=iteration)
+    tracker.client.log_text(run_id, labels_csv, "audit/labels.csv")
+    return tracker.run_link(run_id)
+
+
 def _answering_tracker(config: CampaignConfig) -> Tracker:
     """A Tracker, once the server (if any) answers /health within HEALTH_TIMEOUT_S; TrackingError otherwise."""
     problem = server_problem(tracking_target(config)[0], HEALTH_TIMEOUT_S)

@@ -66,6 +66,21 @@ def test_drop_judge_pairs_trains_on_actor_pairs_only_is_kept_logged_and_not_aske
     assert template.height == 3 * 3 * 3  # 3 prompts x K=3 responses x N=3 judgments
     assert "Response" in (root / "dropped/iter-1/audit/audit.html").read_text()
 
+    # A person marks the audited judgments: the first right, the second with the judge's own score, the third wrong.
+    marked = template.with_columns(pl.Series("label", ["right", None, "wrong", *[""] * (template.height - 3)]))
+    marked = marked.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(pl.col("judge_score").cast(pl.String))
+                                 .otherwise(pl.col("label")).alias("label"))
+    marked.write_csv(tmp_path / "labels.csv")
+    labelled = run_cli(["audit", "label", str(config), str(tmp_path / "labels.csv"), "--iteration", "1",
+                        "--bootstrap", "100"], env)
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    assert "3 of the 27 audited judgments labelled" in labelled.stdout and "MLflow: logged to" in labelled.stdout
+    for run_id in (run.info.run_id, run.data.tags["mlflow.parentRunId"]):
+        history = client.get_metric_history(run_id, "audit/agreement")
+        assert [(point.step, point.value) for point in history] == [(1, pytest.approx(2 / 3))]
+    assert client.get_run(run.info.run_id).data.metrics["audit/labels"] == 3
+    assert json.loads((root / "dropped/iter-1/audit/agreement.json").read_text())["right_share"]["value"] == 0.5
+
     again = run_cli(["run", str(config)], env)
     assert again.returncode == 0, again.stderr[-3000:]
     output = again.stdout + again.stderr
