@@ -106,3 +106,40 @@ def test_stop_ends_before_training_and_a_rerun_stops_again_without_asking(tmp_pa
     again = run_cli(["run", str(config)], env)
     assert again.returncode != 0
     assert "health decision taken earlier on these tables: stop" in again.stdout + again.stderr
+
+
+def test_a_run_attached_to_a_terminal_is_answered_there(tmp_path, tiny_model):
+    # `metareward run` on a terminal (a pseudo-terminal here): the failed checks and the choices are shown on it, and
+    # what is typed there decides, with its note.
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "artifacts"
+    config = write_config(tmp_path, tiny_model, str(root), name="typed",
+                          health={**TRIPPED, "action": "ask", "on_timeout": "stop", "ask_timeout_s": 600})
+    log = tmp_path / "run.log"
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "cli", "run", str(config)], stdin=terminal,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               env=cli_environment(tmp_path / "prefect"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "Type a decision" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.write(controller, b"maybe\n")  # not a decision: asked again
+        os.write(controller, b"2 judge pairs look off\n")
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        process.kill()
+        os.close(controller)
+        os.close(terminal)
+    text = log.read_text()
+    assert "iteration 1 failed its health checks:" in text and "3 keep_model: skip this iteration's training" in text
+    assert "not a decision: 'maybe'" in text
+    decision = _decision(root, "typed")
+    assert (decision["choice"], decision["decided_by"], decision["note"]) == (
+        "drop_judge_pairs", "the terminal", "judge pairs look off")
