@@ -55,8 +55,10 @@ def campaign_flow(config: CampaignConfig, start_iteration: Annotated[int, Field(
             outcome = iteration_flow(config, iteration, model)
             outcomes.append(outcome)
             model = outcome["next_model"]
-            create_markdown_artifact(key=artifact_key(config.name, "campaign"), markdown=campaign_markdown(
-                config.name, outcomes), description=f"{config.name}: its iterations so far, with their MLflow runs")
+            registered = (config.tracking.registered_model or config.name) if config.tracking.enabled else None
+            create_markdown_artifact(key=artifact_key(config.name, "campaign"),
+                                     markdown=campaign_markdown(config.name, outcomes, registered),
+                                     description=f"{config.name}: its iterations so far, with their MLflow runs")
     tables = paper_tables(open_store(config.artifact_root), config.name)
     get_run_logger().info("The paper's tables from this campaign:\n%s", tables)
     create_markdown_artifact(key=artifact_key(config.name, "paper-tables"), markdown=tables,

@@ -28,6 +28,7 @@ from metareward.host.stopping import raise_if_stopped, stop_requested, wait_unle
 from metareward.inference.engines import close_shared_backends
 from metareward.paper.report import HealthCheck, HealthCheckError, health_checks
 from metareward.pipeline.health_gate import (
+    CHECKS_PASSED,
     CHOICE_MEANING,
     CHOICES,
     Decision,
@@ -78,7 +79,7 @@ def health_gate(config: CampaignConfig, iteration: int, checks: list[HealthCheck
     if decision is not None:
         logger.info("iteration %d: health decision taken earlier on these tables: %s", iteration, decision.summary())
     elif not failed:
-        return decided("continue", iteration, "the health checks (all passed)", data, checks)
+        return decided("continue", iteration, CHECKS_PASSED, data, checks)
     elif config.health.action == "stop":
         raise HealthCheckError(f"iteration {iteration} failed its health checks, not training: "
                                + "; ".join(check.problem for check in failed))

@@ -165,8 +165,17 @@ class IterationStages:
             results = self._run_jobs(name, model, given, shards, wait_for)
         self.finished[name] = combine(name, [result.stats for result in results])
         if entry.writes_model:
-            self.models.trained_by(results[0].stats)
+            self._announce(self.models.trained_by(results[0].stats))
         return results
+
+    def _announce(self, trained: ModelRef) -> None:
+        """Say which model the iteration trained, where it is and under which name MLflow will show it."""
+        number = self.iteration + 1
+        tracking = self.config.tracking
+        mlflow = (f"; MLflow: logged model {self.config.name}-M{number}, registered as "
+                  f"{tracking.registered_model or self.config.name!r} version {number}, when the iteration is logged"
+                  if tracking.enabled else "")
+        get_run_logger().info("M_%d (digest %s) is at %s%s", number, trained.model_id, trained.uri, mlflow)
 
     def _run_jobs(self, name: str, model: ModelRef | None, given: Upstream, shards: int,
                   wait_for: list | None) -> list[JobResult]:

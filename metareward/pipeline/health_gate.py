@@ -17,6 +17,9 @@ Choice = Literal["continue", "drop_judge_pairs", "keep_model", "stop"]
 CHOICES: tuple[str, ...] = get_args(Choice)
 """What a person (or health.on_timeout) may decide when an iteration's health checks fail."""
 
+CHECKS_PASSED = "the health checks (all passed)"
+"""Who decided `continue` when no check failed."""
+
 CHOICE_MEANING: dict[str, str] = {
     "continue": "train on the DPO set as it is",
     "drop_judge_pairs": "train on the actor pairs only (the judge pairs are left out of the DPO set)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from metareward.artifacts.store import ArtifactStore
+from metareward.pipeline.health_gate import CHECKS_PASSED
 from metareward.pipeline.jobs import JobResult
 from metareward.pipeline.manifests import stage_manifests
 from metareward.pipeline.stages import stage
@@ -90,6 +91,9 @@ def job_line(result: JobResult) -> str:
         figures.append(lost)
     if result.recomputed:
         figures.append(f"computed again: {result.recomputed}")
+    if stage(job.stage).writes_model and "model_uri" in stats:
+        return (f"{job.run_name}: model {stats['model_id']} → {stats['model_uri']}; {'; '.join(figures)}; trainer log "
+                f"({result.table.rows} rows) → {result.table.uri} (key {job.cache_key})")
     return f"{job.run_name}: {result.table.rows} rows, {'; '.join(figures)} → {result.table.uri} (key {job.cache_key})"
 
 
@@ -116,7 +120,7 @@ def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[
     model = "Base model" if iteration == 0 else f"Model M_{iteration}"
     lines = [f"# {campaign} — {iteration_title(iteration)}", "", f"{model}: `{model_id}`", ""]
     if mlflow_link:
-        lines += [f"MLflow: {_markdown_link(mlflow_link)}", ""]
+        lines += [f"MLflow: {f'[run]({mlflow_link})' if mlflow_link.startswith('http') else mlflow_link}", ""]
     lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(stages)]
     if decision:
@@ -125,36 +129,61 @@ def summary_markdown(campaign: str, iteration: int, model_id: str, stages: dict[
 
 
 def decision_text(decision: dict) -> str:
-    """'**keep_model** (the Prefect UI): "judge saturated"' from a decision's choice, decided_by and note."""
+    """'**keep_model** (the Prefect UI): "judge saturated"' from a decision's choice, decided_by and note; 'all checks
+    passed' when nothing was asked."""
+    if decision["decided_by"] == CHECKS_PASSED:
+        return "all checks passed"
     note = f': "{decision["note"]}"' if decision.get("note") else ""
     return f"**{decision['choice']}** ({decision['decided_by']}){note}"
 
 
-def campaign_markdown(campaign: str, outcomes: list[dict]) -> str:
-    """A markdown table of a campaign's iterations so far (the seed's SFT first when it ran): M_t → M_{t+1}, the
-    judge's mean score, pairs, the training loss, the win rate of M_{t+1}, and the MLflow run, for the
-    campaign's Prefect artifact."""
-    lines = [f"# {campaign}", "", "| iteration | M_t → M_t+1 | judge mean score | actor / judge pairs | health | "
-             "loss | win rate of M_t+1 | MLflow |", "|---|---|---|---|---|---|---|---|"]
+def campaign_markdown(campaign: str, outcomes: list[dict], registered_model: str | None = None) -> str:
+    """A narrow markdown table of a campaign's iterations so far (the seed's SFT first when it ran), for the
+    campaign's Prefect artifact: each iteration linked to its MLflow run when the tracking server has a URL, the
+    models as MLflow names them (`{campaign}-M{t}`, registered as `registered_model` version t; None: tracking off,
+    their digests), the judge's mean score, the pairs, the health decision, how M_{t+1} does on its own training
+    pairs, and its win rate. With a local MLflow store, the command that serves it follows the table."""
+    lines = [f"# {campaign}", "", "| iteration | model | judge score | actor / judge pairs | health | after training "
+             "| win rate |", "|---|---|---|---|---|---|---|"]
+    local = ""
     for outcome in outcomes:
         stages = outcome["stages"]
+        iteration = outcome["iteration"]
         judgments = stages.get("judgments", {})
         trainer = stages.get("sft") or stages.get("checkpoint", {})
         score = f"{judgments['mean_score']:.2f}" if "mean_score" in judgments else ""
         pairs = (f"{stages.get('actor_pairs', {}).get('rows', 0)} / {stages.get('judge_pairs', {}).get('rows', '—')}"
                  if "actor_pairs" in stages else f"{stages.get('sft_data', {}).get('rows', 0)} SFT examples")
-        loss = (f"{trainer['loss_first']:.4f} → {trainer['loss_last']:.4f}" if "loss_last" in trainer
-                else "kept M_t" if trainer.get("kept_previous_model") else "")
-        wins = win_rate_text(stages["win_rate"]) if "win_rate" in stages.get("win_rate", {}) else ""
-        link = _markdown_link(outcome["mlflow"]) if outcome.get("mlflow") else ""
+        trained = (f"loss {trainer['loss_after']:.3f}, " + (
+            f"token acc. {trainer.get('mean_token_accuracy_after', 0):.0%}" if iteration == 0
+            else f"reward acc. {trainer.get('rewards_accuracies_after', 0):.0%}") if "loss_after" in trainer
+            else "kept M_t" if trainer.get("kept_previous_model") or outcome["next_model_id"] == outcome["model_id"]
+            else "")
+        wins = (f"{stages['win_rate']['win_rate']:.1%} [{stages['win_rate']['win_rate_ci_low']:.1%}–"
+                f"{stages['win_rate']['win_rate_ci_high']:.1%}]" if "win_rate" in stages.get("win_rate", {}) else "")
         health = decision_text(outcome["health_decision"]) if outcome.get("health_decision") else ""
-        lines.append(f"| {iteration_title(outcome['iteration'])} | `{outcome['model_id']}` → "
-                     f"`{outcome['next_model_id']}` | {score} | {pairs} | {health} | {loss} | {wins} | {link} |")
+        title = iteration_title(iteration)
+        link = outcome.get("mlflow") or ""
+        if link.startswith("http"):
+            title = f"[{title}]({link})"
+        elif link:
+            local = link.split(", then", 1)[0]
+        lines.append(f"| {title} | {_model_name(campaign, iteration, outcome, registered_model)} | {score} | {pairs} | "
+                     f"{health} | {trained} | {wins} |")
+    if local:
+        lines += ["", f"MLflow runs (a local store): serve it with {local}, then open the experiment {campaign}."]
     return "\n".join(lines) + "\n"
 
 
-def _markdown_link(link: str) -> str:
-    return f"[run]({link})" if link.startswith("http") else link
+def _model_name(campaign: str, iteration: int, outcome: dict, registered_model: str | None) -> str:
+    """'M_1 → **M_2** (tiny v2)': the models an iteration read and wrote, as MLflow names and versions them."""
+    before, after = ("base", "M_1") if iteration == 0 else (f"M_{iteration}", f"M_{iteration + 1}")
+    if outcome["next_model_id"] == outcome["model_id"]:
+        after = f"{after} = {before}"
+    if registered_model is None:
+        return f"{before} → **{after}** (`{str(outcome['next_model_id'])[:8]}`)"
+    version = iteration if outcome["next_model_id"] == outcome["model_id"] else iteration + 1
+    return f"{before} → **{after}** ({registered_model} v{version})"
 
 
 def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:

@@ -52,22 +52,30 @@ def score_figure(judgments: Mapping[str, pl.DataFrame], title: str):
     return figure
 
 
-def bias_figure(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
+def bias_figure(history: Mapping[str, Sequence[tuple[int, float]]], title: str, iterations: Sequence[int] = ()):
     """The meta-judge's biases over iterations: one line per quantity of BIASES (keyed by its name, each a list
-    of (iteration, share)), shares from 0 to 1 with ½ — no bias — marked."""
+    of (iteration, share)), shares from 0 to 1 with ½ — no bias — marked. Each of `iterations` without a point (an
+    iteration that did not meta-judge) is shaded and labelled "not meta-judged", instead of silently missing."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 4.2), dpi=110)
     axes = figure.subplots()
-    iterations: set[int] = set()
+    shown: set[int] = set(iterations)
+    with_data: set[int] = set()
     for index, (name, label) in enumerate(BIASES.items()):
         points = sorted(history.get(name, []))
         if points:
-            iterations |= {step for step, _ in points}
+            with_data |= {step for step, _ in points}
             axes.plot([step for step, _ in points], [value for _, value in points], marker="o", color=f"C{index}",
                       label=label)
+    for missing in sorted(shown - with_data):
+        axes.axvspan(missing - 0.4, missing + 0.4, color="grey", alpha=0.15)
+        axes.text(missing, 0.5, "not meta-judged", rotation=90, ha="center", va="center", fontsize=8, color="dimgrey")
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axes.set(xlabel="iteration", ylabel="share of battles", ylim=(0, 1), xticks=sorted(iterations))
+    ticks = sorted(shown | with_data)
+    axes.set(xlabel="iteration", ylabel="share of battles", ylim=(0, 1), xticks=ticks)
+    if ticks:
+        axes.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
     figure.suptitle(title)
     figure.legend(loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2, fontsize=8, frameon=False)
     figure.subplots_adjust(top=0.75, bottom=0.13)
@@ -75,14 +83,15 @@ def bias_figure(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
 
 
 WIN_RATE_SERIES = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
-                   "lc_win_rate_ci_high")
+                   "lc_win_rate_ci_high", "identical_answers", "prompts_compared", "first_position_share")
 """The eval/… metrics the win-rate figure reads."""
 
 
 def win_rate_figure(history: Mapping[str, Mapping[int, float]], title: str):
     """Win rate and length-controlled win rate of M_{t+1} by iteration, each point with its 95% CI as an error
-    bar, in percent with 50% — as good as the reference — marked. `history` maps each name of WIN_RATE_SERIES to
-    {iteration: share}."""
+    bar, in percent with 50% — as good as the reference — marked, and under each iteration what explains a rate near
+    50% with no interval: how many of the answers were identical to the reference's, and how often the evaluator
+    picked the answer shown first. `history` maps each name of WIN_RATE_SERIES to {iteration: value}."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 4.2), dpi=110)
@@ -99,6 +108,14 @@ def win_rate_figure(history: Mapping[str, Mapping[int, float]], title: str):
         # Side by side, so that the two error bars of an iteration do not hide each other.
         axes.errorbar(np.array(steps) + (index - 0.5) * 0.08, values, yerr=[values - low, high - values], marker="o",
                       capsize=4, color=f"C{index}", label=f"{label} (95% CI)")
+    for step in sorted(iterations):
+        identical = history.get("identical_answers", {}).get(step)
+        compared = history.get("prompts_compared", {}).get(step)
+        first = history.get("first_position_share", {}).get(step)
+        notes = ([f"{identical:g} of {compared:g} identical"] if identical is not None and compared else []) + (
+            [f"evaluator picked 1st {first:.0%}"] if first is not None and first == first else [])
+        if notes:
+            axes.text(step, 4, "\n".join(notes), ha="center", va="bottom", fontsize=7, color="dimgrey")
     axes.axhline(50, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="iteration (M_t+1 trained in it)", ylabel="win rate against the reference (%)", ylim=(0, 100),
              xticks=sorted(iterations))

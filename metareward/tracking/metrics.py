@@ -1,5 +1,5 @@
 """An iteration's metrics as MLflow shows them: one name per quantity, grouped by what it means in the paper —
-actor/, judge/, meta_judge/, pairs/, train/, eval/ — and each stage's bookkeeping under stage/."""
+actor/, judge/, meta_judge/, pairs/, train/, eval/ — and, out of the charts, each stage's bookkeeping."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ STATISTICS: dict[tuple[str, str], str] = {
 BOOKKEEPING = {"compute_seconds": "seconds", "shards": "shards", "requests": "requests",
                "prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
                "tokens_per_second": "tokens_per_second"}
-"""Statistics logged for every stage as stage/{stage}/{name} (the model-call ones for stages that call it)."""
+"""Statistics kept for every stage in its run's stages.json (the model-call ones for stages that call it)."""
 
 _MODEL_CALLS = {"requests", "prompt_tokens", "completion_tokens", "tokens_per_second"}
 
@@ -74,24 +74,25 @@ give values that differ in the last bits; MLflow keeps a point that is logged ag
 attempt short) as one only when its value is equal."""
 
 
-def iteration_metrics(stages: dict[str, dict[str, Any]], tables: dict[str, pl.DataFrame],
-                      uses_model: dict[str, bool]) -> dict[str, float]:
+def iteration_metrics(stages: dict[str, dict[str, Any]], tables: dict[str, pl.DataFrame]) -> dict[str, float]:
     """Every metric of an iteration from its stages' combined statistics and its report tables (see
-    report.iteration_report): the paper's quantities under their groups, then stage/{stage}/… bookkeeping; each to
-    SIGNIFICANT_DIGITS, so that the same tables give the same values.
-    `uses_model` says which stages call the model (the others have no requests or tokens)."""
+    report.iteration_report): the paper's quantities under their groups, each to SIGNIFICANT_DIGITS, so that the
+    same tables give the same values."""
     metrics = dict(iteration_report(tables))
     for (name, statistic), metric in STATISTICS.items():
         value = stages.get(name, {}).get(statistic)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics[metric] = float(value)
-    for name, stats in stages.items():
-        for statistic, label in BOOKKEEPING.items():
-            if statistic in _MODEL_CALLS and not (uses_model.get(name) and stats.get("requests")):
-                continue
-            if isinstance(stats.get(statistic), (int, float)):
-                metrics[f"stage/{name}/{label}"] = float(stats[statistic])
     return {name: float(f"{value:.{SIGNIFICANT_DIGITS}g}") for name, value in metrics.items()}
+
+
+def stage_bookkeeping(stages: dict[str, dict[str, Any]], uses_model: dict[str, bool]) -> dict[str, dict[str, float]]:
+    """Each stage's bookkeeping (BOOKKEEPING: seconds, shards, and for the stages that call the model — `uses_model`
+    says which — requests, tokens, tok/s), by stage: the iteration run's stages.json, kept out of its charts."""
+    return {name: {label: float(stats[statistic]) for statistic, label in BOOKKEEPING.items()
+                   if isinstance(stats.get(statistic), (int, float))
+                   and (statistic not in _MODEL_CALLS or uses_model.get(name) and stats.get("requests"))}
+            for name, stats in stages.items()}
 
 
 def paper_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -13,7 +13,7 @@ import polars as pl
 from metareward.artifacts.store import ArtifactStore
 from metareward.pipeline.manifests import read_stage_table, stage_manifests
 from metareward.pipeline.stages import stage
-from metareward.tracking.metrics import iteration_metrics, paper_metrics
+from metareward.tracking.metrics import iteration_metrics, paper_metrics, stage_bookkeeping
 from metareward.tracking.tracked_datasets import stage_dataset
 
 LINKED_PAIRS = {"pairs/actor": "actor_pairs", "pairs/judge": "judge_pairs", "pairs/dpo": "dpo_dataset"}
@@ -51,6 +51,8 @@ class IterationRecord:
     logged_key: str | None
     """A digest of every logged stage's cache keys, once trained: the run is logged again only when it changes."""
     training_curve: list[TrainingPoint] = field(default_factory=list)
+    bookkeeping: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each stage's seconds, shards, requests, tokens and tok/s (tracking.metrics.stage_bookkeeping)."""
     judgments: pl.DataFrame | None = None
     """The iteration's judge scores (SCORE_COLUMNS), when it judged."""
     earlier_judgments: dict[int, pl.DataFrame] = field(default_factory=dict)
@@ -89,13 +91,13 @@ def iteration_record(store: ArtifactStore, campaign: str, iteration: int, stages
         return None
     tables = {name: read_stage_table(store, manifest, list(stage(name).report_columns))
               for name, manifest in manifests.items() if stage(name).report_columns}
-    metrics = iteration_metrics({name: manifest["stats"] for name, manifest in manifests.items()}, tables,
-                                {name: stage(name).uses_model for name in manifests})
+    statistics = {name: manifest["stats"] for name, manifest in manifests.items()}
+    metrics = iteration_metrics(statistics, tables)
     record = IterationRecord(
         iteration=iteration, manifests=manifests, metrics=metrics, checkpoint=checkpoint,
         datasets={name: stage_dataset(campaign, store, manifest) for name, manifest in manifests.items()
                   if stage(name).dataset_context},
-        logged_key=key)
+        logged_key=key, bookkeeping=stage_bookkeeping(statistics, {name: stage(name).uses_model for name in manifests}))
     if checkpoint:
         record.training_curve = training_points(read_stage_table(store, checkpoint))
     if "judgments" in tables:

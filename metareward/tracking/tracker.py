@@ -32,13 +32,12 @@ from metareward.artifacts.store import open_store
 from metareward.artifacts.tables import file_digest
 from metareward.config.campaign import CampaignConfig
 from metareward.config.sections import redact
-from metareward.pipeline.audit import audit_keys
-from metareward.pipeline.health_gate import decision_json, decisions_markdown, recorded_decision
 from metareward.pipeline.model_roles import evaluator_model
 from metareward.pipeline.paper_tables import paper_tables
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params
 from metareward.tracking.record import IterationRecord, iteration_record, logged_key
+from metareward.tracking.review import log_review
 from metareward.tracking.tracked_datasets import log_datasets
 
 
@@ -257,38 +256,23 @@ class Tracker:
         if record.checkpoint:
             model = self.lineage.log_models(run_id, iteration, record.checkpoint, record.datasets,
                                             run_tags.get(f"{TAG}.model_uri", ""), self._training_settings(iteration))
-        items = [self._metric(name, value, iteration, at, model, record.linked_dataset(name))
+        # The run's scalars at step 0: its step axis is the trainer's, which TRL's curves below use.
+        items = [self._metric(name, value, 0, at, model, record.linked_dataset(name))
                  for name, value in record.metrics.items()]
         training_set = record.datasets.get(record.training_set)
         items += [self._metric(point.name, point.value, point.step, at, model if point.last else None, training_set)
                   for point in record.training_curve]
         self._log_metric_items(run_id, items)
+        self.client.log_dict(run_id, record.bookkeeping, "stages.json")
         self._log_metrics(parent_run_id, record.paper_metrics, iteration, at)
         if record.judgments is not None:
             self._log_figures(parent_run_id, run_id, record)
         if "eval/win_rate" in record.metrics:
             self._log_win_rate_figure(parent_run_id)
         self.client.log_text(parent_run_id, paper_tables(self.store, self.config.name), "paper_tables.md")
-        self._log_audit_and_decision(parent_run_id, run_id, iteration)
+        log_review(self.client, self.store, self.config, parent_run_id, run_id, iteration)
         if record.logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
-
-    def _log_audit_and_decision(self, parent_run_id: str, run_id: str, iteration: int) -> None:
-        """The judge audit of iteration t (audit/audit.html, audit.md and the label template) on its run, and its
-        health decision, when one was taken: tags metareward.health.decision, .decided_by and .note on the iteration
-        run, health_decision.json beside them, and health_decisions.md (every iteration's) on the campaign run."""
-        for name, key in audit_keys(self.config.name, iteration).items():
-            if name != "labels" and self.store.exists(key):
-                self.client.log_text(run_id, self.store.read_bytes(key).decode(), f"audit/{key.rsplit('/', 1)[1]}")
-        decision = recorded_decision(self.store, self.config.name, iteration)
-        if decision is None:
-            return
-        for field_name in ("choice", "decided_by", "note"):
-            self.client.set_tag(run_id, f"{TAG}.health.{'decision' if field_name == 'choice' else field_name}",
-                                getattr(decision, field_name))
-        self.client.log_text(run_id, decision_json(decision), "health_decision.json")
-        self.client.log_text(parent_run_id, decisions_markdown(self.store, self.config.name,
-                                                               len(self.config.iterations)), "health_decisions.md")
 
     def _logging_time(self, run_id: str, run_tags: dict[str, str], content: str) -> int:
         """The time (ms) an iteration's points are logged at: that of the first attempt to log this content (the
@@ -331,7 +315,8 @@ class Tracker:
                    for bias in BIASES}
         if any(history.values()):
             self.client.log_figure(parent_run_id, bias_figure(history, f"{name}: meta-judge biases by iteration "
-                                                                       "(cf. paper Table 5)"), "meta_judge_bias.png")
+                                                                       "(cf. paper Table 5)", range(1, iteration + 1)),
+                                   "meta_judge_bias.png")
 
     def _log_win_rate_figure(self, parent_run_id: str) -> None:
         """win_rate.png on the campaign run: win rate and LC win rate of M_{t+1} with their 95% CIs, by iteration,

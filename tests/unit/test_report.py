@@ -120,3 +120,24 @@ def test_nan_scores_are_missing_like_nulls():
     nan_scores = score_distribution(nan_judgments)
     assert nan_scores == score_distribution(JUDGMENTS) and nan_scores["valid"] == 3.0
     assert nan_scores["mean"] == pytest.approx(11 / 3)
+
+
+def test_bias_figure_marks_the_iterations_that_did_not_meta_judge():
+    # The paper's iterations 3-4 train the actor only: their absence is drawn, not left as a silently shorter line.
+    figure = bias_figure({"higher_win": [(1, 0.6), (2, 0.7)]}, "biases", iterations=range(1, 5))
+    [axes] = figure.axes
+    assert [text.get_text() for text in axes.texts] == ["not meta-judged", "not meta-judged"]
+    assert [text.get_position()[0] for text in axes.texts] == [3, 4]
+    assert list(axes.get_xticks()) == [1, 2, 3, 4]
+
+
+def test_win_rate_figure_says_under_each_iteration_what_explains_a_rate_near_half():
+    from metareward.tracking.figures import win_rate_figure
+
+    figure = win_rate_figure({"win_rate": {1: 0.5, 2: 0.55}, "win_rate_ci_low": {1: 0.5, 2: 0.5},
+                              "win_rate_ci_high": {1: 0.5, 2: 0.6}, "identical_answers": {1: 18.0, 2: 3.0},
+                              "prompts_compared": {1: 20.0, 2: 20.0}, "first_position_share": {1: 1.0, 2: 0.55}},
+                             "win rate")
+    [axes] = figure.axes
+    assert [text.get_text() for text in axes.texts] == ["18 of 20 identical\nevaluator picked 1st 100%",
+                                                        "3 of 20 identical\nevaluator picked 1st 55%"]

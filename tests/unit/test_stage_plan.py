@@ -18,7 +18,7 @@ import tasks.stages as stage_tasks
 from cli import main
 from metareward.config.campaign import CampaignConfig
 from metareward.pipeline.context import ModelRef
-from metareward.pipeline.health_gate import decided
+from metareward.pipeline.health_gate import CHECKS_PASSED, decided
 from metareward.pipeline.stages import SEED_STAGES, STAGE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +55,7 @@ class RoleModels:
 
     def trained_by(self, stats):
         self.trained = ModelRef(stats["model_uri"], stats["model_id"])
+        return self.trained
 
     def of(self, role):
         if role == "trained":
@@ -86,7 +87,7 @@ def recorded(monkeypatch, tmp_path):
     monkeypatch.setattr(iteration_module, "publish_audit", lambda *args, **kwargs: None)
     monkeypatch.setattr(iteration_module, "gated_data", lambda **tables: {})
     monkeypatch.setattr(iteration_module, "health_gate", lambda config, iteration, *args: decided(
-        "continue", iteration, "the health checks (all passed)", {}, []))
+        "continue", iteration, CHECKS_PASSED, {}, []))
 
     @contextmanager
     def iteration_run(config, iteration, model_path):

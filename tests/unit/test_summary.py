@@ -41,3 +41,27 @@ def test_the_summary_printed_to_a_log_keeps_its_headers_whole(capsys):
     print_summary("demo", [outcome])
     header = next(line for line in capsys.readouterr().out.splitlines() if "stage" in line)
     assert all(f" {name} " in header for name in ("shards", "parse fail", "mean score", "tok/s", "dropped or skipped"))
+
+
+def test_the_campaign_table_is_narrow_links_runs_and_names_models_as_mlflow_does():
+    from metareward.pipeline.summary import campaign_markdown
+
+    local = "`mlflow ui --backend-store-uri sqlite:///r/_mlflow/mlflow.db`, then /#/experiments/1/runs/a"
+    outcomes = [
+        {"iteration": 1, "model_id": "aaaa1111", "next_model_id": "bbbb2222", "mlflow": local,
+         "stages": {"judgments": {"mean_score": 3.2}, "actor_pairs": {"rows": 5}, "judge_pairs": {"rows": 2},
+                    "checkpoint": {"loss_after": 0.67, "rewards_accuracies_after": 0.83, "loss_first": 0.6931,
+                                   "loss_last": 0.6931}},
+         "health_decision": {"choice": "continue", "decided_by": "the health checks (all passed)", "note": ""}},
+        {"iteration": 2, "model_id": "bbbb2222", "next_model_id": "bbbb2222", "mlflow": "http://mlflow:5000/#/r/b",
+         "stages": {"judgments": {"mean_score": 4.9}, "actor_pairs": {"rows": 5}},
+         "health_decision": {"choice": "keep_model", "decided_by": "the Prefect UI", "note": "saturated"}},
+    ]
+    lines = campaign_markdown("tiny", outcomes, "tiny").splitlines()
+    assert lines[4] == ("| iteration 1 | M_1 → **M_2** (tiny v2) | 3.20 | 5 / 2 | all checks passed | loss 0.670, "
+                        "reward acc. 83% |  |")
+    assert lines[5] == ("| [iteration 2](http://mlflow:5000/#/r/b) | M_2 → **M_3 = M_2** (tiny v2) | 4.90 | 5 / — | "
+                        '**keep_model** (the Prefect UI): "saturated" | kept M_t |  |')
+    assert lines[-1] == ("MLflow runs (a local store): serve it with `mlflow ui --backend-store-uri "
+                         "sqlite:///r/_mlflow/mlflow.db`, then open the experiment tiny.")
+    assert "(`bbbb2222`)" in campaign_markdown("tiny", outcomes, None)  # tracking off: digests
