@@ -37,7 +37,7 @@ from metareward.pipeline.paper_tables import paper_tables
 from metareward.tracking.figures import BIASES, WIN_RATE_SERIES, bias_figure, score_figure, win_rate_figure
 from metareward.tracking.lineage import NOTE, TAG, ModelLineage, flatten_params
 from metareward.tracking.record import IterationRecord, iteration_record, logged_key
-from metareward.tracking.review import log_review
+from metareward.tracking.review import link_campaign_run, log_review
 from metareward.tracking.tracked_datasets import log_datasets
 
 
@@ -271,6 +271,8 @@ class Tracker:
             self._log_win_rate_figure(parent_run_id)
         self.client.log_text(parent_run_id, paper_tables(self.store, self.config.name), "paper_tables.md")
         log_review(self.client, self.store, self.config, parent_run_id, run_id, iteration)
+        if model is not None and iteration > 0:
+            link_campaign_run(self.client, self.config, parent_run_id, model, iteration, self.lineage_name())
         if record.logged_key:
             self.client.set_tag(run_id, f"{TAG}.logged", record.logged_key)
 

@@ -180,6 +180,14 @@ def assert_mlflow_lineage(client, root: Path, download_to: Path) -> dict:
     assert linked["train/loss"] == "tiny/iter-1/dpo_dataset"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
+    # The campaign run's lineage: its prompt file in, the latest model out.
+    campaign_run = client.get_run(campaign.info.run_id)
+    assert [d.dataset.name for d in campaign_run.inputs.dataset_inputs] == ["tiny/prompt-file"]
+    outputs = sorted(campaign_run.outputs.model_outputs, key=lambda output: output.step)
+    assert [(m.step, m.model_id) for m in outputs] == [(index - 1, models[f"tiny-M{index}"].model_id)
+                                                       for index in (2, 3)]
+    assert campaign_run.data.tags["metareward.latest_model"] == "tiny-M3 (registered model tiny, version 3)"
+
     # The campaign run compares iterations: the paper's metrics at step = iteration, and its figures.
     assert [m.step for m in client.get_metric_history(campaign.info.run_id, "judge/score_mean")] == [1, 2]
     assert not any(name.startswith("stage/") for name in client.get_run(campaign.info.run_id).data.metrics)

@@ -331,8 +331,10 @@ def test_the_run_form_refuses_what_its_schema_states_before_a_run_is_created(pre
 
 def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack, tmp_path, tiny_model, mlflow_server):
     """What a user sees in a real browser after a campaign run by a worker: MLflow's page of M_2 names its
-    registered version and links its parent; Prefect's iteration run shows one log line per stage job."""
+    registered version and links its parent; Prefect's iteration run shows one log line per stage job; the
+    campaign's artifact fits its pane and links the runs."""
     from mlflow import MlflowClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     url, _ = prefect_stack
     config = yaml.safe_load(write_config(tmp_path, tiny_model, str(tmp_path / "artifacts"), name="seen",
@@ -345,6 +347,8 @@ def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("seen").experiment_id
     models = {model.name: model.model_id for model in client.search_logged_models([experiment])}
+    [campaign_artifact] = _read(url, "read_latest_artifacts", artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=["seen-campaign"])))
     with browser_page() as page:  # after Prefect's client calls: Playwright's sync API runs an event loop here
         page.goto(f"{mlflow_server}/#/experiments/{experiment}/models/{models['seen-M2']}?workflowType=machine_learning")
         page.get_by_text("Model versions").wait_for()
@@ -360,6 +364,16 @@ def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack
         screenshot(page, "prefect-iteration-logs.png")
         assert "health before training iteration 1" in text and "MLflow: iteration 1 is logged to" in text
         assert "Settings from the environment" in text and "artifact root: " in text
+
+        # The campaign's artifact: a table that fits its pane, each iteration a link to its run on the MLflow server,
+        # the models named as MLflow names them.
+        page.goto(f"{url.removesuffix('/api')}/artifacts/artifact/{campaign_artifact.id}")
+        table = page.locator("table").first
+        table.wait_for()
+        screenshot(page, "prefect-campaign-artifact.png")
+        assert table.bounding_box()["width"] <= page.viewport_size["width"] - 250  # beside the side bar
+        link = page.get_by_role("link", name="iteration 1")
+        assert link.get_attribute("href").startswith(mlflow_server) and "M_1 → M_2 (seen v2)" in table.inner_text()
 
 
 @contextlib.contextmanager
@@ -437,6 +451,15 @@ def test_cancel_from_the_ui_mid_stage_ends_the_run_cancelled_in_seconds_and_a_re
     assert "checkpoint" in stage_manifests(ArtifactStore(str(root)), "cancelled")[1]
 
 
+def _held_run(env: dict, tmp_path: Path, tiny_model: Path, name: str):
+    """`metareward run` of a tiny campaign `name` against the test's server, judgments' shard-0001 held as it starts
+    until the file `release` exists (`release.started` says it began); (config, root, release, log, process)."""
+    root, release, log = tmp_path / "artifacts", tmp_path / "release", tmp_path / "run.log"
+    config = write_config(tmp_path, tiny_model, str(root), name=name)
+    held = {**env, "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}
+    return config, root, release, log, start_cli(["run", str(config)], held, log)
+
+
 def test_cancel_from_the_ui_of_a_metareward_run_from_a_shell_ends_it_cancelled_in_seconds(
         prefect_stack, tmp_path, tiny_model):
     # No worker watches a `metareward run` started from a shell: its own watcher acts on the UI's Cancel.
@@ -446,13 +469,8 @@ def test_cancel_from_the_ui_of_a_metareward_run_from_a_shell_ends_it_cancelled_i
     from prefect.states import Cancelling
 
     url, env = prefect_stack
-    root = tmp_path / "artifacts"
-    release = tmp_path / "never-released"
-    config = write_config(tmp_path, tiny_model, str(root), name="shell")
-    log = tmp_path / "run.log"
-    held = {**env, "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}
-    process = start_cli(["run", str(config)], held, log)
-    started, judgments = release.with_name("never-released.started"), root / "shell/iter-1/judgments"
+    config, root, release, log, process = _held_run(env, tmp_path, tiny_model, "shell")
+    started, judgments = release.with_name("release.started"), root / "shell/iter-1/judgments"
     deadline = time.monotonic() + 600
     while not (started.exists() and list(judgments.glob("shard-*.json"))):
         assert process.poll() is None, log.read_text()[-3000:]
@@ -561,6 +579,10 @@ def test_a_failed_health_check_pauses_a_shell_run_with_a_form_the_ui_shows_and_i
             page.get_by_role("button", name="Resume").click()
             page.get_by_text("Look at the judge first").wait_for()
             screenshot(page, "health-gate-form.png")
+            page.goto(page.get_by_role("link", name="judge audit of iteration 1").get_attribute("href"))
+            page.get_by_text("Judge scores (every judgment of the iteration)").wait_for()
+            audit_page = page.inner_text("body")
+            screenshot(page, "judge-audit.png")
         # Answered as the form's Submit does: the run input, validated by the server against the form's schema.
         answer = httpx.post(f"{url}/flow_runs/{paused.id}/resume",
                             json={"run_input": {"decision": "keep_model", "note": "the judge gives 5s only"}})
@@ -570,6 +592,7 @@ def test_a_failed_health_check_pauses_a_shell_run_with_a_form_the_ui_shows_and_i
         process.kill()
     assert schema["properties"]["decision"]["enum"] == ["continue", "drop_judge_pairs", "keep_model", "stop"]
     assert "judge top-score share" in description and "health.max_top_score_share" in description
+    assert audit_page.count("Prompt 1 of 2") == 1 and "meta-judged" in audit_page and "Verdicts" in audit_page
     decision = json.loads((root / "asked/iter-1/health/decision.json").read_text())
     assert (decision["choice"], decision["decided_by"], decision["note"]) == (
         "keep_model", "the Prefect UI", "the judge gives 5s only")
@@ -632,12 +655,7 @@ def test_a_model_stage_shows_its_progress_and_the_iteration_its_running_stage_wh
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     url, env = prefect_stack
-    root = tmp_path / "artifacts"
-    release = tmp_path / "release"
-    config = write_config(tmp_path, tiny_model, str(root), name="watched")
-    log = tmp_path / "run.log"
-    held_env = {**env, "METAREWARD_INJECT_FAULT": f"judgments:shard-0001:hold={release}"}
-    process = start_cli(["run", str(config)], held_env, log)
+    _, _, release, log, process = _held_run(env, tmp_path, tiny_model, "watched")
 
     def latest(key: str):
         [artifact] = _read(url, "read_latest_artifacts", artifact_filter=ArtifactFilter(
