@@ -49,12 +49,12 @@ def publish_audit(config: CampaignConfig, iteration: int, model: ModelRef, promp
         png, format="png")
     store.write_bytes(keys["html"], audit_html(audit, png.getvalue()).encode())
     key = artifact_key(config.name, f"iter-{iteration}-audit")
-    create_markdown_artifact(key=key, markdown=markdown,
+    artifact_id = create_markdown_artifact(key=key, markdown=markdown,
                              description=f"{config.name}: iteration {iteration}'s judge audit ({len(audit.prompts)} "
                              "prompts: scores, reasoning, verdicts, Elo)")
     ui = get_current_settings().ui_url
-    link = f"{ui.rstrip('/')}/artifacts/key/{key}" if ui and get_current_settings().api.url else store.uri(
-        keys["markdown"])
+    link = f"{ui.rstrip('/')}/artifacts/artifact/{artifact_id}" if ui and get_current_settings().api.url else \
+        store.uri(keys["markdown"])
     get_run_logger().info("judge audit of iteration %d: %d prompts with their scores, reasoning and verdicts: %s "
                           "(HTML: %s; label template: %s)", iteration, len(audit.prompts), link,
                           store.uri(keys["html"]), store.uri(keys["template"]))

@@ -367,7 +367,7 @@ def test_the_uis_show_lineage_by_clicks_and_the_stages_in_the_logs(prefect_stack
 
         # The campaign's artifact: a table that fits its pane, each iteration a link to its run on the MLflow server,
         # the models named as MLflow names them.
-        page.goto(f"{url.removesuffix('/api')}/artifacts/artifact/{campaign_artifact.id}")
+        page.goto(f"{url.removesuffix('/api')}/artifacts/artifact/{campaign_artifact.latest_id}")
         table = page.locator("table").first
         table.wait_for()
         screenshot(page, "prefect-campaign-artifact.png")
