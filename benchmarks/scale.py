@@ -182,7 +182,7 @@ def run_step(root: Path, step: str) -> dict:
     if step == "report":
         from metareward.tracking.record import iteration_record
         record = iteration_record(store, CAMPAIGN, 1, list(ITERATION_STAGES))
-        # The stage/… bookkeeping holds each stage's measured seconds: only the paper's figures must not change.
+        # The bookkeeping (stages.json) holds each stage's measured seconds: only the paper's figures must not change.
         digest = content_id(json.dumps(record.paper_metrics, sort_keys=True))
         rows = len(record.metrics)
     elif step == "summary":
