@@ -8,7 +8,7 @@ from rich.table import Table
 
 from metareward.inference.progress import add_request_listener, remove_request_listener
 from metareward.pipeline.jobs import Job, JobResult, add_job_listener, remove_job_listener
-from metareward.pipeline.summary import SUMMARY_HEADER, iteration_title, summary_rows, win_rate_text
+from metareward.pipeline.summary import SUMMARY_HEADER, decision_text, iteration_title, summary_rows, win_rate_text
 
 console = Console(stderr=True)
 
@@ -81,6 +81,8 @@ def print_summary(campaign: str, outcomes: list[dict]) -> None:
             table.add_row(*row)
         _fit_log(out, table)
         out.print(table)
+        if outcome.get("health_decision"):
+            out.print("health: " + decision_text(outcome["health_decision"]).replace("**", ""), markup=False)
         if "win_rate" in outcome["stages"].get("win_rate", {}):
             out.print(f"M_t+1 against the reference: {win_rate_text(outcome['stages']['win_rate'])}")
     if outcomes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from metareward.artifacts.store import ArtifactStore
-from metareward.pipeline.health_gate import CHECKS_PASSED
+from metareward.pipeline.health_gate import CHECKS_PASSED, recorded_decision
 from metareward.pipeline.jobs import JobResult
 from metareward.pipeline.manifests import stage_manifests
 from metareward.pipeline.stages import stage
@@ -186,9 +186,14 @@ def _model_name(campaign: str, iteration: int, outcome: dict, registered_model: 
     return f"{before} → **{after}** ({registered_model} v{version})"
 
 
+def _kept_decision(store: ArtifactStore, campaign: str, iteration: int) -> dict | None:
+    decision = recorded_decision(store, campaign, iteration) if iteration else None
+    return {"choice": decision.choice, "decided_by": decision.decided_by, "note": decision.note} if decision else None
+
+
 def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:
     """The per-iteration summaries of a campaign as `metareward run` prints them, rebuilt from the stage
-    manifests in the artifact store (no Prefect, no model)."""
+    manifests and the health decisions kept in the artifact store (no Prefect, no model)."""
     outcomes = []
     for iteration, manifests in stage_manifests(store, campaign).items():
         checkpoint = (manifests.get("sft") or manifests.get("checkpoint", {})).get("stats", {})
@@ -198,5 +203,6 @@ def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:
             "stages": {name: manifest["stats"] for name, manifest in manifests.items()},
             "next_model": checkpoint.get("model_uri", ""),
             "next_model_id": checkpoint.get("model_id", "(not trained yet)"),
+            "health_decision": _kept_decision(store, campaign, iteration),
         })
     return outcomes
