@@ -174,8 +174,13 @@ def test_demo_deployment_on_a_process_worker_retries_a_failed_stage_without_reco
         "prompts iter-1 all", "responses iter-1 shard-0002", "judgments iter-1 shard-0002"}
     assert upstream_of("judgment_elo iter-1 all") == {f"{stage} iter-1 shard-000{i}" for stage in
                                                       ("judgments", "meta_judgments") for i in range(3)}
-    assert upstream_of("dpo_dataset iter-1 all") == {"actor_pairs iter-1 all", "judge_pairs iter-1 all"}
-    assert upstream_of("checkpoint iter-1 all") == {"dpo_dataset iter-1 all", "health iter-1"}
+    # The health gate sits between the pairs and the DPO set; the judge audit reads the judging stages.
+    assert upstream_of("health iter-1") == {"actor_pairs iter-1 all", "judge_pairs iter-1 all"}
+    assert upstream_of("dpo_dataset iter-1 all") == {"actor_pairs iter-1 all", "judge_pairs iter-1 all",
+                                                     "health iter-1"}
+    assert upstream_of("checkpoint iter-1 all") == {"dpo_dataset iter-1 all"}
+    assert upstream_of("judge audit iter-1") >= {"prompts iter-1 all", "judgments iter-1 shard-0000",
+                                                 "meta_judgments iter-1 shard-0000", "judgment_elo iter-1 all"}
     assert {name.split(" ")[0] for name in task_runs} >= {"prompts", "responses", "judgments", "actor_pairs",
                                                          "meta_judgments", "judgment_elo", "judge_pairs",
                                                          "dpo_dataset", "checkpoint"}
