@@ -46,9 +46,8 @@ def _label(arguments: argparse.Namespace) -> int:
             if name in kept else "" for name in estimates))
     Console().print(table)
     if config is not None and config.tracking.enabled:
-        buffer = io.StringIO()
-        labels.drop("row").write_csv(buffer)
-        link = log_label_agreement(config, arguments.iteration, agreement[arguments.iteration], buffer.getvalue())
+        kept = store.read_bytes(audit_keys(campaign, arguments.iteration)["labels"]).decode()
+        link = log_label_agreement(config, arguments.iteration, agreement[arguments.iteration], kept)
         print(f"MLflow: logged to {link}")
     else:
         print("not logged to MLflow: give the campaign's config file instead of its name to log the agreement "

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metareward.inference.progress import add_request_listener, remove_request_listener
+from metareward.inference.progress import add_request_listener, remove_request_listener, stage_label
 from metareward.pipeline.jobs import Job, JobResult, add_job_listener, remove_job_listener
 from metareward.pipeline.summary import SUMMARY_HEADER, decision_text, iteration_title, summary_rows, win_rate_text
 
@@ -54,7 +54,7 @@ class StageProgress:
 
     def job_finished(self, job: Job, result: JobResult) -> None:
         """Count the job's shard as done (a job listener); a stage that made no request advances by its jobs."""
-        label = f"iter-{job.iteration} {job.stage}"
+        label = stage_label(job.stage, job.iteration)
         bar = self._bar(label)
         shards = self._shards[label]
         shards[0] += 1

@@ -43,10 +43,9 @@ def publish_audit(config: CampaignConfig, iteration: int, model: ModelRef, promp
     command = f"metareward audit label {config.name} --iteration {iteration} FILE"
     markdown = audit_markdown(audit, command, store.uri(keys["template"]))
     store.write_bytes(keys["markdown"], markdown.encode())
-    scores = store.read_tables([result.table for result in tables["judgments"]], ["response_id", "score"])
     png = io.BytesIO()
-    score_figure({f"iteration {iteration}": scores}, f"{config.name}: judge scores, iteration {iteration}").savefig(
-        png, format="png")
+    title = f"{config.name}: judge scores, iteration {iteration}"
+    score_figure({f"iteration {iteration}": audit.scores}, title).savefig(png, format="png")
     store.write_bytes(keys["html"], audit_html(audit, png.getvalue()).encode())
     key = artifact_key(config.name, f"iter-{iteration}-audit")
     artifact_id = create_markdown_artifact(key=key, markdown=markdown,

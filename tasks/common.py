@@ -69,7 +69,6 @@ def result_storage(config: CampaignConfig):
     return f"remote-file-system/{name}"
 
 
-
 def artifact_key(campaign: str, name: str) -> str:
     """A Prefect artifact key for the campaign (lowercase letters, digits and dashes only)."""
     return re.sub(r"[^a-z0-9-]", "-", f"{campaign}-{name}".lower())
@@ -78,3 +77,8 @@ def artifact_key(campaign: str, name: str) -> str:
 def iteration_artifact_key(campaign: str, iteration: int) -> str:
     """The key of iteration t's summary artifact (`…-seed-sft` for stage 0)."""
     return artifact_key(campaign, "seed-sft" if iteration == 0 else f"iter-{iteration}")
+
+
+def progress_artifact_key(campaign: str, iteration: int, stage: str) -> str:
+    """The key of the progress artifact a model stage of iteration t keeps up to date while it runs."""
+    return artifact_key(campaign, f"iter-{iteration}-{stage}-progress")

@@ -9,7 +9,6 @@ import select
 import sys
 import threading
 import time
-from typing import Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +23,7 @@ from pydantic import Field
 
 from metareward.artifacts.store import open_store
 from metareward.config.campaign import CampaignConfig
+from metareward.config.sections import HealthChoice
 from metareward.host.stopping import raise_if_stopped, stop_requested, wait_unless_stopped
 from metareward.inference.engines import close_shared_backends
 from metareward.paper.report import HealthCheck, HealthCheckError, health_checks
@@ -33,6 +33,7 @@ from metareward.pipeline.health_gate import (
     CHOICES,
     Decision,
     decided,
+    decision_key,
     parse_choice,
     record_decision,
     recorded_decision,
@@ -46,7 +47,7 @@ ANSWER_POLL_S = 2.0
 class HealthDecision(RunInput):
     """The form the Prefect UI shows on a flow run paused by a failed health check."""
 
-    decision: Literal["continue", "drop_judge_pairs", "keep_model", "stop"] = Field(
+    decision: HealthChoice = Field(
         description="continue: train on the DPO set as it is; drop_judge_pairs: train on the actor pairs only; "
         "keep_model: skip this iteration's training (M_{t+1} = M_t); stop: stop the campaign before training.")
     note: str = Field(default="", description="Why (kept with the decision, logged to MLflow and the summary).")
@@ -94,7 +95,7 @@ def health_gate(config: CampaignConfig, iteration: int, checks: list[HealthCheck
             f"iteration {iteration} failed its health checks and the decision is stop ({decision.decided_by}"
             f"{': ' + decision.note if decision.note else ''}), not training: "
             + "; ".join(check.problem for check in failed)
-            + f". Delete {store.uri(f'{config.name}/iter-{iteration}/health/decision.json')} to be asked again")
+            + f". Delete {store.uri(decision_key(config.name, iteration))} to be asked again")
     return decision
 
 

@@ -9,7 +9,7 @@ from types import TracebackType
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from metareward.inference.progress import add_request_listener, remove_request_listener
+from metareward.inference.progress import add_request_listener, remove_request_listener, stage_label
 from metareward.pipeline.jobs import Job, JobResult, add_job_listener, remove_job_listener
 
 UPDATE_EVERY_S = 2.0
@@ -23,7 +23,7 @@ class StageProgressArtifact:
     the block ends without an error."""
 
     def __init__(self, key: str, stage: str, iteration: int, shards: int):
-        self.label = f"iter-{iteration} {stage}"
+        self.label = stage_label(stage, iteration)
         self.title = f"{stage} iter-{iteration}"
         self.shards = shards
         self.key = key
@@ -63,7 +63,7 @@ class StageProgressArtifact:
 
     def job_finished(self, job: Job, result: JobResult) -> None:
         """Count one of the stage's shards as done (a job listener)."""
-        if f"iter-{job.iteration} {job.stage}" != self.label:
+        if stage_label(job.stage, job.iteration) != self.label:
             return
         with self._lock:
             self.done_shards = min(self.done_shards + 1, self.shards)

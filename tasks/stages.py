@@ -39,7 +39,7 @@ from metareward.pipeline.stages import stage, why_not_run
 from metareward.pipeline.summary import iteration_title, job_line, summary_markdown
 from metareward.pipeline.superseded import superseded_key
 from metareward.placement.replicas import close_shared_pools, ray_address
-from tasks.common import GPU_TAG, RETRIED, artifact_key, iteration_artifact_key, result_storage, retried
+from tasks.common import GPU_TAG, RETRIED, iteration_artifact_key, progress_artifact_key, result_storage, retried
 from tasks.lease import check_lease
 from tasks.progress import StageProgressArtifact
 from tasks.shards import run_shards_on_workers
@@ -160,7 +160,7 @@ class IterationStages:
         given = {input_name: results for input_name, results in upstream.items() if results is not None}
         shards = sharding(self.config, given) if entry.sharded else 1
         self._show_running(name, shards)
-        with StageProgressArtifact(artifact_key(self.config.name, f"iter-{self.iteration}-{name}-progress"), name,
+        with StageProgressArtifact(progress_artifact_key(self.config.name, self.iteration, name), name,
                                    self.iteration, shards) if entry.uses_model else nullcontext():
             results = self._run_jobs(name, model, given, shards, wait_for)
         self.finished[name] = combine(name, [result.stats for result in results])
@@ -209,8 +209,8 @@ class IterationStages:
             markdown=summary_markdown(self.config.name, self.iteration, self.models.policy.model_id, self.finished,
                                       self.mlflow_link, self.decision_summary())
             + f"\n**Running now: {name}** ({shards} shard(s))"
-            + (f"; its progress: the `{artifact_key(self.config.name, f'iter-{self.iteration}-{name}-progress')}` "
-               "artifact" if stage(name).uses_model else "") + "\n",
+            + (f"; its progress: the `{progress_artifact_key(self.config.name, self.iteration, name)}` artifact"
+               if stage(name).uses_model else "") + "\n",
             description=f"{self.config.name}: {iteration_title(self.iteration)} (running {name})")
 
     def decide(self, decision: Decision) -> Decision:
@@ -239,6 +239,4 @@ class IterationStages:
 
     def decision_summary(self) -> dict | None:
         """The health decision's choice, who took it and the note (None before the checks ran)."""
-        decision = self.decision
-        return {"choice": decision.choice, "decided_by": decision.decided_by, "note": decision.note} if decision \
-            else None
+        return self.decision.brief() if self.decision else None

@@ -142,6 +142,10 @@ class InferenceConfig(Strict):
         return self
 
 
+HealthChoice = Literal["continue", "drop_judge_pairs", "keep_model", "stop"]
+"""What a person (or health.on_timeout) may decide when an iteration's health checks fail."""
+
+
 class HealthConfig(Strict):
     """Checks on an iteration's data before it trains (paper sec. 3.5, 5: score saturation, positional
     bias), what happens when one fails, and the judge audit every iteration publishes. A threshold of None disables
@@ -167,7 +171,7 @@ class HealthConfig(Strict):
         description="With action ask: how long to wait for a decision before on_timeout applies; None waits for "
         "ever, and a top-level run of a deployment then suspends (its process exits until resumed).",
     )
-    on_timeout: Literal["continue", "drop_judge_pairs", "keep_model", "stop"] = Field(
+    on_timeout: HealthChoice = Field(
         default="stop",
         description="With action ask: the decision when nobody answers within ask_timeout_s, or at once when "
         "nobody can be asked (no Prefect server and no terminal).",

@@ -24,6 +24,11 @@ def remove_request_listener(listener: RequestListener) -> None:
     _listeners.remove(listener)
 
 
+def stage_label(stage: str, iteration: int) -> str:
+    """The label the requests of a stage's jobs are counted under: 'iter-2 judgments'."""
+    return f"iter-{iteration} {stage}"
+
+
 @contextmanager
 def labelled(label: str) -> Iterator[None]:
     """Count the requests made inside the block under `label` (e.g. "iter-1 judgments")."""

@@ -34,11 +34,17 @@ class AuditedPrompt:
     verdicts: pl.DataFrame = field(default_factory=pl.DataFrame)
     elo: pl.DataFrame = field(default_factory=pl.DataFrame)
 
+    @property
+    def elo_by_judgment(self) -> dict[str, tuple[float, int, int]]:
+        """(Elo, wins shown first, wins shown second) of each judgment of the meta-judged response."""
+        return {row[0]: row[1:] for row in self.elo.select("judgment_id", "elo", "wins_first", "wins_second")
+                .iter_rows()} if self.elo.height else {}
+
 
 @dataclass
 class JudgeAudit:
     """What the audit of iteration t shows: the sampled prompts (in the iteration's order), how many prompts the
-    iteration has, and the count of each judge score over all its judgments (None: invalid)."""
+    iteration has, and every judgment's score (response_id, score), which the histograms count."""
 
     campaign: str
     iteration: int
@@ -46,7 +52,13 @@ class JudgeAudit:
     seed: int
     prompts: list[AuditedPrompt]
     total_prompts: int
-    score_counts: dict[float | None, int]
+    scores: pl.DataFrame
+
+    @property
+    def score_counts(self) -> dict[float | None, int]:
+        """How many judgments gave each score over the whole iteration (None: invalid)."""
+        scores = self.scores["score"].fill_nan(None)
+        return {value: count for value, count in scores.value_counts(sort=False).iter_rows()}
 
     def label_template(self) -> pl.DataFrame:
         """The audited judgments, one row each, with an empty `label` column to fill."""
@@ -87,16 +99,19 @@ def judge_audit(store: ArtifactStore, campaign: str, iteration: int, model_id: s
             judgments.filter(pl.col("prompt_id") == prompt_id).sort("response_id", "sample_idx"), judged, own,
             elo.filter(pl.col("response_id") == judged).sort("elo", descending=True)
             if elo is not None and judged else pl.DataFrame()))
-    scores = store.read_tables(tables["judgments"], ["score"])["score"].fill_nan(None)
-    counts = {value: count for value, count in scores.value_counts(sort=False).iter_rows()}
-    return JudgeAudit(campaign, iteration, model_id, seed, audited, prompts.height, counts)
+    scores = store.read_tables(tables["judgments"], ["response_id", "score"])
+    return JudgeAudit(campaign, iteration, model_id, seed, audited, prompts.height, scores)
 
 
 def _score_line(judgments: pl.DataFrame, response_id: str) -> str:
     scores = judgments.filter(pl.col("response_id") == response_id)["score"].fill_nan(None)
-    shown = ", ".join("—" if value is None else f"{value:g}" for value in scores)
+    shown = ", ".join(map(_score_text, scores))
     valid = scores.drop_nulls()
     return f"scores {shown or 'none'}" + (f" (mean {valid.mean():.2f})" if valid.len() else "")
+
+
+def _score_text(score: float | None) -> str:
+    return "—" if score is None or score != score else f"{score:g}"
 
 
 def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
@@ -148,14 +163,13 @@ def audit_markdown(audit: JudgeAudit, label_command: str, template_uri: str) -> 
         if shown is None:
             continue
         judged = prompt.judgments.filter(pl.col("response_id") == shown)
-        elo = {row[0]: row[1:] for row in prompt.elo.select("judgment_id", "elo", "wins_first", "wins_second")
-               .iter_rows()} if prompt.elo.height else {}
+        elo = prompt.elo_by_judgment
         title = "meta-judged response" if prompt.judged_response_id else f"response `{_short(shown)}` (not meta-judged)"
         lines += [f"Judgments of the {title}:", "", "| judgment | score | Elo | wins 1st / 2nd | reasoning |",
                   "|---|---|---|---|---|"]
         for judgment_id, score, text in judged.select("judgment_id", "score", "text").iter_rows():
             rating, first, second = elo.get(judgment_id, (None, None, None))
-            lines.append(f"| `{_short(judgment_id)}` | {'—' if score is None or score != score else f'{score:g}'} | "
+            lines.append(f"| `{_short(judgment_id)}` | {_score_text(score)} | "
                          f"{'' if rating is None else f'{rating:+.2f}'} | "
                          f"{'' if first is None else f'{first} / {second}'} | "
                          f"{_excerpt(text, 300).replace('|', '/')} |")
@@ -184,13 +198,12 @@ def audit_html(audit: JudgeAudit, histogram_png: bytes | None) -> str:
     for number, prompt in enumerate(audit.prompts, 1):
         parts.append(f"<h2>Prompt {number} of {len(audit.prompts)} <code>{esc(prompt.prompt_id)}</code></h2>"
                      f"<blockquote style='white-space:pre-wrap'>{esc(prompt.prompt)}</blockquote>")
-        elo = {row[0]: row[1:] for row in prompt.elo.select("judgment_id", "elo", "wins_first", "wins_second")
-               .iter_rows()} if prompt.elo.height else {}
+        elo = prompt.elo_by_judgment
         for response_id, sample_idx, text, chars in prompt.responses.select(
                 "response_id", "sample_idx", "text", "n_chars").iter_rows():
             marker = " — <b>meta-judged</b>" if response_id == prompt.judged_response_id else ""
             rows = "".join(
-                f"<tr><td><code>{esc(judgment_id)}</code></td><td>{'—' if score is None or score != score else score}"
+                f"<tr><td><code>{esc(judgment_id)}</code></td><td>{_score_text(score)}"
                 f"</td><td>{'' if judgment_id not in elo else f'{elo[judgment_id][0]:+.2f}'}</td>"
                 f"<td style='white-space:pre-wrap'>{esc(judgment)}</td></tr>"
                 for judgment_id, score, judgment in prompt.judgments.filter(pl.col("response_id") == response_id)
@@ -213,7 +226,9 @@ def audit_html(audit: JudgeAudit, histogram_png: bytes | None) -> str:
 
 
 def audit_keys(campaign: str, iteration: int) -> dict[str, str]:
-    """Where iteration t's audit pages and label template are kept, beside its stages' folders."""
+    """Where iteration t's audit pages, its label template, a person's labels and the agreement with them are kept,
+    beside its stages' folders."""
     folder = f"{campaign}/iter-{iteration}/audit"
     return {"markdown": f"{folder}/audit.md", "html": f"{folder}/audit.html",
-            "template": f"{folder}/labels-template.csv", "labels": f"{folder}/labels.csv"}
+            "template": f"{folder}/labels-template.csv", "labels": f"{folder}/labels.csv",
+            "agreement": f"{folder}/agreement.json"}

@@ -5,7 +5,6 @@ CIs over prompts as `evaluate agreement` computes them."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,7 @@ def keep_labels(store: ArtifactStore, campaign: str, iteration: int, labels: pl.
     buffer = io.BytesIO()
     labels.drop("row").write_csv(buffer)
     store.write_bytes(keys["labels"], buffer.getvalue())
-    store.write_json(keys["labels"].replace("labels.csv", "agreement.json"),
+    store.write_json(keys["agreement"],
                      {"labels": labels.height, **{name: estimate.as_dict() for name, estimate in estimates.items()}})
     return store.uri(keys["labels"])
 
@@ -121,7 +120,7 @@ def agreement_by_iteration(store: ArtifactStore, campaign: str) -> dict[int, dic
     """The agreement kept for each labelled iteration of the campaign (keep_labels), by iteration."""
     found = {}
     for iteration in stage_manifests(store, campaign):
-        key = audit_keys(campaign, iteration)["labels"].replace("labels.csv", "agreement.json")
+        key = audit_keys(campaign, iteration)["agreement"]
         if store.exists(key):
-            found[iteration] = json.loads(store.read_bytes(key))
+            found[iteration] = store.read_json(key)
     return found

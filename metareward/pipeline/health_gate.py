@@ -8,14 +8,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
 from metareward.artifacts.store import ArtifactStore
+from metareward.config.sections import HealthChoice
 from metareward.paper.report import HealthCheck
 
-Choice = Literal["continue", "drop_judge_pairs", "keep_model", "stop"]
-CHOICES: tuple[str, ...] = get_args(Choice)
-"""What a person (or health.on_timeout) may decide when an iteration's health checks fail."""
+CHOICES: tuple[str, ...] = get_args(HealthChoice)
+"""What a person (or health.on_timeout) may decide when an iteration's health checks fail, in the order offered."""
 
 CHECKS_PASSED = "the health checks (all passed)"
 """Who decided `continue` when no check failed."""
@@ -55,6 +55,10 @@ class Decision:
     def keeps_model(self) -> bool:
         """The iteration does not train: M_{t+1} is M_t."""
         return self.choice == "keep_model"
+
+    def brief(self) -> dict[str, str]:
+        """The choice, who took it and the note: what an iteration's outcome carries (outcome["health_decision"])."""
+        return {"choice": self.choice, "decided_by": self.decided_by, "note": self.note}
 
     def summary(self) -> str:
         """One line: the decision, what it does, who took it, and the note."""

@@ -249,7 +249,7 @@ def run_job(config: CampaignConfig, job: Job, store: ArtifactStore | None = None
         context = StageContext(job.stage, job.iteration, job.shard_index, job.model, job.model_id, job.inputs,
                                job.model_key, store, inference, config.orchestration, job.checkpoints_key)
         try:
-            with progress.labelled(f"iter-{job.iteration} {job.stage}"):
+            with progress.labelled(progress.stage_label(job.stage, job.iteration)):
                 table, stats = entry.runner(context, **settings)
         except CorruptArtifactError as error:
             raise CorruptArtifactError(f"{job.run_name}: {error}; {_forget(store, job, str(error))}") from None

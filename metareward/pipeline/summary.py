@@ -188,7 +188,7 @@ def _model_name(campaign: str, iteration: int, outcome: dict, registered_model: 
 
 def _kept_decision(store: ArtifactStore, campaign: str, iteration: int) -> dict | None:
     decision = recorded_decision(store, campaign, iteration) if iteration else None
-    return {"choice": decision.choice, "decided_by": decision.decided_by, "note": decision.note} if decision else None
+    return decision.brief() if decision else None
 
 
 def stored_outcomes(store: ArtifactStore, campaign: str) -> list[dict]:

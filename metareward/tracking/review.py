@@ -31,7 +31,7 @@ def log_review(client, store: ArtifactStore, config: CampaignConfig, parent_run_
         client.set_tag(run_id, "mlflow.note.content", "Stages that did not run in this iteration:\n\n"
                        + "\n".join(f"- {line}" for line in lines))
     for name, key in audit_keys(config.name, iteration).items():
-        if name != "labels" and store.exists(key):
+        if name in ("markdown", "html", "template") and store.exists(key):
             client.log_text(run_id, store.read_bytes(key).decode(), f"audit/{key.rsplit('/', 1)[1]}")
     decision = recorded_decision(store, config.name, iteration)
     if decision is None:
