@@ -16,6 +16,13 @@ logical GPU each): pairs/s of a gang of 2 workers against a gang of 1 on the sam
 killed worker costs (the worker is killed once it is past step --kill-at) with checkpoints every --save-steps
 steps against none (the gang then starts over), each as a share of an uninterrupted run.
 Run: python benchmarks/dpo.py --ray --pairs 64 [--model tiny] [--save-steps 4] [--kill-at 26]
+
+With --ray-gpu, on a machine with a GPU: today's path (one process, no Ray) against a Ray Train gang of one worker on
+that GPU — sharing by ddp.yaml, by fsdp.yaml (FSDP2, full state dicts), and by fsdp-sharded.yaml with a checkpoint
+every --save-steps steps, uninterrupted and with its worker killed past step --kill-at — as pairs/s in the training
+loop and over the whole run, and the peak GPU memory NVML saw (sampled every 0.1 s: the CUDA context and the caching
+allocator's reserve included, as a scheduler sees it).
+Run: python benchmarks/dpo.py --ray-gpu --model random-1b --pairs 128 --save-steps 32 --kill-at 40 [--without-faults]
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,11 +148,20 @@ def main() -> None:
     parser.add_argument("--kept", type=int, default=EPOCHS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--ray", action="store_true", help="benchmark the Ray Train gang instead")
+    parser.add_argument("--ray-gpu", action="store_true", help="the Ray Train gang against one process, on a GPU")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--without-faults", action="store_true", help="--ray-gpu without the checkpointed runs")
     parser.add_argument("--save-steps", type=int, default=4)
     parser.add_argument("--kill-at", type=int, default=26)
     arguments = parser.parse_args()
     if arguments.ray:
         _ray_train(arguments)
+        return
+    if arguments.in_process:
+        print(json.dumps(_train_in_process(arguments.model_path, arguments.pairs, arguments.words)))
+        return
+    if arguments.ray_gpu:
+        _ray_train_on_gpu(arguments)
         return
     if arguments.one:
         print(json.dumps(_one(arguments.one, arguments.model_path, arguments.pairs, arguments.words, arguments.kept)))
@@ -186,10 +203,12 @@ def main() -> None:
 
 
 def _gang_run(address: str, model: Path, data, workers: int, save_steps: int | None, kill_at: int | None,
-              scratch: Path) -> tuple[float, float]:
-    """Wall seconds of one gang training (rank 1 killed once past step kill_at, when given), and the seconds its
-    last attempt spent in the Trainer's training loop (train_runtime: no worker start, model load or reference
-    log-probs)."""
+              scratch: Path, sharing: str = "ddp", dtype: str = "float32", per_device: int = 2,
+              keep: Path | None = None) -> tuple[float, float]:
+    """Wall seconds of one gang training (its last rank killed once past step kill_at, when given), and the seconds
+    its last attempt spent in the Trainer's training loop (train_runtime: no worker start, model load or reference
+    log-probs). `sharing` names the accelerate config (deployments/accelerate/); the kept model is copied to `keep`
+    when given."""
     import json as json_module
     import os
     import signal
@@ -200,15 +219,16 @@ def _gang_run(address: str, model: Path, data, workers: int, save_steps: int | N
     from metareward.training.checkpoints import CheckpointStore
 
     folder = Path(tempfile.mkdtemp(dir=scratch))
-    settings = DPOConfig(num_epochs=2, global_batch_size=4, per_device_batch_size=2, max_length=1024,
+    settings = DPOConfig(num_epochs=2, global_batch_size=4, per_device_batch_size=per_device, max_length=1024,
                          num_processes=workers, save_steps=save_steps,
-                         accelerate_config=str(REPO / "deployments" / "accelerate" / "ddp.yaml"))
-    training = GangTraining("dpo", str(model), data, settings, 0, "float32", None,
+                         accelerate_config=str(REPO / "deployments" / "accelerate" / f"{sharing}.yaml"))
+    training = GangTraining("dpo", str(model), data, settings, 0, dtype, None,
                             CheckpointStore(str(folder / "store"), "job/checkpoints"), "job/model")
     release = folder / "release"
     os.environ.pop("METAREWARD_INJECT_FAULT", None)
     if kill_at is not None:
-        os.environ["METAREWARD_INJECT_FAULT"] = f"checkpoint:all:step={kill_at}:rank=1:hold={release}"
+        os.environ["METAREWARD_INJECT_FAULT"] = (f"checkpoint:all:step={kill_at}:rank={workers - 1}:"
+                                                 f"hold={release}")
     started = time.perf_counter()
     outcome = []
     thread = threading.Thread(target=lambda: outcome.append(train_on_cluster(address, training, 300, 2)))
@@ -221,7 +241,10 @@ def _gang_run(address: str, model: Path, data, workers: int, save_steps: int | N
     thread.join()
     os.environ.pop("METAREWARD_INJECT_FAULT", None)
     wall = time.perf_counter() - started
-    result, _ = outcome[0]
+    result, uri = outcome[0]
+    if keep is not None:
+        shutil.copytree(uri, keep)
+    shutil.rmtree(folder, ignore_errors=True)
     return wall, next(entry["train_runtime"] for entry in result.log_history if "train_runtime" in entry)
 
 
@@ -265,6 +288,126 @@ def _ray_train(arguments) -> None:
           f"{kept[0] - two[0]:.1f} s ({(kept[0] - two[0]) / two[0]:.0%} of an uninterrupted run) with checkpoints, "
           f"{lost[0] - two[0]:.1f} s ({(lost[0] - two[0]) / two[0]:.0%}) without: "
           f"{(lost[0] - two[0]) / (kept[0] - two[0]):.2f}x more")
+
+
+
+class _PeakGPUMemory:
+    """The most memory in use on GPU 0, as NVML reports it (sampled every 0.1 s), above what was in use when the
+    context opened: what the run inside took, its CUDA contexts and allocator reserve included."""
+
+    def __enter__(self):
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        device = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._before = pynvml.nvmlDeviceGetMemoryInfo(device).used / 2**30
+        self.peak_gb, self._done = 0.0, threading.Event()
+
+        def sample() -> None:
+            while not self._done.wait(0.1):
+                used = pynvml.nvmlDeviceGetMemoryInfo(device).used / 2**30
+                self.peak_gb = max(self.peak_gb, used - self._before)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _in_process_run(model: Path, pairs: int, words: int) -> tuple[float, float]:
+    """Today's path without Ray, on the settings of _gang_run (1 process, bf16), in a child process (so that this
+    one keeps no CUDA memory for the gang runs that follow): wall and training-loop seconds."""
+    command = [sys.executable, __file__, "--in-process", "--model-path", str(model), "--pairs", str(pairs),
+               "--words", str(words)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if completed.returncode != 0:
+        print(completed.stderr[-6000:], file=sys.stderr)
+        completed.check_returncode()
+    return tuple(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def _train_in_process(model: str, pairs: int, words: int) -> tuple[float, float]:
+    from metareward.config.campaign import DPOConfig
+    from metareward.training.trainer import train_dpo
+
+    settings = DPOConfig(num_epochs=2, global_batch_size=4, per_device_batch_size=4, max_length=1024)
+    data = _dataset(pairs, words)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = train_dpo(model, data, settings, folder, dtype="bfloat16")
+        wall = time.perf_counter() - started
+    return wall, next(entry["train_runtime"] for entry in result.log_history if "train_runtime" in entry)
+
+
+def _largest_difference(first: Path, second: Path) -> float:
+    """The largest absolute difference between two saved models' weights (float32)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(folder: Path) -> dict:
+        return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in
+                load_file(str(file)).items()}
+
+    a, b = weights(first), weights(second)
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[name].to(torch.float32) - b[name].to(torch.float32)).abs().max()) for name in a)
+
+
+def _ray_train_on_gpu(arguments) -> None:
+    """The Ray Train gang on a real GPU against today's one-process path (see the module docstring)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    pairs = arguments.pairs
+    data = _dataset(pairs, arguments.words)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model = _model(arguments.model, scratch)
+        with _PeakGPUMemory() as peak:
+            rows.append(("today's path: one process, no Ray", *_in_process_run(model, pairs, arguments.words), peak))
+        print(rows[-1][:3], f"{peak.peak_gb:.2f} GiB", file=sys.stderr, flush=True)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 1,
+                                                                 "include_dashboard": False})
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        try:
+            runs = [("gang of 1, ddp.yaml", "ddp", None, None), ("gang of 1, fsdp.yaml (FSDP2)", "fsdp", None, None)]
+            if not arguments.without_faults:
+                runs += [(f"gang of 1, fsdp-sharded.yaml, checkpoint every {arguments.save_steps}", "fsdp-sharded",
+                          arguments.save_steps, None),
+                         (f"the same, worker killed past step {arguments.kill_at}", "fsdp-sharded",
+                          arguments.save_steps, arguments.kill_at)]
+            for label, sharing, save_steps, kill_at in runs:
+                keep = scratch / label.split(",")[-1].strip().replace(" ", "-")
+                with _PeakGPUMemory() as peak:
+                    wall, train = _gang_run(cluster.address, model, data, 1, save_steps, kill_at, scratch,
+                                            sharing=sharing, dtype="bfloat16", per_device=4,
+                                            keep=keep if sharing == "fsdp-sharded" else None)
+                rows.append((label, wall, train, peak))
+                print(rows[-1][:3], f"{peak.peak_gb:.2f} GiB", file=sys.stderr, flush=True)
+            kept = sorted(p for p in scratch.iterdir() if p.name.startswith(("checkpoint-every", "worker-killed")))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        difference = _largest_difference(*kept) if len(kept) == 2 else float("nan")
+    steps = 2 * pairs // 4
+    print(f"DPO on one GPU, model {arguments.model}, {pairs} pairs x 2 epochs ({steps} steps of 4 pairs), bf16")
+    print(f"{'run':<62} {'wall s':>7} {'train s':>8} {'pairs/s loop':>13} {'pairs/s run':>12} {'peak GiB':>9}")
+    for label, wall, train, peak in rows:
+        loop = f"{2 * pairs / train:>13.2f}" if "killed" not in label else f"{'—':>13}"
+        print(f"{label:<62} {wall:>7.1f} {train:>8.1f} {loop} {2 * pairs / wall:>12.2f} {peak.peak_gb:>9.2f}")
+    today, gang = rows[0], rows[1]
+    print(f"gang of 1 (ddp.yaml) vs one process: {gang[1] / today[1]:.2f}x the wall time, "
+          f"{gang[2] / today[2]:.2f}x the training loop's")
+    if len(rows) == 5:
+        print(f"a killed worker costs {rows[4][1] - rows[3][1]:.1f} s with checkpoints every {arguments.save_steps} "
+              f"steps; its kept weights differ from the uninterrupted run's by at most {difference:.3g} (bf16)")
+
 
 if __name__ == "__main__":
     main()
