@@ -64,7 +64,7 @@ def check_training_gangs(config: CampaignConfig) -> None:
     for where, settings in sections:
         try:
             sharing_environment(settings.accelerate_config, settings.num_processes)
-        except (PlacementError, FileNotFoundError) as error:
+        except (PlacementError, FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{where}.accelerate_config: {error}") from None
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from metareward.config.training import TrainingConfig
 from metareward.placement.replicas import REPLICA_ENVIRONMENT, PlacementError, connect
@@ -22,6 +21,7 @@ from metareward.training.checkpoints import CheckpointStore
 from metareward.training.logs import TrainingResult
 from metareward.training.models import MODEL_DIGEST_FILE, resolve_model
 from metareward.training.process import train_here
+from metareward.training.sharing import read_sharing
 from metareward.training.trainer import EmptyTrainingSetError, write_training_set
 
 
@@ -113,19 +113,18 @@ def sharing_environment(accelerate_config: str, workers: int) -> dict[str, str]:
     ACCELERATE_USE_FSDP and the FSDP_* settings — for workers that Ray Train starts instead: the same YAML describes
     a gang's sharding as it does a launch's. Precision is the trainer's, as in one process (bf16 on a GPU that has
     it), never the YAML's mixed_precision: a CPU gang would otherwise train in bf16 autocast. Raises PlacementError
-    for DeepSpeed (run it under `accelerate launch`, without a Ray address) and FileNotFoundError for a missing
-    file."""
+    for DeepSpeed (run it under `accelerate launch`, without a Ray address), FileNotFoundError for a missing file and
+    ValueError for one that is not an accelerate config."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    path = Path(accelerate_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"accelerate_config {path} does not exist (see deployments/accelerate/)")
-    if (yaml.safe_load(path.read_text()) or {}).get("distributed_type") == "DEEPSPEED":
-        raise PlacementError(f"accelerate_config {path}: DeepSpeed runs under `accelerate launch` only; a Ray Train "
-                             "gang shares the model with FSDP (deployments/accelerate/fsdp.yaml) or DDP (ddp.yaml)")
+    sharing = read_sharing(accelerate_config)
+    if sharing.deepspeed:
+        raise PlacementError(f"accelerate_config {sharing.path}: DeepSpeed runs under `accelerate launch` only; a Ray "
+                             "Train gang shares the model with FSDP (deployments/accelerate/fsdp.yaml) or DDP "
+                             "(ddp.yaml)")
     arguments = launch_command_parser().parse_args(
-        ["--config_file", str(path), "--num_processes", str(workers), "--main_process_port", "0", "-m", "gang"])
+        ["--config_file", str(sharing.path), "--num_processes", str(workers), "--main_process_port", "0", "-m", "gang"])
     arguments, _, _ = _validate_launch_command(arguments)
     launched = prepare_multi_gpu_env(arguments)
     return {name: value for name, value in launched.items() if name.startswith(("ACCELERATE_USE_FSDP", "FSDP_"))}

@@ -13,9 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig, TrainingConfig
+from metareward.training.sharing import read_sharing
 
 GB = 1e9
 OVERHEAD_BYTES = 2 * GB
@@ -218,13 +217,9 @@ def _shards_model(training: TrainingConfig) -> bool:
     if training.num_processes < 2:
         return False
     try:
-        launch = yaml.safe_load(Path(training.accelerate_config).read_text()) or {}
-    except OSError:
-        raise ConfigError(f"accelerate_config {training.accelerate_config} (of dpo or sft) does not exist "
-                          "(see deployments/accelerate/)") from None
-    if launch.get("distributed_type") == "FSDP":
-        return True
-    return launch.get("distributed_type") == "DEEPSPEED" and launch.get("deepspeed_config", {}).get("zero_stage") == 3
+        return read_sharing(training.accelerate_config, "accelerate_config (of dpo or sft)").shards_model
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)

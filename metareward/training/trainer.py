@@ -20,6 +20,7 @@ from metareward.host.stopping import raise_if_stopped
 from metareward.training.checkpoints import CheckpointStore
 from metareward.training.logs import TrainingResult
 from metareward.training.process import PAIRS_FILE, load_tokenizer, train_here
+from metareward.training.sharing import read_sharing
 
 
 class EmptyTrainingSetError(ValueError):
@@ -127,9 +128,7 @@ def _train_with_accelerate(kind: str, model_path, settings: TrainingConfig, outp
                            chat_template: str | None, checkpoints: CheckpointStore | None) -> TrainingResult:
     """The training in settings.num_processes processes under `accelerate launch` (FSDP, ZeRO-3, DDP, as
     settings.accelerate_config says); rank 0 saves the checkpoint and reports the result in result.json."""
-    config_file = Path(settings.accelerate_config)
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{kind}.accelerate_config {config_file} does not exist (see deployments/accelerate/)")
+    config_file = read_sharing(settings.accelerate_config, f"{kind}.accelerate_config").path
     (output_dir / "settings.json").write_text(json.dumps({
         "kind": kind, "settings": settings.model_dump(mode="json"), "chat_template": chat_template,
         "checkpoints": dataclasses.asdict(checkpoints) if checkpoints else None}))
