@@ -214,6 +214,9 @@ def _trained(context: StageContext, kind: str, examples: pl.DataFrame, settings:
         with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
             result = train(context.local_model(), examples, settings, scratch, seed, dtype, chat_template, checkpoints)
             model_uri = context.store.put_folder(result.checkpoint, context.model_key, last=MODEL_DIGEST_FILE)
+    if result.reference_reused:
+        log.warning("%s iter-%d: DPO read the reference log-probs kept at %s instead of computing them again",
+                    context.stage, context.iteration, checkpoints.uri())
     stats = StageStats(context.stage, rows=len(result.log_history), seconds=result.seconds)
     stats.counts.update(result.summary, model_uri=model_uri, model_id=result.model_id,
                         pairs_trained=result.pairs_trained, pairs_too_long=result.pairs_too_long,

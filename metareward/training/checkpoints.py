@@ -5,7 +5,9 @@ Every save_steps optimizer steps the Trainer writes `checkpoint-{step}` locally 
 trainer state with its log, each rank's RNG state; under FSDP each rank's shard). Each rank uploads the files it
 wrote to `{prefix}/checkpoint-{step}/`; once all have, rank 0 writes `complete.json` there and removes the older
 steps. A step without `complete.json` (its upload was cut short) is never resumed from; resuming, each node fetches
-the step once into a folder its ranks share. The stage removes the whole prefix once its job is recorded
+the step once into a folder its ranks share. Beside the steps, DPO keeps the reference model's log-probabilities of
+its training set from before the first step (`reference-log-probs.parquet`): a resumed DPO reads them instead of
+running the reference model over every pair again. The stage removes the whole prefix once its job is recorded
 (pipeline.jobs.run_job).
 """
 
@@ -20,10 +22,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+
 from metareward.artifacts.store import ArtifactStore, open_store
 
 COMPLETE_FILE = "complete.json"
 """Written last into a stored checkpoint, by rank 0, once every rank's files are there."""
+
+REFERENCE_FILE = "reference-log-probs.parquet"
+"""The reference log-probabilities of a DPO's training set (ref_chosen_logps, ref_rejected_logps, float32, in the
+training set's order), kept beside the job's checkpoints."""
 
 _PER_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
 _STEP_FOLDER = re.compile(r"/checkpoint-(\d+)/")
@@ -100,6 +108,25 @@ class CheckpointStore:
         for older in self._steps() - {step}:
             self.store.delete_prefix(self._key(older))
         log.info("checkpoint of step %d kept at %s", step, self.uri(step))
+
+    def read_reference(self, rows: int) -> pl.DataFrame | None:
+        """The kept reference log-probabilities when there are `rows` of them (the training set's size), else None:
+        none kept yet, or kept for a training set of another size (then they are not this training's)."""
+        key = f"{self.prefix}/{REFERENCE_FILE}"
+        if not self.store.exists(key):
+            return None
+        kept = self.store.read_table(key)
+        if kept.height != rows:
+            log.warning("reference log-probs at %s are for %d pairs, not %d: computed again", self.store.uri(key),
+                        kept.height, rows)
+            return None
+        return kept
+
+    def keep_reference(self, chosen: list[float], rejected: list[float]) -> None:
+        """Keep the reference log-probabilities of the training set (rank 0, before the first step)."""
+        self.store.write_table(f"{self.prefix}/{REFERENCE_FILE}", pl.DataFrame(
+            {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+            schema={"ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32}))
 
     def clear(self) -> None:
         """Remove every checkpoint of the job (its kept model is written)."""

@@ -55,6 +55,8 @@ class TrainingResult:
     summary: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0
     """The step of the checkpoint the training resumed from (0: it started from M_t)."""
+    reference_reused: bool = False
+    """Whether DPO read the reference log-probs kept beside its checkpoints instead of computing them."""
 
 
 def summarize_log(history: list[dict[str, Any]], kind: str = "dpo") -> dict[str, float]:

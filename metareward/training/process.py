@@ -151,8 +151,9 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
-    trainer_type, arguments = (_dpo_trainer(), dpo_arguments) if kind == "dpo" else (SFTTrainer, sft_arguments)
     keep = checkpoints is not None and settings.save_steps is not None
+    trainer_type, arguments = ((_dpo_trainer(checkpoints if keep else None), dpo_arguments) if kind == "dpo" else
+                               (SFTTrainer, sft_arguments))
     callbacks = [_stop_when_asked(kind)]
     if settings.kept_epoch < settings.num_epochs:
         callbacks.append(stop_after_epoch(settings.kept_epoch))
@@ -205,7 +206,8 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
                **{f"{name.replace('/', '_')}_after": float(after[f"eval_{name}"]) for name in AFTER_TRAINING[kind]
                   if f"eval_{name}" in after}}
     return TrainingResult(final, model_id, history, pairs_trained=train_set.num_rows, pairs_too_long=0,
-                          seconds=0.0, summary=summary, resumed_from_step=resumed_from)
+                          seconds=0.0, summary=summary, resumed_from_step=resumed_from,
+                          reference_reused=getattr(trainer, "reference_reused", False))
 
 
 STAGE_OF = {"dpo": "checkpoint", "sft": "sft"}
@@ -237,21 +239,36 @@ def _hold_at_step(step: int, rank: int, release: Path):
     return HoldAtStep()
 
 
-def _dpo_trainer():
+def _dpo_trainer(checkpoints: CheckpointStore | None):
     """TRL's DPOTrainer with the reference log-probs precomputed on every rank's share of the pairs and gathered
     by every rank into its own copy of the dataset. TRL's own precompute has rank 0 write them to a cache file
     beside the dataset that the other ranks then read: a rank on another node of a Ray cluster has no such file.
-    The values are TRL's (its compute_ref_log_probs, float32); DeepSpeed keeps TRL's precompute, which needs its
-    inference engine."""
+    The values are TRL's (its compute_ref_log_probs, float32). With `checkpoints`, rank 0 keeps them beside the
+    checkpoints, and a resumed training reads them from there instead of running the reference model again
+    (`reference_reused`). DeepSpeed keeps TRL's precompute, which needs its inference engine."""
     import torch
     from datasets import Value
     from torch.utils.data import DataLoader
     from trl import DPOTrainer
 
     class DPOTrainerOnAnyNode(DPOTrainer):
+        reference_reused = False
+
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if self.is_deepspeed_enabled:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
+            kept = checkpoints.read_reference(dataset.num_rows) if checkpoints and name == "train" else None
+            if kept is not None:
+                chosen, rejected = kept["ref_chosen_logps"].to_list(), kept["ref_rejected_logps"].to_list()
+                self.reference_reused = True
+            else:
+                chosen, rejected = self._reference_log_probs(dataset, batch_size)
+                if checkpoints and name == "train" and self.accelerator.is_main_process:
+                    checkpoints.keep_reference(chosen, rejected)
+            return (dataset.add_column("ref_chosen_logps", chosen, feature=Value("float32"))
+                    .add_column("ref_rejected_logps", rejected, feature=Value("float32")))
+
+        def _reference_log_probs(self, dataset, batch_size) -> tuple[list[float], list[float]]:
             loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                          collate_fn=self.data_collator,
                                                          num_workers=self.args.dataloader_num_workers))
@@ -261,8 +278,7 @@ def _dpo_trainer():
                 batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(values)
                 chosen.append(batch_chosen.float().cpu())
                 rejected.append(batch_rejected.float().cpu())
-            return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist(), feature=Value("float32"))
-                    .add_column("ref_rejected_logps", torch.cat(rejected).tolist(), feature=Value("float32")))
+            return torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
 
     return DPOTrainerOnAnyNode
 

@@ -40,9 +40,11 @@ def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 def stored_steps(checkpoints: CheckpointStore) -> dict[int, bool]:
-    """Each stored checkpoint's step and whether it is complete."""
+    """Each stored checkpoint's step and whether it is complete (the kept reference log-probs beside them aside)."""
     steps: dict[int, bool] = {}
     for key in checkpoints.store.list(checkpoints.prefix):
+        if "/checkpoint-" not in key:
+            continue
         step = int(key.split("checkpoint-")[1].split("/")[0])
         steps[step] = steps.get(step, False) or key.endswith(COMPLETE_FILE)
     return steps
@@ -95,6 +97,8 @@ def test_a_training_stopped_at_its_kept_epoch_keeps_no_checkpoint_past_it(tmp_pa
     again = train_dpo(tiny_model, dataset(), settings, tmp_path / "again", dtype="float32", checkpoints=checkpoints)
     assert (first.resumed_from_step, again.resumed_from_step) == (0, 6)
     assert again.model_id == first.model_id and again.summary["epochs_trained"] == 2
+    # The resumed DPO read the reference log-probs the first run kept instead of running the reference model again.
+    assert (first.reference_reused, again.reference_reused) == (False, True)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
@@ -128,6 +132,7 @@ def test_metareward_run_killed_during_dpo_resumes_from_the_checkpoint(tmp_path, 
     rerun = run_cli(["run", str(config)], cli_environment(tmp_path / "prefect"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "DPO resumes from the checkpoint of step 2" in rerun.stdout + rerun.stderr
+    assert "DPO read the reference log-probs kept at" in rerun.stdout + rerun.stderr
     assert not list((tmp_path / "artifacts").rglob("checkpoints/*"))  # removed once the job was recorded
     marker = json.loads(next((tmp_path / "artifacts").rglob("checkpoint/all-*.json")).read_text())
     assert marker["stats"]["resumed_from_step"] == 2
