@@ -17,6 +17,7 @@ from metareward.host.stopping import raise_if_stopped
 from metareward.training.checkpoints import CheckpointStore, uploading_callback
 from metareward.training.export import save_gathered
 from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
+from metareward.training.merge import merge_lora
 from metareward.training.models import write_model_digest
 
 PAIRS_FILE = "pairs.parquet"
@@ -192,7 +193,8 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         return None
     final = output_dir / "model"
     if settings.lora_rank:
-        _save_merged(trained, model_path, final, tokenizer, torch_dtype)
+        merge_lora(trained, model_path, final, None if torch_dtype == "auto" else torch_dtype)
+        tokenizer.save_pretrained(final)
     else:
         shutil.rmtree(final, ignore_errors=True)
         trained.rename(final)
@@ -281,19 +283,3 @@ def _dpo_trainer(checkpoints: CheckpointStore | None):
             return torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
 
     return DPOTrainerOnAnyNode
-
-
-def _save_merged(adapter: Path, base_path, target: Path, tokenizer, torch_dtype) -> Path:
-    """The base model with the trained LoRA adapter merged in, saved as a plain checkpoint."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype)
-    with _quiet():
-        model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    shutil.rmtree(target, ignore_errors=True)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
-
-
