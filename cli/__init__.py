@@ -177,6 +177,7 @@ def _config_check(arguments: argparse.Namespace) -> int:
         GB,
         architecture,
         campaign_estimates,
+        first_load_host_bytes,
         problems,
         smallest_trainings,
         visible_gpu_memory,
@@ -212,6 +213,16 @@ def _config_check(arguments: argparse.Namespace) -> int:
             f"{', sharded' if size.gpus > 1 else ''}), "
             f"{size.nodes(arguments.gpus_per_node)} node(s) of {arguments.gpus_per_node}" if size.gpus else
             f"does not fit GPUs of {memory / GB:.0f} GB at global_batch_size {largest_dpo.global_batch_size}"))
+    trainings = [("DPO", largest_dpo)] + ([("SFT", config.sft.training())] if config.sft else [])
+    for kind, settings in trainings:
+        host = first_load_host_bytes(arch, settings, arguments.gpus_per_node)
+        print(f"host memory, {kind}: ≈ {host / GB:.0f} GB per node of {arguments.gpus_per_node} GPU(s) while M_t first "
+              f"loads ({min(settings.num_processes, arguments.gpus_per_node)} rank(s) on the node, each holding the "
+              "whole model on the host)")
+        if arguments.host_memory is not None and host > arguments.host_memory * GB:
+            found.append(f"{kind}: the first load needs ≈ {host / GB:.0f} GB of host memory per node, over the "
+                         f"{arguments.host_memory:.0f} GB given (--host-memory)")
+            print(f"warning: {found[-1]}")
     print("assumptions: " + "; ".join(ASSUMPTIONS))
     return 1 if found else 0
 
@@ -351,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate per-GPU memory of DPO (weights, gradients, optimizer states, reference, activations) "
         "and of the inference engines from the model's architecture, warn when it exceeds the visible GPUs "
         "(or the ones given with --gpus/--gpu-memory) and exit 1 then, and say how many GPUs and nodes training "
-        "needs with full fine-tuning and with LoRA.")
+        "needs with full fine-tuning and with LoRA, and how much host memory a node needs while a training first "
+        "loads the model (checked against --host-memory when given).")
     config_check.add_argument("config", help="campaign YAML file")
     config_check.add_argument("--model-config", default=None,
                               help="config.json of the model when model.path is a hub id not in the local cache")
@@ -359,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_check.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU with --gpus (default 80)")
     config_check.add_argument("--gpus-per-node", type=int, default=8,
                               help="GPUs per node, to say how many nodes a training needs (default 8)")
+    config_check.add_argument("--host-memory", type=float, default=None,
+                              help="GB of host memory per node: warn (exit 1) when a training's first load needs more")
     config_check.set_defaults(handler=_config_check)
 
     add_artifact_commands(commands)

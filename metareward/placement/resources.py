@@ -24,10 +24,14 @@ VLLM_MEMORY_SHARE = 0.9
 """vLLM's default gpu_memory_utilization: the share of a GPU an engine takes for weights and KV cache."""
 
 ASSUMPTIONS = (
-    "training holds, per GPU: weights, gradients and two Adam states in the training dtype (no fp32 master "
-    "copy), divided by the number of processes under FSDP or DeepSpeed ZeRO-3, not under DDP",
-    "DPO's reference model is a second copy of the weights (TRL reloads it to precompute or to run it), none "
-    "with LoRA (the base model with its adapter disabled is the reference); SFT has none",
+    "training holds, per GPU: weights, gradients and two Adam states in the training dtype in one process or under "
+    "DDP; under FSDP or DeepSpeed ZeRO-3 a bf16 training keeps them in float32 (16 bytes a parameter: mixed "
+    "precision's master weights, as measured under FSDP2 on an H200) divided by the number of processes",
+    "DPO's reference model: a second copy of the weights kept through training when its log-probs are not "
+    "precomputed; precomputed, none in one process or under DDP (the policy computes them before its first step), "
+    "while under FSDP TRL loads a second copy and wraps it as one FSDP unit, so its precompute gathers the whole "
+    "model on each GPU before training (estimated apart); none with LoRA (the adapter disabled is the reference); "
+    "SFT has none",
     "activations: every micro-batch of p pairs is 2p sequences of max_length tokens (of p SFT examples, p "
     "sequences); a layer's activations per "
     "token are the norm inputs (and their fp32 upcast), q/k/v, the attention output (memory-efficient "
@@ -35,6 +39,9 @@ ASSUMPTIONS = (
     "activation checkpointing, and with it (the default) only each layer's input plus one layer's at a time; "
     "logits in the dtype plus fp32 log-softmax and its gradient",
     f"{OVERHEAD_BYTES / GB:.0f} GB per GPU for the CUDA context, fragmentation and workspaces",
+    "host memory while a training first loads M_t: every rank on a node holds the whole model on the host "
+    "(transformers 5.25 loads it in each process before FSDP shards it), in float32 for a full fine-tuning sharded "
+    "under FSDP or ZeRO-3 (its master weights are upcast there), else in the training dtype",
     f"vLLM engines take {VLLM_MEMORY_SHARE:.0%} of a GPU (gpu_memory_utilization); weights must leave room for "
     "at least one sequence of max_model_len tokens in the KV cache",
 )
@@ -167,10 +174,11 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
         estimate.parts["weights (frozen)"] = arch.parameters * w / shards
         estimate.parts["LoRA weights, gradients, Adam"] = trainable * w * 4
     else:
-        estimate.parts["weights"] = arch.parameters * w / shards
-        estimate.parts["gradients"] = arch.parameters * w / shards
-        estimate.parts["Adam states"] = 2 * arch.parameters * w / shards
-        if preference:
+        master = 4 if shards > 1 else w  # sharded: float32 master weights, gradients and Adam states
+        estimate.parts["weights"] = arch.parameters * master / shards
+        estimate.parts["gradients"] = arch.parameters * master / shards
+        estimate.parts["Adam states"] = 2 * arch.parameters * master / shards
+        if preference and not training.precompute_ref_log_probs:
             estimate.parts["reference model"] = arch.parameters * w / shards
     tokens = (2 if preference else 1) * training.per_device_batch_size * (training.max_length or 2048)
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
@@ -186,6 +194,35 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
                           f"{training.gradient_accumulation_steps} accumulation step(s); activation checkpointing "
                           f"{'on' if training.activation_checkpointing else 'off'}")
     return estimate
+
+
+def reference_precompute_estimate(arch: Architecture, dpo: DPOConfig, label: str,
+                                  sharded: bool | None = None) -> Estimate | None:
+    """Per-GPU memory of the reference log-probs' precompute where it needs its own GPU memory: a full fine-tuning
+    DPO sharded over its processes, where TRL loads the reference as a second model wrapped as one FSDP unit, so
+    each GPU gathers the whole model for the forward passes (before the policy is on the GPU). None elsewhere."""
+    shards = dpo.num_processes if (_shards_model(dpo) if sharded is None else sharded) else 1
+    if shards < 2 or dpo.lora_rank or not dpo.precompute_ref_log_probs:
+        return None
+    w = arch.dtype_bytes
+    tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
+    estimate = Estimate(f"DPO {label}: the reference log-probs' precompute, {dpo.num_processes} process(es)",
+                        gpus=dpo.num_processes)
+    estimate.parts["reference model, gathered whole"] = arch.parameters * w
+    estimate.parts["activations"] = tokens * w * (arch.hidden + 4 * arch.intermediate)  # one layer's, no backward
+    estimate.parts["logits"] = tokens * arch.vocab * (w + 4)
+    estimate.parts["overhead"] = OVERHEAD_BYTES
+    estimate.notes.append("TRL wraps the reference as one FSDP unit: its forward gathers every weight at once")
+    return estimate
+
+
+def first_load_host_bytes(arch: Architecture, training: TrainingConfig, gpus_per_node: int) -> float:
+    """Host memory one node needs while the training first loads M_t: every rank on the node loads the whole model
+    on the host before FSDP shards it (transformers 5.25 loads it in each process), and under FSDP or ZeRO-3 a
+    full fine-tuning's trainable weights are upcast to float32 there (mixed precision's master weights)."""
+    ranks = min(training.num_processes, gpus_per_node)
+    upcast = training.num_processes > 1 and _shards_model(training) and not training.lora_rank
+    return ranks * arch.parameters * (max(4, arch.dtype_bytes) if upcast else arch.dtype_bytes)
 
 
 def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
@@ -248,9 +285,11 @@ def smallest_trainings(arch: Architecture, dpo: DPOConfig, gpu_memory: float, lo
             if dpo.global_batch_size % (dpo.per_device_batch_size * processes):
                 continue
             settings = dpo.model_copy(update={"num_processes": processes, "lora_rank": rank})
-            estimate = training_estimate(arch, settings, what, sharded=processes > 1)
-            if estimate.total <= gpu_memory:
-                fitting = TrainingSize(what, processes, estimate.total)
+            estimates = [training_estimate(arch, settings, what, sharded=processes > 1),
+                         reference_precompute_estimate(arch, settings, what, sharded=processes > 1)]
+            needed = max(estimate.total for estimate in estimates if estimate is not None)
+            if needed <= gpu_memory:
+                fitting = TrainingSize(what, processes, needed)
                 break
         sizes.append(fitting or TrainingSize(what, None, 0.0))
     return sizes
@@ -263,8 +302,11 @@ def campaign_estimates(config: CampaignConfig, arch: Architecture) -> list[Estim
     for index, iteration in enumerate(config.iterations, start=1):
         key = iteration.dpo.model_dump_json(exclude={"num_epochs", "checkpoint_epoch", "learning_rate", "beta"})
         trainings.setdefault(key, (iteration.dpo, []))[1].append(index)
-    estimates = [training_estimate(arch, dpo, "iteration" + ("s " if len(its) > 1 else " ") + ", ".join(map(str, its)))
-                 for dpo, its in trainings.values()]
+    labels = {key: "iteration" + ("s " if len(its) > 1 else " ") + ", ".join(map(str, its))
+              for key, (_, its) in trainings.items()}
+    estimates = [estimate for key, (dpo, _) in trainings.items()
+                 for estimate in (training_estimate(arch, dpo, labels[key]),
+                                  reference_precompute_estimate(arch, dpo, labels[key])) if estimate is not None]
     if config.sft:
         estimates.append(training_estimate(arch, config.sft.training(), "stage 0 (the seed M_1)"))
     return [inference_estimate(arch, config)] + sorted(estimates, key=lambda e: -e.total)
