@@ -24,9 +24,9 @@ VLLM_MEMORY_SHARE = 0.9
 """vLLM's default gpu_memory_utilization: the share of a GPU an engine takes for weights and KV cache."""
 
 ASSUMPTIONS = (
-    "training holds, per GPU: weights, gradients and two Adam states in the training dtype in one process or under "
-    "DDP; under FSDP or DeepSpeed ZeRO-3 a bf16 training keeps them in float32 (16 bytes a parameter: mixed "
-    "precision's master weights, as measured under FSDP2 on an H200) divided by the number of processes",
+    "a full fine-tuning holds, per GPU, float32 master weights, gradients and two Adam states (16 bytes a parameter, "
+    "as measured under FSDP2 on an H200; in one process or under DDP too, where a bf16 training steps float32 "
+    "masters), divided by the number of processes under FSDP or DeepSpeed ZeRO-3, not under DDP",
     "DPO's reference model: a second copy of the weights kept through training when its log-probs are not "
     "precomputed; precomputed, none in one process or under DDP (the policy computes them before its first step), "
     "while under FSDP TRL loads a second copy and wraps it as one FSDP unit, so its precompute gathers the whole "
@@ -40,8 +40,8 @@ ASSUMPTIONS = (
     "logits in the dtype plus fp32 log-softmax and its gradient",
     f"{OVERHEAD_BYTES / GB:.0f} GB per GPU for the CUDA context, fragmentation and workspaces",
     "host memory while a training first loads M_t: every rank on a node holds the whole model on the host "
-    "(transformers 5.25 loads it in each process before FSDP shards it), in float32 for a full fine-tuning sharded "
-    "under FSDP or ZeRO-3 (its master weights are upcast there), else in the training dtype",
+    "(transformers 5.25 loads it in each process before FSDP shards it), in float32 for a full fine-tuning (its "
+    "master weights), else in the training dtype",
     f"vLLM engines take {VLLM_MEMORY_SHARE:.0%} of a GPU (gpu_memory_utilization); weights must leave room for "
     "at least one sequence of max_model_len tokens in the KV cache",
 )
@@ -174,7 +174,7 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
         estimate.parts["weights (frozen)"] = arch.parameters * w / shards
         estimate.parts["LoRA weights, gradients, Adam"] = trainable * w * 4
     else:
-        master = 4 if shards > 1 else w  # sharded: float32 master weights, gradients and Adam states
+        master = max(4, w)  # float32 master weights, gradients and Adam states
         estimate.parts["weights"] = arch.parameters * master / shards
         estimate.parts["gradients"] = arch.parameters * master / shards
         estimate.parts["Adam states"] = 2 * arch.parameters * master / shards
@@ -218,11 +218,10 @@ def reference_precompute_estimate(arch: Architecture, dpo: DPOConfig, label: str
 
 def first_load_host_bytes(arch: Architecture, training: TrainingConfig, gpus_per_node: int) -> float:
     """Host memory one node needs while the training first loads M_t: every rank on the node loads the whole model
-    on the host before FSDP shards it (transformers 5.25 loads it in each process), and under FSDP or ZeRO-3 a
-    full fine-tuning's trainable weights are upcast to float32 there (mixed precision's master weights)."""
+    on the host (transformers 5.25 loads it in each process, before FSDP shards it), a full fine-tuning's in float32
+    (its master weights: loaded so, or upcast there by FSDP)."""
     ranks = min(training.num_processes, gpus_per_node)
-    upcast = training.num_processes > 1 and _shards_model(training) and not training.lora_rank
-    return ranks * arch.parameters * (max(4, arch.dtype_bytes) if upcast else arch.dtype_bytes)
+    return ranks * arch.parameters * (arch.dtype_bytes if training.lora_rank else max(4, arch.dtype_bytes))
 
 
 def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
