@@ -11,12 +11,13 @@ FILE_BYTES = 5 * 10**9
 """Largest safetensors file written (as save_pretrained's default max_shard_size)."""
 
 
-def save_gathered(model, target: str | Path, is_main: bool, file_bytes: int = FILE_BYTES) -> None:
+def save_gathered(model, target: str | Path, is_main: bool, file_bytes: int = FILE_BYTES, dtype=None) -> None:
     """Write `model` — its parameters sharded as DTensors by FSDP2, or whole — into `target` as save_pretrained
     would: model.safetensors, or model-0000i-of-0000n.safetensors files and their index when over file_bytes, plus
     config.json and generation_config.json. Every rank must call it (each gather is a collective); only rank 0
     (is_main) writes. A weight tied to another (the output embedding of a tied-embedding model) is left out, as
-    save_pretrained leaves it out."""
+    save_pretrained leaves it out. With `dtype` (a torch dtype) floating-point weights are written in it (FSDP
+    trains float32 master weights of a bf16 model, which is kept in bf16) and the config says so."""
     from safetensors.torch import save_file
 
     target = Path(target)
@@ -38,7 +39,8 @@ def save_gathered(model, target: str | Path, is_main: bool, file_bytes: int = FI
         whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         if not is_main or name in tied:
             continue
-        pending[name] = whole.detach().to("cpu").contiguous()
+        whole = whole.detach().to("cpu")
+        pending[name] = (whole.to(dtype) if dtype is not None and whole.is_floating_point() else whole).contiguous()
         size = pending[name].numel() * pending[name].element_size()
         pending_bytes, total_bytes = pending_bytes + size, total_bytes + size
         if pending_bytes >= file_bytes:
@@ -47,6 +49,8 @@ def save_gathered(model, target: str | Path, is_main: bool, file_bytes: int = FI
         return
     flush()
     _name_files(target, files, total_bytes)
+    if dtype is not None:
+        model.config.dtype = dtype
     model.config.save_pretrained(target)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)

@@ -190,7 +190,7 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
     trained = output_dir / "trained"
     if trainer.is_fsdp_enabled and not settings.lora_rank:
         # Every rank: one parameter gathered at a time, never the whole model on rank 0 (a LoRA adapter is small).
-        save_gathered(trainer.model, trained, trainer.is_world_process_zero())
+        save_gathered(trainer.model, trained, trainer.is_world_process_zero(), dtype=weights_dtype)
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(trained)
     else:
