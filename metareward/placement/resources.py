@@ -179,7 +179,9 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
         estimate.parts["gradients"] = arch.parameters * master / shards
         estimate.parts["Adam states"] = 2 * arch.parameters * master / shards
         if preference and not training.precompute_ref_log_probs:
-            estimate.parts["reference model"] = arch.parameters * w / shards
+            # Under FSDP TRL wraps the reference as one unit: each of its forwards gathers the whole model.
+            whole = shards > 1 and _shared_with_fsdp(training, sharded)
+            estimate.parts["reference model"] = arch.parameters * w / (1 if whole else shards)
     tokens = (2 if preference else 1) * training.per_device_batch_size * (training.max_length or 2048)
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     per_token_layer = w * (2 * h) + 4 * (2 * h) + w * (h + q + 2 * kv + q) + w * (h + 4 * arch.intermediate)
@@ -199,10 +201,12 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
 def reference_precompute_estimate(arch: Architecture, dpo: DPOConfig, label: str,
                                   sharded: bool | None = None) -> Estimate | None:
     """Per-GPU memory of the reference log-probs' precompute where it needs its own GPU memory: a full fine-tuning
-    DPO sharded over its processes, where TRL loads the reference as a second model wrapped as one FSDP unit, so
-    each GPU gathers the whole model for the forward passes (before the policy is on the GPU). None elsewhere."""
-    shards = dpo.num_processes if (_shards_model(dpo) if sharded is None else sharded) else 1
-    if shards < 2 or dpo.lora_rank or not dpo.precompute_ref_log_probs:
+    DPO under FSDP over several processes, where TRL loads the reference as a second model wrapped as one FSDP unit,
+    so each GPU gathers the whole model for the forward passes (before the policy is on the GPU). None elsewhere
+    (one process and DDP compute them with the policy, DeepSpeed ZeRO-3 with its inference engine over the shards).
+    `sharded` True stands for FSDP over all the processes (None: as dpo.accelerate_config says)."""
+    if dpo.num_processes < 2 or dpo.lora_rank or not dpo.precompute_ref_log_probs or not _shared_with_fsdp(dpo,
+                                                                                                          sharded):
         return None
     w = arch.dtype_bytes
     tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
@@ -247,6 +251,16 @@ def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
                           + f" of {context} tokens" + ("; vLLM fills the rest of its share with more"
                                                        if inference.backend == "vllm" else ""))
     return estimate
+
+
+def _shared_with_fsdp(training: TrainingConfig, sharded: bool | None = None) -> bool:
+    """Whether FSDP shares the model across the training's processes (`sharded` True/False overrides the config)."""
+    if sharded is not None:
+        return sharded
+    try:
+        return read_sharing(training.accelerate_config).distributed_type == "FSDP"
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _shards_model(training: TrainingConfig) -> bool:

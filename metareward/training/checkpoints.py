@@ -31,7 +31,7 @@ COMPLETE_FILE = "complete.json"
 
 REFERENCE_FILE = "reference-log-probs.parquet"
 """The reference log-probabilities of a DPO's training set (ref_chosen_logps, ref_rejected_logps, float32, in the
-training set's order), kept beside the job's checkpoints."""
+training set's order, each beside its pair's row hash), kept beside the job's checkpoints."""
 
 _PER_RANK_FILE = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")
 _STEP_FOLDER = re.compile(r"/checkpoint-(\d+)/")
@@ -109,24 +109,25 @@ class CheckpointStore:
             self.store.delete_prefix(self._key(older))
         log.info("checkpoint of step %d kept at %s", step, self.uri(step))
 
-    def read_reference(self, rows: int) -> pl.DataFrame | None:
-        """The kept reference log-probabilities when there are `rows` of them (the training set's size), else None:
-        none kept yet, or kept for a training set of another size (then they are not this training's)."""
+    def read_reference(self, pair_hashes: list[int]) -> pl.DataFrame | None:
+        """The kept reference log-probabilities when they were computed for these pairs in this order (the training
+        set's row hashes, kept beside them), else None: none kept yet, or kept for other pairs."""
         key = f"{self.prefix}/{REFERENCE_FILE}"
         if not self.store.exists(key):
             return None
         kept = self.store.read_table(key)
-        if kept.height != rows:
-            log.warning("reference log-probs at %s are for %d pairs, not %d: computed again", self.store.uri(key),
-                        kept.height, rows)
+        if kept["pair_hash"].to_list() != list(pair_hashes):
+            log.warning("reference log-probs at %s are for other pairs (%d kept, %d now): computed again",
+                        self.store.uri(key), kept.height, len(pair_hashes))
             return None
         return kept
 
-    def keep_reference(self, chosen: list[float], rejected: list[float]) -> None:
-        """Keep the reference log-probabilities of the training set (rank 0, before the first step)."""
+    def keep_reference(self, chosen: list[float], rejected: list[float], pair_hashes: list[int]) -> None:
+        """Keep the reference log-probabilities of the training set with its row hashes (rank 0, before the first
+        step)."""
         self.store.write_table(f"{self.prefix}/{REFERENCE_FILE}", pl.DataFrame(
-            {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
-            schema={"ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32}))
+            {"pair_hash": pair_hashes, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+            schema={"pair_hash": pl.UInt64, "ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32}))
 
     def clear(self) -> None:
         """Remove every checkpoint of the job (its kept model is written)."""

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 FILE_BYTES = 5 * 10**9
-"""Largest safetensors file written (as save_pretrained's default max_shard_size)."""
+"""Largest safetensors file written (the size the hub's large checkpoints come in; save_pretrained's own default is
+50 GB)."""
 
 
 def save_gathered(model, target: str | Path, is_main: bool, file_bytes: int = FILE_BYTES, dtype=None) -> None:

@@ -1,6 +1,6 @@
 """A trained LoRA adapter merged into its base model one safetensors file at a time: the merged checkpoint keeps the
-base's file layout, and at most one of the base's files (≤ 5 GB as save_pretrained writes them) is in memory at once,
-never the whole base (a 70B base is ~141 GB in bf16)."""
+base's file layout, and at most one of the base's files is in memory at once, never the whole base (a 70B base is
+~141 GB in bf16, in files of a few GB as the hub ships them)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ def merge_lora(adapter: str | Path, base: str | Path, target: str | Path, dtype=
     merge_and_unload computes it: the product in float32, added to the weight in float32, rounded once to the
     weight's dtype. Every other tensor is copied. With `dtype` (a torch dtype) the base's tensors are cast to it
     first and the config says so, as loading the base in that dtype would. The base's file names and index, its
-    config and generation config are kept; the tokenizer is not written here. Raises UnsupportedAdapterError for an
-    adapter that is not plain LoRA on linear weights (DoRA, biases, modules_to_save), or a base without safetensors
-    files."""
+    config and generation config are kept (the index's total size recounted); the tokenizer is not written here.
+    Modules the model's class keeps in float32 stay so, as from_pretrained keeps them. Raises UnsupportedAdapterError,
+    before anything is written, for an adapter that is not plain LoRA on linear weights (DoRA, biases,
+    modules_to_save, per-module ranks or alphas, …), one that trained a weight the base does not hold, or a base
+    without safetensors files."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -33,39 +35,59 @@ def merge_lora(adapter: str | Path, base: str | Path, target: str | Path, dtype=
 
     adapter, base, target = Path(adapter), Path(base), Path(target)
     scaling = _scaling(adapter)
-    factors = load_file(str(adapter / "adapter_model.safetensors"))
-    pending = _pairs(factors, adapter)
-    files = sorted(base.glob("*.safetensors"))
+    pending = _pairs(load_file(str(adapter / "adapter_model.safetensors")), adapter)
+    index_file = base / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    files = ([base / name for name in sorted(set(index["weight_map"].values()))] if index
+             else sorted(base.glob("*.safetensors")))
     if not files:
         raise UnsupportedAdapterError(f"{base}: no *.safetensors weights to merge the LoRA adapter into (convert the "
                                       "base model's pytorch_model*.bin to safetensors)")
+    stored = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update(handle.keys())
+    if set(pending) - stored:
+        raise UnsupportedAdapterError(f"{adapter}: the adapter trained {sorted(set(pending) - stored)[:3]}, which no "
+                                      f"safetensors file of {base} holds")
+    config = AutoConfig.from_pretrained(str(base))
+    kept_in_float32 = _kept_in_float32(config) if dtype is not None else set()
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
+    total_bytes = 0
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         for name, tensor in tensors.items():
-            if dtype is not None and tensor.is_floating_point():
+            if dtype is not None and tensor.is_floating_point() and not kept_in_float32 & set(name.split(".")):
                 tensor = tensor.to(dtype)
             if name in pending:
                 low_a, low_b = pending.pop(name)
                 delta = (low_b.to(torch.float32) @ low_a.to(torch.float32)) * scaling
                 tensor = (tensor.to(torch.float32) + delta).to(tensor.dtype)
             tensors[name] = tensor.contiguous()
+            total_bytes += tensor.numel() * tensor.element_size()
         save_file(tensors, str(target / file.name), metadata=metadata)
         del tensors
-    if pending:
-        raise UnsupportedAdapterError(f"{adapter}: the adapter trained {sorted(pending)[:3]}…, which no safetensors "
-                                      f"file of {base} holds")
-    for name in ("model.safetensors.index.json", "generation_config.json"):
-        if (base / name).is_file():
-            shutil.copyfile(base / name, target / name)
-    config = AutoConfig.from_pretrained(str(base))
+    if index:
+        index.setdefault("metadata", {})["total_size"] = total_bytes
+        (target / index_file.name).write_text(json.dumps(index, indent=2, sort_keys=True))
+    if (base / "generation_config.json").is_file():
+        shutil.copyfile(base / "generation_config.json", target / "generation_config.json")
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(target)
     return target
+
+
+def _kept_in_float32(config) -> set[str]:
+    """The modules the model's class keeps in float32 whatever dtype it is loaded in (as from_pretrained keeps them)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return {name for attribute in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+            for name in (getattr(model_class, attribute, None) or [])}
 
 
 def _scaling(adapter: Path) -> float:
@@ -73,8 +95,9 @@ def _scaling(adapter: Path) -> float:
     settings = json.loads((adapter / "adapter_config.json").read_text())
     unsupported = {"peft_type": settings.get("peft_type") != "LORA", "use_dora": settings.get("use_dora"),
                    "bias": settings.get("bias", "none") != "none", "lora_bias": settings.get("lora_bias"),
-                   "modules_to_save": settings.get("modules_to_save"),
-                   "fan_in_fan_out": settings.get("fan_in_fan_out")}
+                   **{name: settings.get(name) for name in ("modules_to_save", "fan_in_fan_out", "rank_pattern",
+                                                            "alpha_pattern", "layer_replication",
+                                                            "target_parameters")}}
     named = [setting for setting, present in unsupported.items() if present]
     if named:
         raise UnsupportedAdapterError(f"{adapter}/adapter_config.json: {', '.join(named)} — only plain LoRA on linear "
@@ -91,4 +114,7 @@ def _pairs(factors: dict, adapter: Path) -> dict:
         if not name.startswith(ADAPTER_PREFIX) or kind not in ("A.weight", "B.weight"):
             raise UnsupportedAdapterError(f"{adapter}: tensor {name} is not a LoRA factor of a linear weight")
         pairs.setdefault(f"{stem}.weight", {})[kind[0]] = factors[name]
+    halves = [weight for weight, both in pairs.items() if len(both) != 2]
+    if halves:
+        raise UnsupportedAdapterError(f"{adapter}: {halves[0]} has only one of its two LoRA factors")
     return {weight: (both["A"], both["B"]) for weight, both in pairs.items()}

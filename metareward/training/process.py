@@ -4,6 +4,8 @@ from, the reference log-probs computed across the ranks, and the kept model save
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import warnings
@@ -19,6 +21,8 @@ from metareward.training.export import save_gathered
 from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
 from metareward.training.merge import merge_lora
 from metareward.training.models import write_model_digest
+
+log = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.parquet"
 """The rows a training reads, written into its folder (write_training_set)."""
@@ -77,7 +81,7 @@ def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, tor
                       keep_checkpoints: bool) -> dict:
     """The paper's learning rate, schedule and global batch over all `num_epochs` (so that epoch e of a run
     stopped there is epoch e of the full run), logging every step, a checkpoint every save_steps when
-    keep_checkpoints, bf16 on a GPU that has it."""
+    keep_checkpoints, and on a GPU autocast in the model's half-precision dtype (bf16 where the GPU has it, fp16)."""
     import torch
 
     return dict(
@@ -97,7 +101,8 @@ def _common_arguments(settings: TrainingConfig, output_dir: Path, seed: int, tor
         save_total_limit=1,
         logging_steps=1,
         report_to=[],
-        bf16=on_gpu and torch_dtype in ("auto", torch.bfloat16) and torch.cuda.is_bf16_supported(),
+        bf16=on_gpu and torch_dtype == torch.bfloat16 and torch.cuda.is_bf16_supported(),
+        fp16=on_gpu and torch_dtype == torch.float16,
         use_cpu=not on_gpu,
         seed=seed,
         dataloader_num_workers=0,
@@ -147,9 +152,9 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
     weights_dtype = _weights_dtype(model_path, torch_dtype)
     # Float32 master weights for a full fine-tuning in half precision that no sharding upcasts (FSDP and DeepSpeed
     # keep their own): bf16 weights would round most updates of the paper's learning rates away (5e-6 moves a weight
-    # of 0.02 by 1/24 of bf16's spacing there), and the step runs in bf16 autocast all the same.
+    # of 0.02 by 1/24 of bf16's spacing there); on a GPU the steps run in autocast of that dtype all the same.
     master = (torch.float32 if not settings.lora_rank and weights_dtype in (torch.bfloat16, torch.float16)
-              and not _sharded_by_accelerate() else weights_dtype)
+              and not _sharded_by_accelerate(on_gpu) else weights_dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=master)
     peft_config = None
     if settings.lora_rank:
@@ -159,8 +164,13 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     train_set = Dataset.from_parquet(str(output_dir / PAIRS_FILE), cache_dir=str(output_dir / "datasets-cache"))
     keep = checkpoints is not None and settings.save_steps is not None
-    trainer_type, arguments = ((_dpo_trainer(checkpoints if keep else None), dpo_arguments) if kind == "dpo" else
-                               (SFTTrainer, sft_arguments))
+    if kind == "dpo":
+        import polars as pl
+
+        pair_hashes = pl.read_parquet(output_dir / PAIRS_FILE).hash_rows().to_list()
+        trainer_type, arguments = _dpo_trainer(checkpoints if keep else None, pair_hashes), dpo_arguments
+    else:
+        trainer_type, arguments = SFTTrainer, sft_arguments
     callbacks = [_stop_when_asked(kind)]
     if settings.kept_epoch < settings.num_epochs:
         callbacks.append(stop_after_epoch(settings.kept_epoch))
@@ -174,7 +184,7 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         if step is not None:
             resume, resumed_from = str(checkpoints.fetch(step)), step
     with _quiet():
-        trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, torch_dtype,
+        trainer = trainer_type(model=model, args=arguments(settings, output_dir / "trainer", seed, weights_dtype,
                                                            on_gpu, keep),
                                train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
                                callbacks=callbacks)
@@ -194,7 +204,8 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(trained)
     else:
-        trainer.model.to(weights_dtype)  # saved in the training dtype, as loaded (float32 masters are for the steps)
+        if master != weights_dtype:
+            trainer.model.to(weights_dtype)  # saved in the model's dtype: the float32 masters were for the steps
         trainer.save_model(str(trained))  # every rank
     if not trainer.is_world_process_zero():
         return None
@@ -220,22 +231,35 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
 
 
 def _weights_dtype(model_path, torch_dtype):
-    """The dtype the model's weights are trained and saved in: `torch_dtype`, or for "auto" the checkpoint's own
-    (config.json's dtype; float32 when it names none)."""
+    """The dtype the model's weights are trained and saved in: `torch_dtype`, or for "auto" what transformers loads:
+    config.json's dtype, else its weights' (the first floating-point tensor of its safetensors files), else
+    float32."""
     import torch
-    from transformers import AutoConfig
 
     if torch_dtype != "auto":
         return torch_dtype
-    named = getattr(AutoConfig.from_pretrained(str(model_path)), "dtype", None)
-    return getattr(torch, named) if isinstance(named, str) else (named or torch.float32)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        return getattr(torch, named)
+    from safetensors import safe_open
+
+    stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                kind = handle.get_slice(name).get_dtype()
+                if kind in stored:
+                    return stored[kind]
+    return torch.float32
 
 
-def _sharded_by_accelerate() -> bool:
+def _sharded_by_accelerate(on_gpu: bool) -> bool:
     """Whether this process is a rank that FSDP or DeepSpeed shares the model across (they keep float32 master
-    weights themselves): accelerate launch, or a Ray Train gang given an FSDP config, says so in the environment."""
-    return any(os.environ.get(name, "false").lower() == "true"
-               for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    weights themselves): accelerate launch, or a Ray Train gang given an FSDP config, says so in the environment —
+    on GPUs only, since accelerate turns FSDP on for GPU processes (a CPU gang given fsdp.yaml trains as DDP)."""
+    return on_gpu and any(os.environ.get(name, "false").lower() == "true"
+                          for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 STAGE_OF = {"dpo": "checkpoint", "sft": "sft"}
@@ -267,14 +291,17 @@ def _hold_at_step(step: int, rank: int, release: Path):
     return HoldAtStep()
 
 
-def _dpo_trainer(checkpoints: CheckpointStore | None):
+def _dpo_trainer(checkpoints: CheckpointStore | None, pair_hashes: list[int]):
     """TRL's DPOTrainer with the reference log-probs precomputed on every rank's share of the pairs and gathered
     by every rank into its own copy of the dataset. TRL's own precompute has rank 0 write them to a cache file
     beside the dataset that the other ranks then read: a rank on another node of a Ray cluster has no such file.
     The values are TRL's (its compute_ref_log_probs, float32). With `checkpoints`, rank 0 keeps them beside the
-    checkpoints, and a resumed training reads them from there instead of running the reference model again
-    (`reference_reused`). DeepSpeed keeps TRL's precompute, which needs its inference engine."""
+    checkpoints with the training set's row hashes (`pair_hashes`), and a resumed training whose pairs hash the same
+    reads them from there instead of running the reference model again (`reference_reused`; rank 0 decides and tells
+    the others, so that every rank runs the same collectives). DeepSpeed keeps TRL's precompute, which needs its
+    inference engine."""
     import torch
+    from accelerate.utils import broadcast_object_list
     from datasets import Value
     from torch.utils.data import DataLoader
     from trl import DPOTrainer
@@ -285,16 +312,29 @@ def _dpo_trainer(checkpoints: CheckpointStore | None):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if self.is_deepspeed_enabled:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
-            kept = checkpoints.read_reference(dataset.num_rows) if checkpoints and name == "train" else None
+            kept = self._kept_reference(dataset) if checkpoints and name == "train" else None
             if kept is not None:
-                chosen, rejected = kept["ref_chosen_logps"].to_list(), kept["ref_rejected_logps"].to_list()
+                chosen, rejected = kept
                 self.reference_reused = True
             else:
                 chosen, rejected = self._reference_log_probs(dataset, batch_size)
                 if checkpoints and name == "train" and self.accelerator.is_main_process:
-                    checkpoints.keep_reference(chosen, rejected)
+                    try:
+                        checkpoints.keep_reference(chosen, rejected, pair_hashes)
+                    except Exception as error:  # the training goes on; a resumed one computes them again
+                        log.warning("the reference log-probs could not be kept at %s (%s): a resumed training "
+                                    "computes them again", checkpoints.uri(), error)
             return (dataset.add_column("ref_chosen_logps", chosen, feature=Value("float32"))
                     .add_column("ref_rejected_logps", rejected, feature=Value("float32")))
+
+        def _kept_reference(self, dataset) -> tuple[list[float], list[float]] | None:
+            found = [None]
+            if self.accelerator.is_main_process and len(pair_hashes) == dataset.num_rows:
+                table = checkpoints.read_reference(pair_hashes)
+                if table is not None:
+                    found = [(table["ref_chosen_logps"].to_list(), table["ref_rejected_logps"].to_list())]
+            broadcast_object_list(found, from_process=0)
+            return found[0]
 
         def _reference_log_probs(self, dataset, batch_size) -> tuple[list[float], list[float]]:
             loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,

@@ -55,6 +55,10 @@ def test_merged_file_by_file_equals_peft_merge_and_unload(tiny_model, tmp_path, 
     merged = merge_lora(adapter, base, tmp_path / "merged", dtype)
     assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(p.name for p in base.glob("*.safetensors"))
     assert json.loads((merged / "config.json").read_text())["dtype"] == dtype_name
+    from safetensors.torch import load_file
+
+    written = sum(t.numel() * t.element_size() for f in merged.glob("*.safetensors") for t in load_file(f).values())
+    assert json.loads((merged / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == written
     ours, reference = _loaded(merged, dtype), _peft_merged(base, adapter, dtype)
     assert ours.keys() == reference.keys()
     for name in ours:
@@ -70,7 +74,19 @@ def test_what_cannot_be_merged_file_by_file_is_named(tiny_model, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
     with pytest.raises(UnsupportedAdapterError, match=r"adapter_config\.json: use_dora — only plain LoRA"):
         merge_lora(adapter, tiny_model, tmp_path / "merged")
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(UnsupportedAdapterError, match=r"rank_pattern — only plain LoRA"):
+        merge_lora(adapter, tiny_model, tmp_path / "merged")
     (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    from safetensors.torch import load_file, save_file
+
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    half = next(name for name in factors if name.endswith("lora_B.weight"))
+    save_file({n: t for n, t in factors.items() if n != half}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(UnsupportedAdapterError, match=r"has only one of its two LoRA factors"):
+        merge_lora(adapter, tiny_model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()  # refused before anything was written
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
     empty = tmp_path / "no-safetensors"
     empty.mkdir()
     with pytest.raises(UnsupportedAdapterError, match=r"no \*\.safetensors weights"):

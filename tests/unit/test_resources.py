@@ -87,6 +87,13 @@ def test_components_by_hand():
     assert fsdp.parts["weights"] == fsdp.parts["gradients"] == p * 4 / 8 and fsdp.parts["Adam states"] == p * 8 / 8
     assert fsdp.parts["activations"] == single.parts["activations"]
     assert reference_precompute_estimate(arch, fsdp_settings, "fsdp").parts["reference model, gathered whole"] == p * w
+    # Not precomputed under FSDP: TRL's one-unit reference gathers the whole model at every forward.
+    unprecomputed = training_estimate(arch, fsdp_settings.model_copy(update={"precompute_ref_log_probs": False}), "f")
+    assert unprecomputed.parts["reference model"] == p * w
+    # DeepSpeed ZeRO-3 precomputes with its inference engine over the shards: no whole-model gather.
+    zero3 = fsdp_settings.model_copy(update={"accelerate_config": str(REPO / "deployments/accelerate/"
+                                                                            "deepspeed-zero3.yaml")})
+    assert reference_precompute_estimate(arch, zero3, "zero3") is None
     ddp = training_estimate(arch, DPOConfig(per_device_batch_size=1, num_processes=8, global_batch_size=32,
                                             accelerate_config=str(REPO / "deployments/accelerate/ddp.yaml")), "ddp")
     assert ddp.parts["weights"] == p * 4  # not sharded under DDP
@@ -129,9 +136,10 @@ def test_tensor_parallel_engines_split_the_weights_and_the_kv_heads():
                                                           ("paper-llama3-8b-1gpu", 1, LLAMA),
                                                           ("paper-llama3-70b", 32, LLAMA_70B)])
 def test_shipped_paper_configs_fit_and_their_headers_say_what_the_check_prints(name, gpus, architecture_file, capsys):
-    """The 8B recipes fit their GPUs and a GPU node's host memory (960 GB, infra/kubernetes/raycluster.yaml); the 70B
-    recipe does not yet, and its header says so: its reference precompute gathers the whole model on each GPU and
-    its first load holds the whole model on the host once per rank."""
+    """The 8B recipes fit their GPUs and a GPU node's host memory (960 GB: the 960 GiB pod of
+    infra/kubernetes/raycluster.yaml less its /dev/shm and object store); the 70B recipe does not yet, and its header
+    says so: its reference precompute gathers the whole model on each GPU and its first load holds the whole model
+    on the host once per rank."""
     path = REPO / "deployments" / "configs" / f"{name}.yaml"
     fits = name != "paper-llama3-70b"
     assert main(["config", "check", str(path), "--model-config", str(architecture_file), "--gpus", str(gpus),
