@@ -589,8 +589,10 @@ def test_a_failed_health_check_pauses_a_shell_run_with_a_form_the_ui_shows_and_i
             audit_page = page.inner_text("body")
             screenshot(page, "judge-audit.png")
         # Answered as the form's Submit does: the run input, validated by the server against the form's schema.
+        # httpx's own 5 s timeout is too short for a busy 2-core machine; 60 s is the Prefect client's.
         answer = httpx.post(f"{url}/flow_runs/{paused.id}/resume",
-                            json={"run_input": {"decision": "keep_model", "note": "the judge gives 5s only"}})
+                            json={"run_input": {"decision": "keep_model", "note": "the judge gives 5s only"}},
+                            timeout=60)
         assert answer.status_code == 201 and answer.json()["status"] == "ACCEPT", answer.text
         assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
