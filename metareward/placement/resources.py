@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metareward.config.campaign import CampaignConfig, ConfigError, DPOConfig, TrainingConfig
-from metareward.training.sharing import read_sharing
+from metareward.training.sharing import Sharing, read_sharing
 
 GB = 1e9
 OVERHEAD_BYTES = 2 * GB
@@ -205,8 +205,8 @@ def reference_precompute_estimate(arch: Architecture, dpo: DPOConfig, label: str
     so each GPU gathers the whole model for the forward passes (before the policy is on the GPU). None elsewhere
     (one process and DDP compute them with the policy, DeepSpeed ZeRO-3 with its inference engine over the shards).
     `sharded` True stands for FSDP over all the processes (None: as dpo.accelerate_config says)."""
-    if dpo.num_processes < 2 or dpo.lora_rank or not dpo.precompute_ref_log_probs or not _shared_with_fsdp(dpo,
-                                                                                                          sharded):
+    full_and_precomputed = not dpo.lora_rank and dpo.precompute_ref_log_probs
+    if dpo.num_processes < 2 or not full_and_precomputed or not _shared_with_fsdp(dpo, sharded):
         return None
     w = arch.dtype_bytes
     tokens = 2 * dpo.per_device_batch_size * (dpo.max_length or 2048)
@@ -253,23 +253,21 @@ def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:
     return estimate
 
 
-def _shared_with_fsdp(training: TrainingConfig, sharded: bool | None = None) -> bool:
-    """Whether FSDP shares the model across the training's processes (`sharded` True/False overrides the config)."""
-    if sharded is not None:
-        return sharded
+def _sharing(training: TrainingConfig) -> Sharing:
+    """The training's accelerate config; ConfigError naming it when it is missing or not one."""
     try:
-        return read_sharing(training.accelerate_config).distributed_type == "FSDP"
+        return read_sharing(training.accelerate_config, "accelerate_config (of dpo or sft)")
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(str(error)) from None
+
+
+def _shared_with_fsdp(training: TrainingConfig, sharded: bool | None = None) -> bool:
+    """Whether FSDP shares the model across the training's processes (`sharded` True/False overrides the config)."""
+    return sharded if sharded is not None else _sharing(training).distributed_type == "FSDP"
 
 
 def _shards_model(training: TrainingConfig) -> bool:
-    if training.num_processes < 2:
-        return False
-    try:
-        return read_sharing(training.accelerate_config, "accelerate_config (of dpo or sft)").shards_model
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+    return training.num_processes > 1 and _sharing(training).shards_model
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from, the reference log-probs computed across the ranks, and the kept model save
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from metareward.training.checkpoints import CheckpointStore, uploading_callback
 from metareward.training.export import save_gathered
 from metareward.training.logs import AFTER_TRAINING, TrainingResult, summarize_log
 from metareward.training.merge import merge_lora
-from metareward.training.models import write_model_digest
+from metareward.training.models import read_model_config, write_model_digest
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,8 @@ def train_here(kind: str, model_path, settings: TrainingConfig, output_dir: Path
     if kind == "dpo":
         import polars as pl
 
-        pair_hashes = pl.read_parquet(output_dir / PAIRS_FILE).hash_rows().to_list()
+        # The pairs' row hashes tell a kept reference apart from another training set's (read only when kept).
+        pair_hashes = pl.read_parquet(output_dir / PAIRS_FILE).hash_rows().to_list() if keep else []
         trainer_type, arguments = _dpo_trainer(checkpoints if keep else None, pair_hashes), dpo_arguments
     else:
         trainer_type, arguments = SFTTrainer, sft_arguments
@@ -238,7 +238,7 @@ def _weights_dtype(model_path, torch_dtype):
 
     if torch_dtype != "auto":
         return torch_dtype
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    config = read_model_config(model_path)
     named = config.get("dtype") or config.get("torch_dtype")
     if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
         return getattr(torch, named)
