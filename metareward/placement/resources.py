@@ -222,8 +222,9 @@ def reference_precompute_estimate(arch: Architecture, dpo: DPOConfig, label: str
 
 def first_load_host_bytes(arch: Architecture, training: TrainingConfig, gpus_per_node: int) -> float:
     """Host memory one node needs while the training first loads M_t: every rank on the node loads the whole model
-    on the host (transformers 5.25 loads it in each process, before FSDP shards it), a full fine-tuning's in float32
-    (its master weights: loaded so, or upcast there by FSDP)."""
+    on the host (transformers 5.25 loads it in each process, before FSDP shards it, even with FSDP's
+    cpu_ram_efficient_loading: tests/integration/test_first_load.py), a full fine-tuning's in float32 (its master
+    weights: loaded so, or upcast there by FSDP)."""
     ranks = min(training.num_processes, gpus_per_node)
     return ranks * arch.parameters * (arch.dtype_bytes if training.lora_rank else max(4, arch.dtype_bytes))
 
