@@ -68,6 +68,12 @@ class Architecture:
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
+    @property
+    def master_bytes(self) -> int:
+        """Bytes a parameter takes as a full fine-tuning's master weight (and its gradient and each Adam state):
+        float32, or the dtype's when wider."""
+        return max(4, self.dtype_bytes)
+
 
 def architecture(model_path: str, model_config: str | None = None, dtype: str = "auto") -> Architecture:
     """The architecture of model_path (a local folder, or a hub id with a config.json in the local Hugging Face
@@ -174,10 +180,9 @@ def training_estimate(arch: Architecture, training: TrainingConfig, label: str,
         estimate.parts["weights (frozen)"] = arch.parameters * w / shards
         estimate.parts["LoRA weights, gradients, Adam"] = trainable * w * 4
     else:
-        master = max(4, w)  # float32 master weights, gradients and Adam states
-        estimate.parts["weights"] = arch.parameters * master / shards
-        estimate.parts["gradients"] = arch.parameters * master / shards
-        estimate.parts["Adam states"] = 2 * arch.parameters * master / shards
+        estimate.parts["weights"] = arch.parameters * arch.master_bytes / shards
+        estimate.parts["gradients"] = arch.parameters * arch.master_bytes / shards
+        estimate.parts["Adam states"] = 2 * arch.parameters * arch.master_bytes / shards
         if preference and not training.precompute_ref_log_probs:
             # Under FSDP TRL wraps the reference as one unit: each of its forwards gathers the whole model.
             whole = shards > 1 and _shared_with_fsdp(training, sharded)
@@ -226,7 +231,7 @@ def first_load_host_bytes(arch: Architecture, training: TrainingConfig, gpus_per
     cpu_ram_efficient_loading: tests/integration/test_first_load.py), a full fine-tuning's in float32 (its master
     weights: loaded so, or upcast there by FSDP)."""
     ranks = min(training.num_processes, gpus_per_node)
-    return ranks * arch.parameters * (arch.dtype_bytes if training.lora_rank else max(4, arch.dtype_bytes))
+    return ranks * arch.parameters * (arch.dtype_bytes if training.lora_rank else arch.master_bytes)
 
 
 def inference_estimate(arch: Architecture, config: CampaignConfig) -> Estimate:

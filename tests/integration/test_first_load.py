@@ -14,6 +14,12 @@ from metareward.host.ports import free_port
 pytestmark = pytest.mark.slow
 
 
+def loaded_weights(model) -> tuple[int, float]:
+    """How many weights the model holds in memory (not on the meta device) and their absolute sum."""
+    weights = [p for p in model.parameters() if p.device.type != "meta"]
+    return sum(p.numel() for p in weights), float(sum(p.detach().double().abs().sum() for p in weights))
+
+
 def load_as_rank(rank: int, model_path: str, port: int, sums) -> None:
     import torch
     import torch.distributed as dist
@@ -23,20 +29,16 @@ def load_as_rank(rank: int, model_path: str, port: int, sums) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    weights = list(model.parameters())
-    sums[rank] = (sum(p.numel() for p in weights if p.device.type != "meta"),
-                  float(sum(p.detach().double().abs().sum() for p in weights if p.device.type != "meta")))
+    sums[rank] = loaded_weights(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
     dist.destroy_process_group()
 
 
 def test_every_rank_loads_the_whole_model_on_its_host(tiny_model):
+    import torch
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    whole = AutoModelForCausalLM.from_pretrained(tiny_model)
-    expected = (sum(p.numel() for p in whole.parameters()),
-                float(sum(p.detach().double().abs().sum() for p in whole.parameters())))
+    expected = loaded_weights(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     with mp.Manager() as manager:
         sums = manager.dict()
         mp.spawn(load_as_rank, args=(str(tiny_model), free_port(), sums), nprocs=2)
