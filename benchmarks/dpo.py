@@ -138,6 +138,16 @@ def _one(setting: str, model: str, pairs: int, words: int, kept: int) -> dict:
     return {"setting": setting, "kept": kept, "seconds": seconds, "peak_gb": peak_gb}
 
 
+def _in_child(options: list[str]):
+    """This script run with `options` in a child process (its own memory peak, no CUDA memory left in this one): the
+    JSON of its last line of output; its error output is printed when it fails."""
+    completed = subprocess.run([sys.executable, __file__, *options], capture_output=True, text=True, cwd=REPO)
+    if completed.returncode != 0:
+        print(completed.stderr[-6000:], file=sys.stderr)
+        completed.check_returncode()
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     """Run each setting in its own process and print the recipe's DPO time per campaign and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,13 +181,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = _model(arguments.model, Path(scratch))
         for setting, kept in runs:
-            command = [sys.executable, __file__, "--one", setting, "--kept", str(kept), "--model-path", str(model),
-                       "--pairs", str(arguments.pairs), "--words", str(arguments.words)]
-            completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            if completed.returncode != 0:
-                print(completed.stderr[-6000:], file=sys.stderr)
-                completed.check_returncode()
-            measured[setting, kept] = json.loads(completed.stdout.strip().splitlines()[-1])
+            measured[setting, kept] = _in_child(["--one", setting, "--kept", str(kept), "--model-path", str(model),
+                                                 "--pairs", str(arguments.pairs), "--words", str(arguments.words)])
             print(json.dumps(measured[setting, kept]), file=sys.stderr, flush=True)
     per_campaign = {
         "default": len(KEPT) * measured["default", KEPT[0]]["seconds"],
@@ -290,7 +295,6 @@ def _ray_train(arguments) -> None:
           f"{(lost[0] - two[0]) / (kept[0] - two[0]):.2f}x more")
 
 
-
 class _PeakGPUMemory:
     """The most memory in use on GPU 0, as NVML reports it (sampled every 0.1 s), above what was in use when the
     context opened: what the run inside took, its CUDA contexts and allocator reserve included."""
@@ -322,13 +326,7 @@ class _PeakGPUMemory:
 def _in_process_run(model: Path, pairs: int, words: int) -> tuple[float, float]:
     """Today's path without Ray, on the settings of _gang_run (1 process, bf16), in a child process (so that this
     one keeps no CUDA memory for the gang runs that follow): wall and training-loop seconds."""
-    command = [sys.executable, __file__, "--in-process", "--model-path", str(model), "--pairs", str(pairs),
-               "--words", str(words)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if completed.returncode != 0:
-        print(completed.stderr[-6000:], file=sys.stderr)
-        completed.check_returncode()
-    return tuple(json.loads(completed.stdout.strip().splitlines()[-1]))
+    return tuple(_in_child(["--in-process", "--model-path", str(model), "--pairs", str(pairs), "--words", str(words)]))
 
 
 def _train_in_process(model: str, pairs: int, words: int) -> tuple[float, float]:
